@@ -1,0 +1,107 @@
+"""Preprocessing section of the one config tree (`data:` in configs/*.yaml); see udean/config.py
+for loading, overrides and the other sections. Paper, section II-C."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data (II-C)
+class SplitConfig(Section):
+    """Which subjects go to source / target / val / test (paper: 120/120/30/30)."""
+
+    preset: Literal["paper", "counts", "ratios"] = "paper"
+    # order: source, target, val, test. `paper` fixes counts to (120, 120, 30, 30).
+    counts: tuple[int, int, int, int] = (120, 120, 30, 30)
+    ratios: tuple[float, float, float, float] = (0.45, 0.45, 0.05, 0.05)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitConfig":
+        if any(c < 0 for c in self.counts):
+            raise ValueError("counts must be >= 0")
+        if any(r < 0 for r in self.ratios) or sum(self.ratios) > 1.0 + 1e-9:
+            raise ValueError("ratios must be >= 0 and sum to at most 1")
+        return self
+
+
+class DegradationConfig(Section):
+    """HR -> LR for the target group. Paper: 3D k-space truncation x2 per axis."""
+
+    method: Literal["kspace", "nearest"] = "kspace"
+    scale: tuple[int, int, int] = (2, 2, 2)
+    # acquisition effects truncation misses (paper, introduction); off in the paper protocol
+    partial_fourier: float = Field(1.0, ge=0.5, le=1.0)  # fraction of k-space lines kept
+    partial_fourier_axis: int = Field(1, ge=0, le=2)
+    elliptical: bool = False  # keep only the k-space ellipse in the two non-slice axes
+    noise_sigma: float = Field(0.0, ge=0.0, le=1.0)  # complex Gaussian, relative to max
+
+    @model_validator(mode="after")
+    def _check(self) -> "DegradationConfig":
+        if any(s not in (1, 2) for s in self.scale):
+            raise ValueError("scale entries must be 1 or 2")
+        return self
+
+
+class MotionConfig(Section):
+    """Simulated patient motion for the misaligned source group (paper, II-C): drawn uniformly
+    in [0, max] per subject."""
+
+    rotation_deg: float = Field(2.0, ge=0.0, le=10.0)  # about Z and X
+    translation_vox: float = Field(2.0, ge=0.0, le=10.0)  # RL and HF
+    shrink_vox: float = Field(2.0, ge=0.0, le=10.0)  # AP and RL
+
+
+class PatchConfig(Section):
+    """LR patches `slab x H x W` (paper 3x64x64), HR patches `2*slab x 2H x 2W` (6x128x128)."""
+
+    lr_size: tuple[int, int] = (64, 64)
+    slab: int = Field(3, ge=1, le=16)
+    slice_axis: int = Field(0, ge=0, le=2)  # the thin axis, in canonical (RAS) voxel order
+    stride: tuple[int, int] = (32, 32)  # in-plane stride of LR patches
+    slab_stride: int = Field(3, ge=1)
+    foreground_threshold: float = Field(0.05, ge=0.0, le=1.0)
+    min_foreground: float = Field(0.2, ge=0.0, le=1.0)  # fraction of the patch above threshold
+    max_per_subject: int = Field(0, ge=0)  # 0: keep all
+
+    @model_validator(mode="after")
+    def _check(self) -> "PatchConfig":
+        if any(s < 4 for s in self.lr_size) or any(s < 1 for s in self.stride):
+            raise ValueError("lr_size entries must be >= 4 and stride entries >= 1")
+        return self
+
+
+class StorageConfig(Section):
+    dtype: Literal["float16", "uint16"] = "float16"
+    compression: Literal["none", "gzip", "lz4", "zstd"] = "none"
+
+
+class DataConfig(Section):
+    root: str = ""  # HCP root or a flat folder of NIfTI files
+    layout: Literal["hcp", "hcp_acpc", "flat"] = "hcp"
+    out: str = "data/udean"
+    mode: Literal["unpaired", "misaligned"] = "unpaired"
+    voxel_size_mm: float = Field(0.7, gt=0.0)  # expected isotropic voxel size
+    voxel_tolerance_mm: float = Field(0.05, ge=0.0)
+    seed: int = 0  # degradation noise / motion draws, per subject from (seed, subject)
+    subjects_limit: int = Field(0, ge=0)  # 0: all discovered subjects
+    split: SplitConfig = SplitConfig()
+    degradation: DegradationConfig = DegradationConfig()
+    motion: MotionConfig = MotionConfig()
+    patches: PatchConfig = PatchConfig()
+    storage: StorageConfig = StorageConfig()
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON: shards made under another hash are not reused."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,3 @@
+from udean.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""One config tree: YAML files in `configs/` -> typed, validated pydantic models.
+
+Every hyper-parameter of the paper (section II-B/C/D) lives here with its paper default;
+`configs/paper.yaml` spells them out, `configs/demo.yaml` and `configs/tiny.yaml` shrink them
+for a CPU. Validation happens on load, before any work: an unknown key, a wrong type or an
+out-of-range value raises `ConfigError` naming the dotted key and what is allowed.
+
+CLI overrides are `key.sub=value`; the value is parsed as YAML (`train.lr=3e-4`,
+`data.patches.lr_size=[32,32]`, `model.variant=3d`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from hpc.atomic import atomic_write_text
+from preprocessing.config import ConfigError, DataConfig, Section
+
+
+# --------------------------------------------------------------------------- model (II-A, II-D)
+class ModelConfig(Section):
+    """Paper: encoders 6 conv + LeakyReLU; decoders TS-RCAN 5 RG x 5 RCAB; VGG discriminators."""
+
+    variant: Literal["thin_slab", "3d"] = "thin_slab"
+    features: int = Field(64, ge=1)
+    n_groups: int = Field(5, ge=1)
+    n_rcab: int = Field(5, ge=1)
+    reduction: int = Field(16, ge=1)  # channel-attention squeeze ratio
+    encoder_layers: int = Field(6, ge=2)
+    disc_features: int = Field(64, ge=1)
+    disc_blocks: int = Field(3, ge=1)  # stride-2 VGG stages per discriminator
+    # Eq. 4 and 6 put an adversarial term on HR images without naming its discriminator:
+    # `true` adds an HR discriminator (real: Y_s); `false` drops those beta terms.
+    hr_discriminator: bool = True
+
+
+class LossConfig(Section):
+    """Eq. 1-10. lambdas are (i_cyc, f_cyc, hr_con, lr_con, da, fa)."""
+
+    alpha: float = Field(0.5, ge=0.0)
+    beta: float = Field(0.01, ge=0.0)
+    lambdas: tuple[float, float, float, float, float, float] = (1.0, 0.1, 1.0, 1.0, 0.1, 0.1)
+    # Eq. 3 as written: mean |D(x) - 1|; "lsq": mean (D(x) - 1)^2 as the text says
+    adversarial: Literal["abs", "lsq"] = "abs"
+    ssim_window: int = Field(7, ge=3)  # 2D window, SSIM per slice (thin slabs hold 3 / 6 slices)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossConfig":
+        if self.ssim_window % 2 == 0:
+            raise ValueError("ssim_window must be odd")
+        if any(w < 0 for w in self.lambdas):
+            raise ValueError("lambdas must be >= 0")
+        return self
+
+
+# --------------------------------------------------------------------------- training (II-D)
+class TrainConfig(Section):
+    out: str = "runs/udean"
+    epochs: int = Field(30, ge=1)
+    steps_per_epoch: int = Field(0, ge=0)  # 0: one pass over the target LR patches
+    batch_size: int = Field(8, ge=1)  # LR patches per batch, per rank
+    lr: float = Field(1e-4, gt=0.0)
+    lr_min: float = Field(1e-8, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = Field(1e-8, gt=0.0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: int = Field(0, ge=0, le=3)
+    checkpoint_every: int = Field(500, ge=1)  # steps
+    keep_last: int = Field(3, ge=1)
+    max_nonfinite: int = Field(10, ge=1)  # consecutive skipped steps before stopping
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(1, ge=0)  # epochs; 0: no validation
+    val_subjects: int = Field(0, ge=0)  # 0: all val volumes
+    deterministic: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.lr_min > self.lr:
+            raise ValueError("lr_min must be <= lr")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError("betas must be in [0, 1)")
+        return self
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self, section: str | None = None) -> str:
+        """sha256 of the canonical JSON of the whole config or one section."""
+        d = self.to_dict() if section is None else self.to_dict()[section]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _format_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+        key = prefix + key if key else prefix.rstrip(".") or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            allowed = _allowed_keys(parent)
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        elif e["type"] == "literal_error":
+            msg = msg.replace("Input should be", "allowed values:")
+        lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(dotted: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in [p for p in dotted.split(".") if p]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003). The value is YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    return key, value
+
+
+def from_dict(tree: dict[str, Any], overrides: list[str] = ()) -> Config:
+    tree = copy.deepcopy(tree or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    if cfg.data.split.preset == "paper":
+        cfg.data.split.counts = (120, 120, 30, 30)
+    return cfg
+
+
+def resolve_path(name: str | os.PathLike) -> Path:
+    """A config path, or a bare name looked up in the shipped `configs/` (`demo` -> demo.yaml)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    shipped = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if shipped.exists():
+        return shipped
+    raise ConfigError(f"config file {str(name)!r} not found (shipped: {', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_path(path)
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    return from_dict(tree, overrides)
+
+
+def save(cfg: Config, path: str | os.PathLike) -> None:
+    """Save the resolved config (YAML) next to an output."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
