@@ -1,0 +1,159 @@
+"""Eq. 1-10 against direct formulas on random tensors; D-step / G-step properties."""
+import pytest
+import torch
+
+from udean import losses
+from udean.config import LossConfig, ModelConfig
+from udean.metrics import ssim
+from udean.models.udean import build
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+TINY = dict(features=8, n_groups=1, n_rcab=1, reduction=2, encoder_layers=2, disc_features=8, disc_blocks=1)
+
+
+def test_l1_is_mean_abs():
+    x, y = torch.randn(2, 3, 8, 9), torch.randn(2, 3, 8, 9)
+    assert losses.l1(x, y).item() == pytest.approx(torch.mean(torch.abs(x - y)).item(), rel=1e-6)
+
+
+def test_ssim_loss_is_mean_squared_per_slice_dissimilarity():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 12, 12)
+    noise = torch.tensor([0.02, 0.2, 0.6]).view(1, 3, 1, 1)  # slices of very different quality
+    y = (x + noise * torch.randn_like(x)).clamp(0, 1)
+    per_slice = ssim(x, y, window=7, reduction="none")
+    assert per_slice.shape == (2, 3)
+    expected = ((1 - per_slice) ** 2).mean()
+    assert losses.ssim_loss(x, y, 7).item() == pytest.approx(expected.item(), rel=1e-6)
+    # per-slice mean of squares, not the square of the mean SSIM
+    assert losses.ssim_loss(x, y, 7).item() != pytest.approx(((1 - per_slice.mean()) ** 2).item(), rel=1e-2)
+    assert losses.ssim_loss(x, x, 7).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_adversarial_abs_and_lsq():
+    d = torch.randn(4, 1, 5, 5) * 2
+    assert losses.adversarial(d, "abs").item() == pytest.approx((d - 1).abs().mean().item(), rel=1e-6)
+    assert losses.adversarial(d, "lsq").item() == pytest.approx(((d - 1) ** 2).mean().item(), rel=1e-6)
+    assert losses.adversarial(d, "abs").item() != pytest.approx(losses.adversarial(d, "lsq").item())
+    with pytest.raises(ValueError):
+        losses.adversarial(d, "bce")
+
+
+def test_adaptation_eq8():
+    a, b = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 2, 2)
+    expected = torch.mean(torch.abs(a - 0.5)) + torch.mean(torch.abs(b - 0.5))
+    assert losses.adaptation(a, b).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses.adaptation(torch.full((2,), 0.5), torch.full((2,), 0.5)).item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    gen, discs = build(ModelConfig(**TINY))
+    y_s, x_t = torch.rand(2, 6, 32, 32), torch.rand(2, 3, 16, 16)
+    return gen, discs, y_s, x_t
+
+
+@pytest.mark.parametrize("mode", ["abs", "lsq"])
+def test_generator_loss_is_eq10(setup, mode):
+    gen, discs, y_s, x_t = setup
+    cfg = LossConfig(adversarial=mode, lambdas=(1.0, 0.2, 0.7, 0.9, 0.3, 0.4), alpha=0.6, beta=0.05)
+    with torch.no_grad():
+        out = gen(y_s, x_t)
+        total, t = losses.generator_loss(out, y_s, x_t, discs, cfg)
+        adv = lambda s: ((s - 1).abs() if mode == "abs" else (s - 1) ** 2).mean()  # noqa: E731
+
+        def img(p, r, d):
+            return (p - r).abs().mean() + 0.6 * ((1 - ssim(p, r, reduction="none")) ** 2).mean() + 0.05 * adv(d(p))
+
+        half = lambda s: (s - 0.5).abs().mean()  # noqa: E731
+        ref = {
+            "i_cyc": img(out["y_sts"], y_s, discs.d_hr),
+            "f_cyc": (out["f_sts"] - out["f_s"]).abs().mean(),
+            "hr_con": img(out["y_hat_s"], y_s, discs.d_hr),
+            "lr_con": img(out["x_hat_t"], x_t, discs.d_lr),
+            "da": half(discs.d_lr(out["x_st"])) + half(discs.d_lr(x_t)),
+            "fa": half(discs.d_feat(out["f_t"])) + half(discs.d_feat(out["f_s"])),
+        }
+    for k, v in ref.items():
+        assert t[k].item() == pytest.approx(v.item(), rel=1e-5), k
+    expected = sum(w * ref[k] for w, k in zip(cfg.lambdas, losses.TERMS))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert {"i_cyc.l1", "i_cyc.ssim", "i_cyc.adv", "lr_con.adv", "total"} <= set(t)
+
+
+def test_generator_loss_without_hr_discriminator():
+    torch.manual_seed(0)
+    gen, discs = build(ModelConfig(**TINY, hr_discriminator=False))
+    assert discs.d_hr is None
+    y_s, x_t = torch.rand(1, 6, 32, 32), torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        _, t = losses.generator_loss(gen(y_s, x_t), y_s, x_t, discs, LossConfig())
+        _, td = losses.discriminator_loss(gen(y_s, x_t), y_s, x_t, discs)
+    assert "i_cyc.adv" not in t and "hr_con.adv" not in t and "lr_con.adv" in t
+    assert t["i_cyc"].item() == pytest.approx((t["i_cyc.l1"] + 0.5 * t["i_cyc.ssim"]).item(), rel=1e-6)
+    assert "d_hr" not in td
+
+
+def test_discriminator_loss_least_squares(setup):
+    gen, discs, y_s, x_t = setup
+    out = gen(y_s, x_t)
+    total, t = losses.discriminator_loss(out, y_s, x_t, discs, LossConfig())
+    with torch.no_grad():
+        d_lr = 0.5 * (((discs.d_lr(x_t) - 1) ** 2).mean() + (discs.d_lr(out["x_st"]) ** 2).mean())
+        d_feat = 0.5 * (((discs.d_feat(out["f_t"]) - 1) ** 2).mean() + (discs.d_feat(out["f_s"]) ** 2).mean())
+        fake_hr = 0.5 * ((discs.d_hr(out["y_sts"]) ** 2).mean() + (discs.d_hr(out["y_hat_s"]) ** 2).mean())
+        d_hr = 0.5 * (((discs.d_hr(y_s) - 1) ** 2).mean() + fake_hr)
+    assert t["d_lr"].item() == pytest.approx(d_lr.item(), rel=1e-5)
+    assert t["d_feat"].item() == pytest.approx(d_feat.item(), rel=1e-5)
+    assert t["d_hr"].item() == pytest.approx(d_hr.item(), rel=1e-5)
+    assert total.item() == pytest.approx((d_lr + d_feat + d_hr).item(), rel=1e-5)
+    # fakes are detached: D's loss sends no gradient into the generator
+    gen.zero_grad(set_to_none=True)
+    total.backward()
+    assert all(p.grad is None for p in gen.parameters())
+    assert all(p.grad is not None for p in discs.parameters())
+
+
+@pytest.mark.parametrize("variant", ["thin_slab", "3d"])
+def test_g_step_reaches_every_generator_parameter_and_leaves_d_alone(variant):
+    torch.manual_seed(0)
+    # reduction 1 and batch 4: with 4 squeezed channel-attention units and 2 samples, all of a
+    # CA's ReLUs can be dead at init, a true zero gradient that says nothing about the wiring
+    gen, discs = build(ModelConfig(**(TINY | {"reduction": 1}), variant=variant))
+    y_s, x_t = torch.rand(4, 6, 24, 24), torch.rand(4, 3, 12, 12)
+    gen.zero_grad(set_to_none=True)
+    discs.zero_grad(set_to_none=True)
+    discs.requires_grad_(False)
+    before = {k: v.clone() for k, v in discs.state_dict().items()}
+    opt = torch.optim.Adam(gen.parameters(), lr=1e-2)
+    try:
+        total, _ = losses.generator_loss(gen(y_s, x_t), y_s, x_t, discs, LossConfig())
+        total.backward()
+        for name, p in gen.named_parameters():
+            assert p.grad is not None, name
+            assert p.grad.abs().sum() > 0, name
+        assert all(p.grad is None for p in discs.parameters())
+        opt.step()
+    finally:
+        discs.requires_grad_(True)
+    for k, v in discs.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("variant", ["thin_slab", "3d"])
+def test_losses_are_float32_under_bf16_autocast(variant):
+    gen, discs = build(ModelConfig(**TINY, variant=variant))
+    y_s, x_t = torch.rand(2, 6, 16, 16), torch.rand(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gen(y_s, x_t)
+        total, t = losses.generator_loss(out, y_s, x_t, discs, LossConfig(ssim_window=5))
+        d_total, _ = losses.discriminator_loss(out, y_s, x_t, discs)
+    assert out["y_sts"].dtype == torch.bfloat16  # the networks do run in low precision
+    assert total.dtype == d_total.dtype == torch.float32 and t["i_cyc.ssim"].dtype == torch.float32
+    assert torch.isfinite(total) and torch.isfinite(d_total)
+    total.backward()

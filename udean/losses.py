@@ -1,0 +1,113 @@
+"""UDEAN losses, paper section II-B, Eq. 1-10.
+
+Images are in the public layout (LR (B, S, H, W), HR (B, 2S, 2H, 2W)) for both variants; features
+as the Generator returns them. `out` is the dict of `Generator.forward`; `discs` the
+`Discriminators` module; `cfg` the LossConfig. Every loss is computed in float32 (discriminator
+scores and images are cast), so bf16/fp16 autocast only touches the networks.
+
+Choices where the paper is open (also in LossConfig / ModelConfig):
+- Eq. 2, N: the SSIM loss averages |1 - SSIM|^2 over 2D slices (every slice of every sample is
+  one term), SSIM from `udean.metrics.ssim` (2D Gaussian window `ssim_window`, float32).
+- Eq. 3 as written is mean |D(x) - 1| (`adversarial: abs`); the text says least squares, so
+  `adversarial: lsq` gives mean (D(x) - 1)^2.
+- Eq. 4 and 6: the adversarial term on HR images uses the HR discriminator `d_hr` (real = Y_s);
+  with `model.hr_discriminator: false` those beta terms are 0. Eq. 7 uses the LR discriminator.
+- Discriminators are trained with least squares (real -> 1, fake -> 0, each D's loss is
+  0.5 * (real + fake), fakes detached): d_lr: X_t real, X_{s~t} fake; d_feat: f_t real, f_s fake
+  (the paper: D_fa "distinguishes f_t from f_s"; the target domain is the one to adapt to);
+  d_hr: Y_s real, Y_{s~t~s} and Y^_s fake.
+- Eq. 8 and 9 as written: the generator pushes both D outputs to 0.5 (D cannot tell the
+  domains apart); the D(X_t) term carries no gradient to the generator but is kept in the value.
+"""
+from __future__ import annotations
+
+import torch
+
+from udean.metrics import ssim
+
+TERMS = ("i_cyc", "f_cyc", "hr_con", "lr_con", "da", "fa")  # order of LossConfig.lambdas (Eq. 10)
+
+
+def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: mean |x - y| over all elements."""
+    return (x.float() - y.float()).abs().mean()
+
+
+def ssim_loss(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Eq. 2: mean over 2D slices of |1 - SSIM(slice)|^2; x, y (B, C, H, W), float32 always."""
+    return ((1.0 - ssim(x, y, window=window, reduction="none")) ** 2).mean()
+
+
+def adversarial(score: torch.Tensor, mode: str = "abs") -> torch.Tensor:
+    """Eq. 3 on discriminator scores D(x) of any shape: "abs" mean |D - 1|, "lsq" mean (D - 1)^2."""
+    d = score.float() - 1.0
+    if mode == "abs":
+        return d.abs().mean()
+    if mode == "lsq":
+        return (d**2).mean()
+    raise ValueError(f"adversarial mode must be 'abs' or 'lsq', got {mode!r}")
+
+
+def adaptation(score_a: torch.Tensor, score_b: torch.Tensor) -> torch.Tensor:
+    """Eq. 8 / 9: mean |D(a) - 0.5| + mean |D(b) - 0.5|."""
+    return (score_a.float() - 0.5).abs().mean() + (score_b.float() - 0.5).abs().mean()
+
+
+def _image_term(pred: torch.Tensor, target: torch.Tensor, disc, cfg, parts: dict, name: str) -> torch.Tensor:
+    """L1 + alpha * L_SSIM + beta * L_adv(pred) (Eq. 4, 6, 7); the pieces go into `parts`."""
+    parts[f"{name}.l1"] = l1(pred, target)
+    parts[f"{name}.ssim"] = ssim_loss(pred, target, cfg.ssim_window)
+    total = parts[f"{name}.l1"] + cfg.alpha * parts[f"{name}.ssim"]
+    if disc is not None:
+        parts[f"{name}.adv"] = adversarial(disc(pred), cfg.adversarial)
+        total = total + cfg.beta * parts[f"{name}.adv"]
+    return total
+
+
+def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg) -> tuple[torch.Tensor, dict]:
+    """Eq. 10: Loss_G = sum_k lambda_k * L_k over (i_cyc, f_cyc, hr_con, lr_con, da, fa).
+
+    Returns (total, terms): terms holds the six L_k, their pieces ("i_cyc.l1", "i_cyc.ssim",
+    "i_cyc.adv", ...) and "total", all scalar tensors (only `total` needs backward).
+    Freeze the discriminators (requires_grad_(False)) around this in the G step.
+    """
+    t: dict[str, torch.Tensor] = {}
+    t["i_cyc"] = _image_term(out["y_sts"], y_s, discs.d_hr, cfg, t, "i_cyc")  # Eq. 4
+    t["f_cyc"] = l1(out["f_sts"], out["f_s"])  # Eq. 5
+    t["hr_con"] = _image_term(out["y_hat_s"], y_s, discs.d_hr, cfg, t, "hr_con")  # Eq. 6
+    t["lr_con"] = _image_term(out["x_hat_t"], x_t, discs.d_lr, cfg, t, "lr_con")  # Eq. 7
+    t["da"] = adaptation(discs.d_lr(out["x_st"]), discs.d_lr(x_t))  # Eq. 8
+    t["fa"] = adaptation(discs.d_feat(out["f_t"]), discs.d_feat(out["f_s"]))  # Eq. 9
+    total = sum(w * t[k] for w, k in zip(cfg.lambdas, TERMS))
+    t["total"] = total
+    return total, t
+
+
+def _lsq_d(disc, real: torch.Tensor, fakes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares D loss pieces: mean (D(real) - 1)^2 and the mean over fakes of mean D(fake)^2."""
+    real_term = ((disc(real.detach()).float() - 1.0) ** 2).mean()
+    fake_term = sum((disc(f.detach()).float() ** 2).mean() for f in fakes) / len(fakes)
+    return real_term, fake_term
+
+
+def discriminator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg=None) -> tuple[torch.Tensor, dict]:
+    """Least squares for each discriminator, 0.5 * (real + fake), summed; inputs detached, so the
+    generator's graph is never touched and `out` can be the G step's outputs.
+
+    d_lr: X_t vs X_{s~t}; d_feat: f_t vs f_s; d_hr (if any): Y_s vs {Y_{s~t~s}, Y^_s}.
+    Returns (total, terms) with "d_lr", "d_lr.real", "d_lr.fake", ... and "total".
+    `cfg` (LossConfig) is accepted for a uniform signature; D's loss has no weights.
+    """
+    pairs = {
+        "d_lr": (discs.d_lr, x_t, [out["x_st"]]),
+        "d_feat": (discs.d_feat, out["f_t"], [out["f_s"]]),
+    }
+    if discs.d_hr is not None:
+        pairs["d_hr"] = (discs.d_hr, y_s, [out["y_sts"], out["y_hat_s"]])
+    t: dict[str, torch.Tensor] = {}
+    for name, (disc, real, fakes) in pairs.items():
+        t[f"{name}.real"], t[f"{name}.fake"] = _lsq_d(disc, real, fakes)
+        t[name] = 0.5 * (t[f"{name}.real"] + t[f"{name}.fake"])
+    total = sum(t[name] for name in pairs)
+    t["total"] = total
+    return total, t

@@ -1,0 +1,85 @@
+"""Dimension-generic building blocks shared by every UDEAN component.
+
+One code path serves both variants of the model:
+
+- `thin_slab` (TS-RCAN, the paper's choice): the S slices of a slab are channels, `dims=2`.
+  LR image (B, S, H, W), HR image (B, 2S, 2H, 2W), feature (B, F, H, W).
+- `3d`: `dims=3`, the slab is a one-channel volume. Image-facing modules view the public
+  layout (B, S, H, W) as (B, 1, S, H, W) on the way in and squeeze it back on the way out
+  (`to_volume` / `from_volume`), so callers never care about the variant.
+  Feature (B, F, S, H, W).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VARIANT_DIMS = {"thin_slab": 2, "3d": 3}
+
+
+def conv(dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int | tuple = 1,
+         bias: bool = True) -> nn.Module:
+    """Conv2d or Conv3d with 'same' padding for odd kernels (stride 2 then halves each even axis
+    and gives ceil(n/2) on an odd one)."""
+    cls = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    return cls(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
+
+
+def lrelu() -> nn.Module:
+    # 0.2: the usual slope for SR/GAN encoders and VGG discriminators (ESRGAN, BasicSR)
+    return nn.LeakyReLU(0.2, inplace=True)
+
+
+def global_pool(dims: int) -> nn.Module:
+    return {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims](1)
+
+
+def image_channels(dims: int, slab: int) -> int:
+    """Channels of an image tensor as the network sees it: S slices (2D) or one volume (3D)."""
+    return slab if dims == 2 else 1
+
+
+def to_volume(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """(B, S, H, W) public image layout -> network layout: unchanged (2D) or (B, 1, S, H, W) (3D)."""
+    if x.dim() != 4:
+        raise ValueError(f"expected an image batch (B, S, H, W), got shape {tuple(x.shape)}")
+    return x if dims == 2 else x.unsqueeze(1)
+
+
+def from_volume(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Network layout -> public (B, S, H, W) image layout (inverse of `to_volume`)."""
+    return x if dims == 2 else x.squeeze(1)
+
+
+class PixelShuffle3d(nn.Module):
+    """Sub-pixel shuffle in three axes: (B, C*r^3, D, H, W) -> (B, C, rD, rH, rW).
+
+    Paper: the TS-RCAN upsampler is a pixel shuffle; the 3D variant needs it along the slice
+    axis too, and torch only ships the 2D one.
+    """
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        r = self.r
+        x = x.view(b, c // r**3, r, r, r, d, h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return x.reshape(b, c // r**3, d * r, h * r, w * r)
+
+
+class Upsampler(nn.Module):
+    """x2 sub-pixel upsampler: (B, F, H, W) -> (B, F, 2H, 2W) or (B, F, D, H, W) -> (B, F, 2D, 2H, 2W).
+
+    Paper: RCAN's upscale module (conv to r^dims * F channels, then pixel shuffle).
+    """
+
+    def __init__(self, dims: int, features: int):
+        super().__init__()
+        self.conv = conv(dims, features, features * 2**dims)
+        self.shuffle = nn.PixelShuffle(2) if dims == 2 else PixelShuffle3d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.conv(x))

@@ -1,0 +1,134 @@
+"""UDEAN wiring (paper, Fig. 1): degradation learning network + SR reconstruction network.
+
+Training (Y_s: source HR (B, 2S, 2H, 2W); X_t: target LR (B, S, H, W)):
+
+    red:    Y_s --down_extractor--> f_s --lr_decoder--> X_{s~t} --lr_encoder--> f_{s~t~s}
+                                                                 --sr_decoder--> Y_{s~t~s}
+    blue:   f_s --sr_decoder--> Y^_s
+    yellow: X_t --lr_encoder--> f_t --lr_decoder--> X^_t
+
+Inference (yellow dotted): X_t --lr_encoder--> sr_decoder --> Y_t; only `SRNet` is needed, and
+`inference_state_dict` / `load_inference` carry just those weights.
+
+Every module takes and returns images in the public layout (LR (B, S, H, W), HR (B, 2S, 2H, 2W))
+whatever the variant; features are (B, F, H, W) (thin slab) or (B, F, S, H, W) (3d).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from udean.models.discriminators import VGGDiscriminator
+from udean.models.encoders import DownExtractor, LREncoder
+from udean.models.layers import VARIANT_DIMS, image_channels
+from udean.models.rcan import LRDecoder, SRDecoder
+
+INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
+
+
+class SRNet(nn.Module):
+    """SR reconstruction network: LR (B, S, H, W) -> SR (B, 2S, 2H, 2W).
+
+    Paper: "SR reconstruction network" (Fig. 1, green): LR encoder + SR decoder.
+    """
+
+    def __init__(self, lr_encoder: nn.Module, sr_decoder: nn.Module):
+        super().__init__()
+        self.lr_encoder = lr_encoder
+        self.sr_decoder = sr_decoder
+
+    def forward(self, x_lr: torch.Tensor) -> torch.Tensor:
+        return self.sr_decoder(self.lr_encoder(x_lr))
+
+
+class Generator(nn.Module):
+    """Every generator of Fig. 1: degradation mapping (down_extractor, lr_decoder) and SR
+    reconstruction (lr_encoder, sr_decoder). One module so one optimizer / engine owns them.
+
+    Paper: Fig. 1, orange + green modules.
+    """
+
+    def __init__(self, variant: str, slab: int, features: int, n_groups: int, n_rcab: int,
+                 reduction: int, encoder_layers: int):
+        super().__init__()
+        dims = VARIANT_DIMS[variant]
+        self.variant, self.slab = variant, slab
+        self.down_extractor = DownExtractor(dims, slab, features, encoder_layers)
+        self.lr_decoder = LRDecoder(dims, slab, features, n_groups, n_rcab, reduction)
+        self.lr_encoder = LREncoder(dims, slab, features, encoder_layers)
+        self.sr_decoder = SRDecoder(dims, slab, features, n_groups, n_rcab, reduction)
+
+    def forward(self, y_s: torch.Tensor, x_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """y_s (B, 2S, 2H, 2W) source HR, x_t (B', S, H', W') target LR (unpaired: B' and the
+        grid may differ from y_s's) -> dict of every tensor the losses of Eq. 4-9 need:
+
+        f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
+        y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images.
+        """
+        f_s = self.down_extractor(y_s)
+        x_st = self.lr_decoder(f_s)
+        f_sts = self.lr_encoder(x_st)
+        y_sts = self.sr_decoder(f_sts)
+        y_hat_s = self.sr_decoder(f_s)
+        f_t = self.lr_encoder(x_t)
+        x_hat_t = self.lr_decoder(f_t)
+        return dict(f_s=f_s, x_st=x_st, f_sts=f_sts, y_sts=y_sts, y_hat_s=y_hat_s, f_t=f_t, x_hat_t=x_hat_t)
+
+    def sr(self, x_lr: torch.Tensor) -> torch.Tensor:
+        """Inference path: LR (B, S, H, W) -> SR (B, 2S, 2H, 2W) through lr_encoder + sr_decoder."""
+        return self.sr_decoder(self.lr_encoder(x_lr))
+
+
+class Discriminators(nn.Module):
+    """The identification module: d_lr (D_da, Eq. 7-8), d_feat (D_fa, Eq. 9) and, optionally,
+    d_hr (our HR adversary for Eq. 4 and 6; None when disabled). One module so one engine owns them.
+
+    Paper: Fig. 1, blue modules.
+    """
+
+    def __init__(self, variant: str, slab: int, features: int, disc_features: int, disc_blocks: int,
+                 hr_discriminator: bool):
+        super().__init__()
+        dims = VARIANT_DIMS[variant]
+        self.d_lr = VGGDiscriminator(dims, image_channels(dims, slab), disc_features, disc_blocks, image=True)
+        self.d_feat = VGGDiscriminator(dims, features, disc_features, disc_blocks, image=False)
+        self.d_hr = (VGGDiscriminator(dims, image_channels(dims, 2 * slab), disc_features, disc_blocks, image=True)
+                     if hr_discriminator else None)
+
+    def forward(self, x_lr: torch.Tensor, f: torch.Tensor, y_hr: torch.Tensor | None = None):
+        """Scores for an LR image, a feature and (when d_hr exists) an HR image; the loss
+        functions call the submodules directly, this exists so an engine has a forward."""
+        out = (self.d_lr(x_lr), self.d_feat(f))
+        return out + (self.d_hr(y_hr),) if self.d_hr is not None and y_hr is not None else out
+
+
+def build(model_cfg, slab: int = 3) -> tuple[Generator, Discriminators]:
+    """`cfg.model` (ModelConfig) -> (Generator, Discriminators). `slab`: LR slices per patch,
+    `cfg.data.patches.slab` (paper: 3); the 3d variant's weights do not depend on it."""
+    m = model_cfg
+    gen = Generator(m.variant, slab, m.features, m.n_groups, m.n_rcab, m.reduction, m.encoder_layers)
+    discs = Discriminators(m.variant, slab, m.features, m.disc_features, m.disc_blocks, m.hr_discriminator)
+    return gen, discs
+
+
+def inference_state_dict(gen: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the weights inference needs: keys `lr_encoder.*` and `sr_decoder.*`."""
+    return {k: v.detach().clone() for k, v in gen.state_dict().items() if k.split(".", 1)[0] in INFERENCE_PARTS}
+
+
+def load_inference(state: dict[str, torch.Tensor], model_cfg) -> SRNet:
+    """Rebuild the SR network from `inference_state_dict` output (strict: every key must match).
+
+    The thin-slab slab size is read from the LR encoder's first conv (its input channels)."""
+    m = model_cfg
+    dims = VARIANT_DIMS[m.variant]
+    key = "lr_encoder.layers.0.weight"
+    if key not in state:
+        raise ValueError(f"not an inference state dict: missing {key!r}")
+    if state[key].dim() != dims + 2:
+        raise ValueError(f"inference weights are not for model.variant={m.variant!r}")
+    slab = state[key].shape[1] if dims == 2 else 1
+    net = SRNet(LREncoder(dims, slab, m.features, m.encoder_layers),
+                SRDecoder(dims, slab, m.features, m.n_groups, m.n_rcab, m.reduction))
+    net.load_state_dict(state, strict=True)
+    return net
