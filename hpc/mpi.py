@@ -1,0 +1,146 @@
+"""The one place that touches mpi4py.
+
+`world()` returns mpi4py's `MPI.COMM_WORLD` when this process was started by an MPI launcher
+(mpirun / mpiexec / srun with PMI), else `SingleRank`, a one-process stand-in with the same
+small interface (lower-case pickle-based calls only):
+
+    comm.rank, comm.size, comm.Get_rank(), comm.Get_size()
+    comm.bcast(obj, root=0), comm.gather(obj, root=0), comm.allgather(obj),
+    comm.allreduce(obj, op=SUM), comm.barrier(), comm.Abort(code)
+    comm.send(obj, dest, tag), comm.recv(source=ANY_SOURCE, tag=ANY_TAG, status=None),
+    comm.iprobe(source=ANY_SOURCE, tag=ANY_TAG, status=None)
+
+Launched under MPI without mpi4py is an error (no silent fallback to N independent jobs that
+would all write the same files).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+ANY_SOURCE = -1
+ANY_TAG = -1
+
+# Variables set by the common launchers for each process they start.
+_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher started this process (srun without PMI does not count)."""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+class Status:
+    """The part of `MPI.Status` the stand-in fills in."""
+
+    def __init__(self) -> None:
+        self.source = 0
+        self.tag = 0
+
+    def Get_source(self) -> int:
+        return self.source
+
+    def Get_tag(self) -> int:
+        return self.tag
+
+
+class SingleRank:
+    """One-process communicator: collectives return their input, point-to-point to self
+    goes through an in-process mailbox."""
+
+    rank = 0
+    size = 1
+
+    def __init__(self) -> None:
+        self._mailbox: list[tuple[Any, int]] = []
+
+    def Get_rank(self) -> int:
+        return 0
+
+    def Get_size(self) -> int:
+        return 1
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any]:
+        return [obj]
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def allreduce(self, obj: Any, op: Any = None) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        return None
+
+    def send(self, obj: Any, dest: int = 0, tag: int = 0) -> None:
+        if dest != 0:
+            raise ValueError(f"single-rank communicator: no rank {dest}")
+        self._mailbox.append((obj, tag))
+
+    def _find(self, tag: int) -> int | None:
+        for i, (_, t) in enumerate(self._mailbox):
+            if tag in (ANY_TAG, t):
+                return i
+        return None
+
+    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None) -> bool:
+        i = self._find(tag)
+        if i is not None and status is not None:
+            status.source, status.tag = 0, self._mailbox[i][1]
+        return i is not None
+
+    def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None) -> Any:
+        i = self._find(tag)
+        if i is None:
+            raise RuntimeError("single-rank communicator: recv with no matching send would hang")
+        obj, t = self._mailbox.pop(i)
+        if status is not None:
+            status.source, status.tag = 0, t
+        return obj
+
+    def Abort(self, errorcode: int = 1) -> None:
+        sys.stderr.flush()
+        os._exit(errorcode)
+
+
+def world() -> Any:
+    """MPI.COMM_WORLD under an MPI launcher, else a `SingleRank`."""
+    if not launched_by_mpi():
+        return SingleRank()
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ValueError(f"started by an MPI launcher but mpi4py cannot be imported ({exc}); "
+                         "install mpi4py or run without mpirun") from None
+    return MPI.COMM_WORLD
+
+
+def make_status(comm: Any) -> Any:
+    """A status object matching `comm` (MPI.Status or the stand-in's)."""
+    if isinstance(comm, SingleRank):
+        return Status()
+    from mpi4py import MPI
+
+    return MPI.Status()
+
+
+def any_source(comm: Any) -> int:
+    if isinstance(comm, SingleRank):
+        return ANY_SOURCE
+    from mpi4py import MPI
+
+    return MPI.ANY_SOURCE
+
+
+def thread_level_ok(comm: Any) -> bool:
+    """True when one helper thread may make MPI calls while the main thread makes none
+    (MPI_THREAD_SERIALIZED or better)."""
+    if isinstance(comm, SingleRank):
+        return True
+    from mpi4py import MPI
+
+    return MPI.Query_thread() >= MPI.THREAD_SERIALIZED

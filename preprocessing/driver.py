@@ -1,0 +1,305 @@
+"""`udean preprocess`: NIfTI subjects -> HDF5 shards + manifest.json, MPI-parallel (DESIGN,
+"Distributed").
+
+Rank 0 plans (discover, split, what a previous run already did), then hands out one subject at a
+time from a dynamic queue (subjects differ in cost) while also processing subjects itself: a
+helper thread on rank 0 answers the other ranks, polling so no core spins. Every rank writes its
+own shard files; rank 0 records each result and rewrites the manifest atomically after each, so
+a killed job loses only the subjects in flight. A bad input is a "failed" row and the job goes
+on; any other exception on any rank aborts the whole job (MPI_Abort) instead of hanging it.
+Without an MPI launcher it runs as one rank.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from hpc import mpi
+from preprocessing.config import DataConfig
+from preprocessing.discover import Subject, plan
+from preprocessing.manifest import Manifest, load_manifest, manifest_path, write_manifest
+from preprocessing.shards import sha256_file
+from preprocessing.subject import process
+
+TAG_RESULT, TAG_TASK, TAG_FINAL = 11, 12, 13
+POLL_S = 0.002
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default=None, help="HCP root or flat NIfTI folder (overrides data.root)")
+    p.add_argument("--out", default=None, help="output folder (overrides data.out)")
+    p.add_argument("--layout", choices=("hcp", "hcp_acpc", "flat"), default=None, help="overrides data.layout")
+    p.add_argument("--mode", choices=("unpaired", "misaligned"), default=None, help="overrides data.mode")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any subject failed")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    cfg: DataConfig = args.cfg.data
+    upd = {k: v for k, v in (("root", args.data_root), ("out", args.out), ("layout", args.layout),
+                             ("mode", args.mode)) if v is not None}
+    return DataConfig.model_validate({**cfg.model_dump(), **upd}) if upd else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = data_config(args)
+    summary = preprocess(cfg, progress=not args.no_progress)
+    return 1 if args.strict and summary["failed"] else 0
+
+
+# --------------------------------------------------------------------------- planning (rank 0)
+def content_hash(config: dict[str, Any]) -> str:
+    """Hash of what decides shard content: the data config without `out` (shard paths are
+    relative, so a moved output folder still resumes)."""
+    d = {k: v for k, v in config.items() if k != "out"}
+    return DataConfig.model_validate(d).hash()
+
+
+def verify_rows(out: Path, rows: Iterable[dict[str, Any]]) -> str | None:
+    """None when every shard row matches its file (size, sha256), else the first reason."""
+    for r in rows:
+        p = out / r["path"]
+        if not p.is_file():
+            return f"{p}: missing"
+        if p.stat().st_size != r["bytes"]:
+            return f"{p}: {p.stat().st_size} bytes, manifest says {r['bytes']}"
+        if sha256_file(p) != r["sha256"]:
+            return f"{p}: sha256 differs from the manifest"
+    return None
+
+
+def _clean_temps(out: Path) -> None:
+    """Temp files of a killed run (atomic_path names them .<name>.<random>.tmp)."""
+    for sub in ("shards", "volumes", "."):
+        d = out / sub
+        if d.is_dir():
+            for p in d.rglob(".*.tmp") if sub != "." else d.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+
+
+def _previous(cfg: DataConfig, out: Path) -> Manifest | None:
+    if not manifest_path(out).is_file():
+        return None
+    try:
+        m = load_manifest(out)
+    except ValueError as exc:
+        print(f"preprocess: ignoring unreadable previous manifest ({exc})", file=sys.stderr)
+        return None
+    if content_hash(m.config) != content_hash(cfg.model_dump(mode="json")):
+        print(f"preprocess: {manifest_path(out)} was made with another data config; redoing every subject",
+              file=sys.stderr)
+        return None
+    return m
+
+
+def prepare(cfg: DataConfig, out: Path, only: set[str] | None = None) -> tuple[Manifest, list[dict[str, Any]]]:
+    """The manifest to fill (previous rows kept) and the tasks: one per subject to (re)check."""
+    subjects = plan(cfg)
+    prev = _previous(cfg, out)
+    prev_rows = {r["id"]: r for r in prev.subjects} if prev else {}
+    prev_shards: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for s in prev.shards if prev else []:
+        prev_shards[s["subject"]].append(s)
+    m = Manifest(out, cfg.model_dump(mode="json"), cfg.hash())
+    tasks = []
+    for s in subjects:
+        old = prev_rows.get(s.id)
+        reuse = old is not None and old["group"] == s.group and old["input"] == s.input and old["status"] == "ok"
+        if only is not None and s.id not in only:
+            if old is None:
+                raise ValueError(f"{manifest_path(out)}: no row for subject {s.id}; run `udean preprocess` instead")
+            m.subjects.append(old)
+            m.shards.extend(prev_shards.get(s.id, []))
+            continue
+        if s.group == "unused":
+            m.subjects.append({"id": s.id, "group": s.group, "input": s.input, "status": "ok", "error": None,
+                               "shards": {}, "patches": {"lr": 0, "hr": 0}, "motion": None, "seconds": 0.0})
+            continue
+        expect = prev_shards.get(s.id, []) if reuse and only is None else None
+        m.subjects.append({"id": s.id, "group": s.group, "input": s.input, "status": "pending", "error": None,
+                           "shards": {}, "patches": {"lr": 0, "hr": 0}, "motion": None, "seconds": 0.0})
+        tasks.append({"subject": s, "expect": expect, "previous": old if expect is not None else None})
+    return m, tasks
+
+
+# --------------------------------------------------------------------------- one task (any rank)
+def run_task(task: dict[str, Any], cfg: DataConfig, out: Path) -> dict[str, Any]:
+    """Skip the subject when its previous shards still verify, else process it."""
+    if task["expect"] is not None and task["previous"] is not None and len(task["expect"]) == len(task["previous"]["shards"]):
+        if verify_rows(out, task["expect"]) is None:
+            return {"row": task["previous"], "shards": task["expect"], "timings": {}, "reused": True}
+    res = process(task["subject"], cfg, out)
+    res["reused"] = False
+    return res
+
+
+# --------------------------------------------------------------------------- rank 0
+class _Recorder:
+    """Rank 0's book: manifest rows, progress, log. Thread-safe."""
+
+    def __init__(self, m: Manifest, n_tasks: int, progress: bool) -> None:
+        self.m = m
+        self.lock = threading.Lock()
+        self.index = {r["id"]: i for i, r in enumerate(m.subjects)}
+        self.done = self.failed = self.reused = 0
+        self.t0 = time.perf_counter()
+        self.n = n_tasks
+        self.log_path = m.out / "logs" / "preprocess.jsonl"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._bar = None
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        if progress and n_tasks:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("[red]{task.fields[failed]} failed"),
+                                 TextColumn("{task.fields[rate]} subj/min"), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
+            self._task = self._bar.add_task("subjects", total=n_tasks, failed=0, rate="-")
+            self._bar.start()
+
+    def record(self, res: dict[str, Any], rank: int) -> None:
+        row = res["row"]
+        with self.lock:
+            self.m.subjects[self.index[row["id"]]] = row
+            self.m.shards = [s for s in self.m.shards if s["subject"] != row["id"]] + res["shards"]
+            write_manifest(self.m)
+            self.done += 1
+            self.reused += bool(res.get("reused"))
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9) * 60
+            if row["status"] == "failed":
+                self.failed += 1
+                self.console.print(f"[red]preprocess: subject {row['id']} failed:[/] {row['error']}",
+                                   highlight=False, markup=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"time": time.time(), "rank": rank, "id": row["id"], "group": row["group"],
+                                    "status": row["status"], "error": row["error"], "reused": bool(res.get("reused")),
+                                    "seconds": row["seconds"], "timings": res.get("timings", {}),
+                                    "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
+            if self._bar is not None:
+                self._bar.update(self._task, advance=1, failed=self.failed, rate=f"{rate:.1f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _dispatch(comm: Any, queue: collections.deque, lock: threading.Lock, rec: _Recorder, errors: list) -> None:
+    """Helper thread on rank 0: answer each worker's result with its next task (or None)."""
+    try:
+        active = comm.size - 1
+        status = mpi.make_status(comm)
+        src = mpi.any_source(comm)
+        while active:
+            if not comm.iprobe(source=src, tag=TAG_RESULT, status=status):
+                time.sleep(POLL_S)
+                continue
+            rank = status.Get_source()
+            res = comm.recv(source=rank, tag=TAG_RESULT)
+            if res is not None:
+                rec.record(res, rank)
+            with lock:
+                task = queue.popleft() if queue else None
+            comm.send(task, dest=rank, tag=TAG_TASK)
+            if task is None:
+                active -= 1
+    except BaseException as exc:  # surfaced by the main thread, which aborts the job
+        errors.append((exc, traceback.format_exc()))
+
+
+def _recv_polling(comm: Any, source: int, tag: int) -> Any:
+    """Blocking receive without a spinning core (OpenMPI busy-waits in recv)."""
+    while not comm.iprobe(source=source, tag=tag):
+        time.sleep(POLL_S)
+    return comm.recv(source=source, tag=tag)
+
+
+def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list, progress: bool) -> dict[str, Any]:
+    rec = _Recorder(m, len(tasks), progress)
+    queue = collections.deque(tasks)
+    lock = threading.Lock()
+    errors: list = []
+    helper = None
+    try:
+        if comm.size > 1:
+            if not mpi.thread_level_ok(comm):
+                raise RuntimeError("MPI library does not provide MPI_THREAD_SERIALIZED; rank 0 needs it")
+            helper = threading.Thread(target=_dispatch, args=(comm, queue, lock, rec, errors), daemon=True)
+            helper.start()
+        while not errors:
+            with lock:
+                task = queue.popleft() if queue else None
+            if task is None:
+                break
+            rec.record(run_task(task, cfg, out), 0)
+        while helper is not None and helper.is_alive() and not errors:
+            helper.join(0.1)
+        if errors:
+            exc, tb = errors[0]
+            raise RuntimeError(f"rank 0 dispatcher failed:\n{tb}") from exc
+        write_manifest(rec.m)
+    finally:
+        rec.close()
+    summary = {"subjects": len(m.subjects), "processed": rec.done - rec.reused, "reused": rec.reused,
+               "failed": sum(r["status"] == "failed" for r in m.subjects),
+               "seconds": round(time.perf_counter() - rec.t0, 3)}
+    rec.console.print(f"preprocess: {summary['processed']} processed, {summary['reused']} reused, "
+                      f"{summary['failed']} failed of {summary['subjects']} subjects -> {manifest_path(out)}",
+                      highlight=False)
+    return summary
+
+
+def _work(comm: Any, cfg: DataConfig, out: Path) -> None:
+    res = None
+    while True:
+        comm.send(res, dest=0, tag=TAG_RESULT)
+        task = _recv_polling(comm, 0, TAG_TASK)
+        if task is None:
+            return
+        res = run_task(task, cfg, out)
+
+
+def preprocess(cfg: DataConfig, comm: Any = None, only: set[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) preprocessing on every rank of `comm`; returns rank 0's summary on all ranks.
+    `only`: redo exactly these subject ids (regenerate), keeping the other rows."""
+    comm = comm if comm is not None else mpi.world()
+    out = Path(cfg.out)
+    err = payload = None
+    if comm.rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _clean_temps(out)
+            payload = prepare(cfg, out, only)
+        except (ValueError, OSError) as exc:
+            err = str(exc)
+    err = comm.bcast(err, root=0)
+    if err:
+        raise ValueError(err)
+    try:
+        if comm.rank == 0:
+            m, tasks = payload
+            summary = _serve(comm, cfg, out, m, tasks, progress and sys.stderr.isatty())
+            for r in range(1, comm.size):
+                comm.send(summary, dest=r, tag=TAG_FINAL)
+        else:
+            _work(comm, cfg, out)
+            summary = _recv_polling(comm, 0, TAG_FINAL)
+    except BaseException:
+        if comm.size > 1:
+            traceback.print_exc()
+            print(f"preprocess: rank {comm.rank} failed; aborting the job", file=sys.stderr, flush=True)
+            comm.Abort(1)
+        raise
+    return summary

@@ -1,0 +1,106 @@
+"""HR -> LR degradations of the target group (paper, II-C): 3D k-space truncation by 2x2x2, and
+the acquisition effects truncation misses (partial Fourier, elliptical k-space, complex noise
+so that magnitude noise is Rician); 3D nearest downsampling for Table I benchmark 3.
+
+Geometry: LR voxel j sits at HR voxel scale*j (a band-limited volume sampled on every second
+voxel), so `lr_affine = hr_affine @ diag(scale, 1)`. Intensity: the LR image keeps the HR mean
+(DC preserved), i.e. `lr = (N_lr / N_hr) * ifftn(crop(fftn(hr)))`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+
+from preprocessing.config import DegradationConfig
+
+
+def even_crop(vol: np.ndarray, scale: tuple[int, ...]) -> np.ndarray:
+    """Crop the end of each axis to a multiple of its scale (HCP 320x320x256 is untouched)."""
+    sl = tuple(slice(0, (n // s) * s) for n, s in zip(vol.shape, scale))
+    return vol[sl]
+
+
+def _centre(n: int, m: int) -> slice:
+    """The m central bins of an fftshifted axis of n bins (DC stays at index m // 2)."""
+    start = n // 2 - m // 2
+    return slice(start, start + m)
+
+
+def truncate(kspace_shifted: np.ndarray, scale: tuple[int, ...]) -> np.ndarray:
+    """(N0, N1, N2) centred k-space -> (N0/s0, N1/s1, N2/s2) central block."""
+    out_shape = tuple(n // s for n, s in zip(kspace_shifted.shape, scale))
+    return kspace_shifted[tuple(_centre(n, m) for n, m in zip(kspace_shifted.shape, out_shape))]
+
+
+def zero_fill(kspace_shifted: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `truncate`: place a central block into zeros of `shape`."""
+    out = np.zeros(shape, dtype=kspace_shifted.dtype)
+    out[tuple(_centre(n, m) for n, m in zip(shape, kspace_shifted.shape))] = kspace_shifted
+    return out
+
+
+def to_kspace(vol: np.ndarray) -> np.ndarray:
+    """Centred 3D spectrum; float32 input gives complex64 (half the memory at HCP size)."""
+    return scipy.fft.fftshift(scipy.fft.fftn(vol))
+
+
+def to_image(kspace_shifted: np.ndarray, n_ref: int) -> np.ndarray:
+    """Complex image from centred k-space, scaled so the mean of an image of `n_ref` voxels is kept."""
+    img = scipy.fft.ifftn(scipy.fft.ifftshift(kspace_shifted))
+    img *= kspace_shifted.size / n_ref
+    return img
+
+
+def partial_fourier_mask(shape: tuple[int, ...], fraction: float, axis: int) -> np.ndarray:
+    """Keep the first ceil(fraction * n) lines of centred k-space along `axis` (always past DC)."""
+    n = shape[axis]
+    keep = max(int(np.ceil(fraction * n)), n // 2 + 1)
+    m = np.zeros(n, dtype=bool)
+    m[:keep] = True
+    view = [1, 1, 1]
+    view[axis] = n
+    return np.broadcast_to(m.reshape(view), shape)
+
+
+def elliptical_mask(shape: tuple[int, ...], slice_axis: int) -> np.ndarray:
+    """Inscribed ellipse of centred k-space in the two axes other than `slice_axis`."""
+    a, b = [ax for ax in range(3) if ax != slice_axis]
+    ka = (np.arange(shape[a]) - shape[a] // 2) / (shape[a] / 2)
+    kb = (np.arange(shape[b]) - shape[b] // 2) / (shape[b] / 2)
+    inside = ka[:, None] ** 2 + kb[None, :] ** 2 <= 1.0
+    view = [1, 1, 1]
+    view[a], view[b] = shape[a], shape[b]
+    return np.broadcast_to(inside.reshape(view), shape)
+
+
+def kspace_degrade(hr: np.ndarray, cfg: DegradationConfig, rng: np.random.Generator,
+                   slice_axis: int = 0) -> np.ndarray:
+    """(X, Y, Z) HR in [0, 1] -> (X/sx, Y/sy, Z/sz) LR magnitude in [0, 1], float32."""
+    scale = tuple(cfg.scale)
+    hr = even_crop(hr, scale)
+    k = truncate(to_kspace(np.asarray(hr, dtype=np.float32)), scale)
+    if cfg.partial_fourier < 1.0:
+        k = k * partial_fourier_mask(k.shape, cfg.partial_fourier, cfg.partial_fourier_axis)
+    if cfg.elliptical:
+        k = k * elliptical_mask(k.shape, slice_axis)
+    img = to_image(k, hr.size)
+    if cfg.noise_sigma > 0:
+        # white complex Gaussian noise in k-space is white in the image; added there, its
+        # magnitude below is Rician (relative to the max, 1.0 after scaling)
+        noise = rng.standard_normal((2,) + img.shape, dtype=np.float32) * np.float32(cfg.noise_sigma)
+        img = img + (noise[0] + 1j * noise[1]).astype(img.dtype)
+    lr = np.abs(img)
+    np.clip(lr, 0.0, 1.0, out=lr)  # Gibbs overshoot: storage is [0, 1]
+    return lr.astype(np.float32)
+
+
+def nearest_degrade(hr: np.ndarray, scale: tuple[int, ...]) -> np.ndarray:
+    """3D nearest-neighbour downsampling: LR voxel j = HR voxel scale*j (Table I, benchmark 3)."""
+    hr = even_crop(hr, scale)
+    return np.ascontiguousarray(hr[tuple(slice(None, None, s) for s in scale)], dtype=np.float32)
+
+
+def degrade(hr: np.ndarray, cfg: DegradationConfig, rng: np.random.Generator, slice_axis: int = 0) -> np.ndarray:
+    if cfg.method == "nearest":
+        return nearest_degrade(hr, tuple(cfg.scale))
+    return kspace_degrade(hr, cfg, rng, slice_axis)

@@ -1,0 +1,155 @@
+"""HDF5 shards: one file per (subject, group), written by one rank to a temp name and renamed.
+
+Patch shard `shards/<group>/<subject>.h5`:
+    patches (N, C, h, w) float16 | uint16, chunks (1, C, h, w); attrs kind (lr|hr), subject,
+            group, scale (multiply stored values by it: 1.0 for float16, 1/65535 for uint16)
+    origins (N, 3) int32 corner of each patch in its volume (stored order, slab axis first)
+Volume file `volumes/<group>/<subject>.h5` (val/test):
+    hr (S, A, B) float32, lr (S/2, A/2, B/2) float32, mask (S, A, B) uint8;
+    attrs hr_affine, lr_affine (4x4 float64, of the stored arrays), subject, group, slice_axis
+Byte-identical for identical content: fixed libver, no timestamps, deterministic attr order.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  registers LZ4 / Zstd so readers open compressed shards
+import numpy as np
+
+from hpc.atomic import atomic_path
+from preprocessing.config import StorageConfig
+
+LIBVER = ("v110", "v110")
+UINT16_SCALE = 1.0 / 65535.0
+
+
+def _compression(storage: StorageConfig) -> dict[str, Any]:
+    if storage.compression == "none":
+        return {}
+    if storage.compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    if storage.compression == "lz4":
+        return dict(hdf5plugin.LZ4(), shuffle=True)
+    return dict(hdf5plugin.Zstd(clevel=3), shuffle=True)
+
+
+def encode(patches: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
+    """float32 in [0, 1] -> stored dtype and the scale a reader multiplies by."""
+    if dtype == "uint16":
+        return np.rint(np.clip(patches, 0.0, 1.0) * 65535.0).astype(np.uint16), UINT16_SCALE
+    return patches.astype(np.float16), 1.0
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_patches(path: str | os.PathLike, patches: np.ndarray, origins: np.ndarray, *, kind: str,
+                  subject: str, group: str, storage: StorageConfig) -> None:
+    """patches: (N, C, h, w) float32 in [0, 1]; origins: (N, 3)."""
+    data, scale = encode(patches, storage.dtype)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", libver=LIBVER) as f:
+            ds = f.create_dataset("patches", data=data, chunks=(1, *data.shape[1:]),
+                                  maxshape=(None, *data.shape[1:]), track_times=False, **_compression(storage))
+            ds.attrs["kind"] = kind
+            ds.attrs["subject"] = subject
+            ds.attrs["group"] = group
+            ds.attrs["scale"] = np.float64(scale)
+            f.create_dataset("origins", data=np.asarray(origins, dtype=np.int32).reshape(-1, 3), track_times=False)
+
+
+def write_volume(path: str | os.PathLike, *, hr: np.ndarray, lr: np.ndarray, mask: np.ndarray,
+                 hr_affine: np.ndarray, lr_affine: np.ndarray, subject: str, group: str,
+                 slice_axis: int, storage: StorageConfig) -> None:
+    comp = _compression(storage)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", libver=LIBVER) as f:
+            for name, arr in (("hr", hr.astype(np.float32)), ("lr", lr.astype(np.float32)), ("mask", mask.astype(np.uint8))):
+                kw = dict(chunks=(1, *arr.shape[1:]), **comp) if comp else {}
+                f.create_dataset(name, data=arr, track_times=False, **kw)
+            f.attrs["hr_affine"] = np.asarray(hr_affine, dtype=np.float64)
+            f.attrs["lr_affine"] = np.asarray(lr_affine, dtype=np.float64)
+            f.attrs["subject"] = subject
+            f.attrs["group"] = group
+            f.attrs["slice_axis"] = np.int64(slice_axis)
+
+
+# --------------------------------------------------------------------------- readers
+def _scale(ds: h5py.Dataset) -> float:
+    return float(ds.attrs.get("scale", 1.0))
+
+
+def read_patches(src: str | os.PathLike | h5py.File | h5py.Dataset, indices: Any = slice(None)) -> np.ndarray:
+    """Patches `indices` (int, slice, or sorted/unsorted index list) of a shard as float32 with
+    the scale applied: (len(indices), C, h, w), or (C, h, w) for an int."""
+    if isinstance(src, (str, os.PathLike)):
+        with h5py.File(src, "r") as f:
+            return read_patches(f["patches"], indices)
+    ds = src["patches"] if isinstance(src, h5py.File) else src
+    if isinstance(indices, (list, tuple, np.ndarray)):
+        idx = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        uniq, inverse = np.unique(idx[order], return_inverse=True)  # h5py wants increasing, unique
+        block = ds[uniq] if len(uniq) else np.zeros((0, *ds.shape[1:]), ds.dtype)
+        out = np.empty((len(idx), *ds.shape[1:]), dtype=np.float32)
+        out[order] = block[inverse]
+    else:
+        out = np.asarray(ds[indices], dtype=np.float32)
+    scale = _scale(ds)
+    if scale != 1.0:
+        out *= np.float32(scale)
+    return out
+
+
+def patch_count(path: str | os.PathLike) -> int:
+    with h5py.File(path, "r") as f:
+        return int(f["patches"].shape[0])
+
+
+def read_volume(path: str | os.PathLike) -> dict[str, Any]:
+    """{hr, lr: float32, mask: uint8, hr_affine, lr_affine: (4, 4), subject, group, slice_axis}."""
+    with h5py.File(path, "r") as f:
+        return {
+            "hr": f["hr"][()], "lr": f["lr"][()], "mask": f["mask"][()],
+            "hr_affine": np.asarray(f.attrs["hr_affine"]), "lr_affine": np.asarray(f.attrs["lr_affine"]),
+            "subject": str(f.attrs["subject"]), "group": str(f.attrs["group"]),
+            "slice_axis": int(f.attrs["slice_axis"]),
+        }
+
+
+def check_file(path: str | os.PathLike, kind: str, expected_count: int | None = None) -> None:
+    """Open a shard and read every chunk; raises ValueError naming the file if anything is off."""
+    try:
+        with h5py.File(path, "r") as f:
+            if kind == "volume":
+                for name in ("hr", "lr", "mask"):
+                    _ = f[name][()]
+                for a in ("hr_affine", "lr_affine", "subject", "slice_axis"):
+                    _ = f.attrs[a]
+                return
+            ds = f["patches"]
+            n = ds.shape[0]
+            for i in range(n):
+                _ = ds[i]
+            _ = f["origins"][()]
+            if ds.attrs["kind"] != kind:
+                raise ValueError(f"{path}: kind {ds.attrs['kind']!r}, manifest says {kind!r}")
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if expected_count is not None and n != expected_count:
+        raise ValueError(f"{path}: {n} patches, manifest says {expected_count}")
+
+
+def relpath(out: str | os.PathLike, path: str | os.PathLike) -> str:
+    return Path(path).relative_to(out).as_posix()

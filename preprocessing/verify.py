@@ -1,0 +1,108 @@
+"""`udean shards verify OUT` and `udean shards regenerate OUT`.
+
+verify: every shard row of the manifest -> file exists, byte size, sha256, opens with h5py and
+every chunk reads, patch count; every ok subject's shards are listed. Exit 1 when anything is off.
+regenerate: redo exactly the subjects whose shards are missing or corrupt (with the manifest's
+own config), under MPI or as one rank, and rewrite the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from hpc import mpi
+from preprocessing.config import DataConfig
+from preprocessing.manifest import Manifest, load_manifest
+from preprocessing.shards import check_file, sha256_file
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("verify", "regenerate"),
+                   help="verify: check every shard; regenerate: rebuild the subjects with bad shards")
+    p.add_argument("out", metavar="OUT", help="preprocessing output folder (holds manifest.json)")
+    p.add_argument("--json", action="store_true", help="print the problems as JSON")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def check_shard(out: Path, row: dict[str, Any]) -> str | None:
+    """None if the shard file matches its manifest row, else what is wrong."""
+    p = out / row["path"]
+    if not p.is_file():
+        return "missing"
+    size = p.stat().st_size
+    if size != row["bytes"]:
+        return f"{size} bytes, manifest says {row['bytes']}"
+    if sha256_file(p) != row["sha256"]:
+        return "sha256 differs from the manifest"
+    try:
+        check_file(p, row["kind"], None if row["kind"] == "volume" else row["patches"])
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def verify(out: str | Path, m: Manifest | None = None) -> list[dict[str, Any]]:
+    """Problems as [{"subject", "path", "problem"}]; empty when the data set is whole."""
+    out = Path(out)
+    m = m or load_manifest(out)
+    problems = []
+    listed = {s["path"] for s in m.shards}
+    for row in m.shards:
+        why = check_shard(out, row)
+        if why:
+            problems.append({"subject": row["subject"], "path": row["path"], "problem": why})
+    for sub in m.subjects:
+        if sub["status"] == "ok":
+            for path in sub["shards"].values():
+                if path not in listed:
+                    problems.append({"subject": sub["id"], "path": path, "problem": "no shard row in the manifest"})
+        elif sub["status"] == "pending":
+            problems.append({"subject": sub["id"], "path": None, "problem": "pending (run interrupted)"})
+    return problems
+
+
+def regenerate(out: str | Path, comm: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Redo the subjects `verify` flags; returns the preprocess summary plus `redone` ids."""
+    from preprocessing.driver import preprocess
+
+    comm = comm if comm is not None else mpi.world()
+    out = Path(out)
+    err = payload = None
+    if comm.rank == 0:
+        try:
+            m = load_manifest(out)
+            cfg = DataConfig.model_validate({**m.config, "out": str(out)})
+            payload = (cfg, sorted({p["subject"] for p in verify(out, m)}))
+        except ValueError as exc:
+            err = str(exc)
+    err, payload = comm.bcast((err, payload), root=0)
+    if err:
+        raise ValueError(err)
+    cfg, bad = payload
+    summary = preprocess(cfg, comm, only=set(bad), progress=progress) if bad else {"failed": 0}
+    summary["redone"] = bad
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if args.action == "verify":
+        m = load_manifest(args.out)
+        problems = verify(args.out, m)
+        if args.json:
+            print(json.dumps(problems, indent=1))
+        for p in problems:
+            console.print(f"[red]bad[/] {p['subject']}: {p['path']}: {p['problem']}", highlight=False)
+        console.print(f"shards verify: {len(m.shards)} shards, {len(problems)} problems "
+                      f"({len({p['subject'] for p in problems})} subjects)", highlight=False)
+        return 1 if problems else 0
+    comm = mpi.world()
+    summary = regenerate(args.out, comm, progress=not args.no_progress)
+    if comm.rank == 0:
+        console.print(f"shards regenerate: redid {len(summary['redone'])} subjects {summary['redone']}",
+                      highlight=False)
+    return 0
