@@ -103,5 +103,8 @@ class DataConfig(Section):
     storage: StorageConfig = StorageConfig()
 
     def hash(self) -> str:
-        """sha256 of the canonical JSON: shards made under another hash are not reused."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        """sha256 of what decides shard content: the canonical JSON without `out` (shard paths
+        are relative, so a moved output folder still resumes). Shards made under another hash
+        are not reused."""
+        d = self.model_dump(mode="json", exclude={"out"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -57,13 +57,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- planning (rank 0)
-def content_hash(config: dict[str, Any]) -> str:
-    """Hash of what decides shard content: the data config without `out` (shard paths are
-    relative, so a moved output folder still resumes)."""
-    d = {k: v for k, v in config.items() if k != "out"}
-    return DataConfig.model_validate(d).hash()
-
-
 def verify_rows(out: Path, rows: Iterable[dict[str, Any]]) -> str | None:
     """None when every shard row matches its file (size, sha256), else the first reason."""
     for r in rows:
@@ -94,7 +87,7 @@ def _previous(cfg: DataConfig, out: Path) -> Manifest | None:
     except ValueError as exc:
         print(f"preprocess: ignoring unreadable previous manifest ({exc})", file=sys.stderr)
         return None
-    if content_hash(m.config) != content_hash(cfg.model_dump(mode="json")):
+    if m.config_hash != cfg.hash():
         print(f"preprocess: {manifest_path(out)} was made with another data config; redoing every subject",
               file=sys.stderr)
         return None
