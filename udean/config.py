@@ -72,11 +72,12 @@ class TrainConfig(Section):
     eps: float = Field(1e-8, gt=0.0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: int = Field(0, ge=0, le=3)
+    grad_clip: float = Field(0.0, ge=0.0)  # max global grad norm per engine; 0: off
     checkpoint_every: int = Field(500, ge=1)  # steps
     keep_last: int = Field(3, ge=1)
     max_nonfinite: int = Field(10, ge=1)  # consecutive skipped steps before stopping
     seed: int = 0
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(4, ge=0)
     log_every: int = Field(10, ge=1)
     val_every: int = Field(1, ge=0)  # epochs; 0: no validation
     val_subjects: int = Field(0, ge=0)  # 0: all val volumes

@@ -1,0 +1,79 @@
+"""Patches from HDF5 shards: source HR patches and target LR patches, drawn independently.
+
+A shard is one HDF5 file with a dataset `patches` (N, C, h, w) (preprocessing/shards.py). The
+shards of a group are concatenated into one index space; `PatchShards[i]` reads patch i.
+
+HDF5 handles are opened lazily inside the process that reads (each DataLoader worker opens its
+own): an h5py handle inherited across fork is shared state and corrupts reads.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from preprocessing.shards import patch_count, read_patches
+
+
+class PatchShards:
+    """All patches of one group's shards, as one index space 0..len-1."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise ValueError("no shards given")
+        counts = [int(patch_count(p)) for p in self.paths]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _file(self, k: int):
+        if self._pid != os.getpid():  # forked after opening: never reuse the parent's handles
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(k)
+        if f is None:
+            import h5py
+
+            f = self._files[k] = h5py.File(self.paths[k], "r")
+        return f
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Patch i as float32 (C, h, w)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"patch {i} out of range 0..{len(self) - 1}")
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return read_patches(self._file(k)["patches"], [int(i - self.offsets[k])])[0]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers get a copy without open handles
+        return {**self.__dict__, "_files": {}}
+
+
+class UnpairedPatches(Dataset):
+    """Item (i_source, i_target) -> (Y_s (2S, 2h, 2w) HR, X_t (S, h, w) LR), float32 in [0, 1].
+
+    The two indices come from independent permutations (`UnpairedSampler`): unpaired draws."""
+
+    def __init__(self, source: PatchShards, target: PatchShards):
+        self.source, self.target = source, target
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i_s, i_t = pair
+        return torch.from_numpy(np.ascontiguousarray(self.source[i_s])), \
+            torch.from_numpy(np.ascontiguousarray(self.target[i_t]))

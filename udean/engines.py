@@ -1,0 +1,147 @@
+"""DeepSpeed engines for UDEAN: one for the generators, one for the discriminators.
+
+Paper, II-D: Adam (beta1 0.9, beta2 0.99, eps 1e-8), cosine decay of the learning rate from
+1e-4 to 1e-8. Both engines get the same optimizer settings and the same schedule.
+
+The DeepSpeed config dict is derived from our config tree in one function, `deepspeed_config`;
+nothing else sets an optimizer, a precision or a ZeRO stage (the DeepSpeedExamples GAN warning
+in STYLE.md). Engines always do the stepping: `engine.backward(loss)`, `engine.step()`.
+
+Checkpoints are read with `torch.load(weights_only=True)`: DeepSpeed's own checkpoint engine
+unpickles arbitrary objects, so each engine gets `WeightsOnlyCheckpointEngine` instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from udean.config import Config, TrainConfig
+
+PRECISION_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
+    """Our `train:` section -> the DeepSpeed config dict of both engines (the one place)."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "Adam",
+            # torch_adam: torch.optim.Adam (no JIT-built fused kernel, runs on CPU and GPU);
+            # adam_w_mode off: the paper's Adam, not AdamW
+            "params": {"lr": train.lr, "betas": list(train.betas), "eps": train.eps,
+                       "weight_decay": 0.0, "torch_adam": True, "adam_w_mode": False},
+        },
+        "zero_optimization": {"stage": train.zero_stage},
+        "gradient_clipping": train.grad_clip,  # 0.0: off
+        "steps_per_print": 2**31 - 1,  # our logs report progress; DeepSpeed's would interleave
+        "wall_clock_breakdown": False,
+    }
+    if train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif train.precision == "fp16":
+        # dynamic loss scaling; DeepSpeed skips the step itself on an overflow
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def cosine_lr_factor(step: int, total_steps: int, lr: float, lr_min: float) -> float:
+    """Multiplier of the base lr at optimizer step `step`: cosine from lr to lr_min over
+    `total_steps`, then flat at lr_min (paper, II-D: 1e-4 -> 1e-8)."""
+    t = min(step, total_steps) / max(total_steps, 1)
+    return (lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))) / lr
+
+
+def _cosine_schedule(train: TrainConfig, total_steps: int):
+    def make(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cosine_lr_factor(s, total_steps, train.lr, train.lr_min))
+    return make
+
+
+def _weights_only_checkpoint_engine(ds_config: Any):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, but loading with weights_only=True."""
+
+        def load(self, path: str, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(ds_config)
+
+
+def _allow_deepspeed_checkpoint_types() -> None:
+    """DeepSpeed puts a few plain enums/containers in its checkpoints; allow exactly those."""
+    safe: list[Any] = []
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        safe += [LossScaler, DynamicLossScaler]
+    with contextlib.suppress(ImportError):
+        from deepspeed.utils.tensor_fragment import fragment_address
+        safe.append(fragment_address)
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        safe.append(ZeroStageEnum)
+    torch.serialization.add_safe_globals(safe)
+
+
+@dataclass
+class Engines:
+    """The two DeepSpeed engines. `g.module` is the Generator, `d.module` the Discriminators."""
+
+    g: Any  # deepspeed.DeepSpeedEngine
+    d: Any
+    dtype: torch.dtype  # what inputs are cast to (the engines' compute precision)
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.g.module
+
+    @property
+    def discriminators(self) -> nn.Module:
+        return self.d.module
+
+    def lr(self) -> float:
+        return float(self.g.get_lr()[0])
+
+
+def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
+                  total_steps: int, device: torch.device) -> Engines:
+    """Wrap both networks in DeepSpeed engines with Adam and the cosine schedule."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines would drown rank 0's progress
+    _allow_deepspeed_checkpoint_types()
+    ds = deepspeed_config(cfg.train)
+    engines = []
+    for module in (generator, discriminators):
+        module.to(device)
+        engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+            config=ds, lr_scheduler=_cosine_schedule(cfg.train, total_steps),
+            dist_init_required=False)
+        engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
+        engines.append(engine)
+    return Engines(g=engines[0], d=engines[1], dtype=PRECISION_DTYPE[cfg.train.precision])
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Freeze a module's parameters: the G step runs its loss through D, and D's engine must
+    see no gradients (BasicSR's `requires_grad_(False)`; DeepSpeed refuses them otherwise)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)

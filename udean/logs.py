@@ -1,0 +1,106 @@
+"""Training logs on rank 0: a rich progress bar, JSONL metrics and TensorBoard.
+
+`train.out/metrics.jsonl`: one JSON object per line, `{"kind": "train"|"val"|"event", "step":
+..., "epoch": ..., ...}`; train rows carry every loss term (g.*, d.*), lr and patches/s.
+`train.out/tb/`: the same scalars for TensorBoard. Other ranks get a `Logs` that does nothing,
+so the training loop never asks which rank it is on.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Logs:
+    """Rank 0's logs. Use as a context manager around the loop."""
+
+    def __init__(self, out: str | Path, total_steps: int, start_step: int, enabled: bool = True,
+                 console: Console | None = None):
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+        self.total_steps, self._start = total_steps, start_step
+        self._jsonl = self._tb = self._progress = None
+        self._task = None
+        if not enabled:
+            return
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            self.console.print("[yellow]tensorboard is not installed: no TensorBoard logs[/]")
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+            transient=False)
+        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
+
+    def __enter__(self) -> "Logs":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _write(self, row: dict[str, Any]) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+
+    def train(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
+        """A train row: `scalars` holds losses (g.total, d.total, ...), lr, patches_per_s."""
+        if not self.enabled:
+            return
+        self._write({"kind": "train", "step": step, "epoch": epoch, **scalars})
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"train/{k}", v, step)
+        info = (f"ep {epoch} G {scalars.get('g.total', float('nan')):.4f} "
+                f"D {scalars.get('d.total', float('nan')):.4f} {scalars.get('patches_per_s', 0):.1f} patch/s")
+        self._progress.update(self._task, completed=step, info=info)
+
+    def advance(self, step: int) -> None:
+        if self.enabled:
+            self._progress.update(self._task, completed=step)
+
+    def val(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "val", "step": step, "epoch": epoch, **scalars})
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"val/{k}", v, step)
+        self.message(f"epoch {epoch} val: " + " ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+
+    def event(self, step: int, what: str, **fields: Any) -> None:
+        """A one-off (checkpoint, skipped step, resume, stop): JSONL row and a console line."""
+        if not self.enabled:
+            return
+        self._write({"kind": "event", "step": step, "event": what, **fields})
+
+    def message(self, text: str, style: str = "") -> None:
+        if self.enabled:
+            self.console.print(f"[{style}]{text}[/]" if style else text, highlight=False)
+
+    def warn(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(f"[bold yellow]warning:[/] {text}", highlight=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None

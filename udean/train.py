@@ -1,0 +1,186 @@
+"""`udean train`: UDEAN with DeepSpeed on preprocessed shards; resumes by itself.
+
+    udean train --config configs/demo.yaml                              # one process
+    torchrun --nproc_per_node=2 -m udean train --config configs/demo.yaml
+    mpirun -n 2 udean train --config configs/demo.yaml train.backend=gloo
+    srun udean train --config configs/paper.yaml                        # slurm/train_udean.sh
+
+Every start resumes from the newest valid checkpoint in `train.out` (model, optimizers, LR
+schedules, step, sampler position, RNG). SIGTERM / SIGUSR1 finish the current step, write a
+checkpoint and exit with `hpc.signals.REQUEUE_EXIT_CODE` (75), which asks the launcher to
+requeue. The loop below is the whole training procedure, top to bottom.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from udean import checkpoint
+from udean.config import Config, save as save_config
+from udean.data.sampler import UnpairedSampler
+from udean.data.shards import PatchShards, UnpairedPatches
+from udean.engines import build_engines
+from udean.logs import Logs
+from udean.models.udean import build, inference_state_dict
+from udean.steps import train_step, validate
+
+EXIT_NONFINITE = 3  # too many non-finite losses in a row
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (f"{parser.description}. Reads data.out/manifest.json, writes train.out "
+                          "(checkpoints/, best/, metrics.jsonl, tb/, config.yaml).")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpc.dist import init
+    from hpc.signals import Preemption
+
+    dist = init(args.cfg.train.backend)
+    preempt = Preemption.install()
+    try:
+        code = train(args.cfg, dist, preempt)
+    finally:
+        preempt.uninstall()
+    # not on an exception: shutdown's barrier would wait forever for a rank that died
+    dist.shutdown()
+    return code
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism needs it
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def train(cfg: Config, dist, preempt) -> int:
+    """The training loop. `dist`: hpc.dist.Dist; `preempt`: anything with `.requested`."""
+    from hpc.signals import REQUEUE_EXIT_CODE
+    from preprocessing.manifest import load_manifest
+
+    t = cfg.train
+    out = Path(t.out)
+    _seed_everything(t.seed, t.deterministic)
+
+    # data: source HR and target LR patches, each rank its own disjoint slice per epoch
+    manifest = load_manifest(cfg.data.out)
+    source = PatchShards(manifest.shard_paths("source"))
+    target = PatchShards(manifest.shard_paths("target"))
+    val_volumes = [str(p) for p in manifest.volume_paths("val")] if t.val_every else []
+    if t.val_subjects:
+        val_volumes = val_volumes[:t.val_subjects]
+    steps_per_epoch = t.steps_per_epoch or UnpairedSampler.default_steps(len(target), t.batch_size, dist.world_size)
+    total_steps = t.epochs * steps_per_epoch
+    sampler = UnpairedSampler(len(source), len(target), t.batch_size, steps_per_epoch, t.seed,
+                              dist.rank, dist.world_size)
+    dataset = UnpairedPatches(source, target)
+
+    # model: the same initial weights on every rank (seeded; DeepSpeed also broadcasts rank 0's)
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    engines = build_engines(cfg, gen, discs, total_steps, dist.device)
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    logs = Logs(out, total_steps, 0, enabled=dist.is_main)
+    state = checkpoint.load_latest(out, engines, dist, warn=logs.warn)
+    step = int(state["step"]) if state else 0
+    nonfinite_run = int(state["nonfinite_run"]) if state else 0
+    nonfinite_total = int(state["nonfinite_total"]) if state else 0
+    best = dict(state["best"]) if state else {"psnr": float("-inf"), "ssim": 0.0, "step": -1}
+    if state:
+        sampler.load_state_dict(state["sampler"])
+        if divmod(step, steps_per_epoch) != (sampler.epoch, sampler.position // t.batch_size):
+            raise ValueError(f"the checkpoint in {out} was taken with another train.steps_per_epoch or "
+                             "train.batch_size: resume with the same values, or use a new train.out")
+        logs.advance(step)
+        logs.message(f"resumed from step {step} (epoch {sampler.epoch}, batch {sampler.position // t.batch_size})")
+        logs.event(step, "resume")
+    elif dist.is_main:
+        logs.message(f"training from scratch: {total_steps} steps = {t.epochs} epochs x {steps_per_epoch}, "
+                     f"{dist.world_size} rank(s) x {t.batch_size} patches, {len(source)} source / "
+                     f"{len(target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}")
+
+    def save(step: int, reason: str) -> None:
+        epoch, batch = divmod(step, steps_per_epoch)
+        ours = {"step": step, "epoch": epoch, "sampler": {"epoch": epoch, "position": batch * t.batch_size},
+                "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total, "best": best,
+                "world_size": dist.world_size, "config_hash": cfg.hash()}
+        path = checkpoint.save(out, step, engines, ours, dist, t.keep_last)
+        logs.event(step, "checkpoint", path=str(path), reason=reason)
+
+    batches = None
+    tick, tick_step = time.perf_counter(), step
+    with logs:
+        while step < total_steps:
+            epoch, batch = divmod(step, steps_per_epoch)
+            if batches is None:  # a new epoch, or the middle of one after a resume
+                sampler.set_position(epoch, batch)
+                batches = iter(DataLoader(
+                    dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+                    pin_memory=dist.device.type == "cuda", drop_last=False,
+                    generator=torch.Generator().manual_seed(t.seed)))  # keep the global RNG untouched
+            y_s, x_t = next(batches)
+
+            result = train_step(engines, y_s, x_t, cfg.loss, dist)
+            step += 1
+
+            if result.skipped:
+                nonfinite_run += 1
+                nonfinite_total += 1
+                logs.event(step, "nonfinite_skipped", run=nonfinite_run, total=nonfinite_total,
+                           **{k: v for k, v in result.scalars().items() if k in ("g.total", "d.total")})
+                logs.warn(f"step {step}: non-finite loss, step skipped "
+                          f"({nonfinite_run} in a row, {nonfinite_total} in total)")
+                if nonfinite_run >= t.max_nonfinite:
+                    logs.message(f"stopping at step {step}: {nonfinite_run} consecutive steps had a non-finite "
+                                 f"loss (train.max_nonfinite={t.max_nonfinite}). The model diverged or the "
+                                 "data holds NaN/Inf: lower train.lr, try precision fp32, or check the shards "
+                                 "(`udean shards`).", style="bold red")
+                    return EXIT_NONFINITE
+            else:
+                nonfinite_run = 0
+            if step % t.log_every == 0 or step == total_steps or step == 1:
+                now = time.perf_counter()
+                rate = (step - tick_step) * t.batch_size * dist.world_size / max(now - tick, 1e-9)
+                tick, tick_step = now, step
+                logs.train(step, epoch, {**result.scalars(), "lr": engines.lr(), "patches_per_s": rate,
+                                         "skipped": float(result.skipped)})
+
+            end_of_epoch = step % steps_per_epoch == 0
+            if end_of_epoch:
+                batches = None
+                if val_volumes and (epoch + 1) % t.val_every == 0:
+                    scores = validate(engines, val_volumes, cfg, dist)
+                    logs.val(step, epoch, scores)
+                    if scores["psnr"] > best["psnr"]:
+                        best = {"psnr": scores["psnr"], "ssim": scores["ssim"], "step": step, "epoch": epoch}
+                        if dist.is_main:
+                            checkpoint.save_best(out, inference_state_dict(engines.generator), best)
+                            save_config(cfg, out / "best" / "config.yaml")
+                        logs.event(step, "best", psnr=best["psnr"], ssim=best["ssim"])
+
+            stop = dist.all_reduce_flag(preempt.requested)
+            if stop or end_of_epoch or step % t.checkpoint_every == 0 or step == total_steps:
+                save(step, "signal" if stop else "end" if step == total_steps else "periodic")
+            if stop:
+                name = getattr(preempt, "signal_name", None) or "a signal"
+                logs.message(f"{name} received: checkpoint at step {step} written; exiting {REQUEUE_EXIT_CODE} "
+                             "to be requeued")
+                logs.event(step, "preempted", signal=name)
+                return REQUEUE_EXIT_CODE
+    if dist.is_main:
+        logs.message(f"done: {step} steps; best val PSNR {best['psnr']:.3f} dB at step {best['step']}"
+                     if best["step"] >= 0 else f"done: {step} steps")
+    return 0
