@@ -1,0 +1,40 @@
+"""slurm/*.sh without a cluster: they parse, keep the headers the docs promise, and the
+scaling submitter refuses bad input before it submits anything."""
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ["train_udean.sh", "preprocess_hcp.sh", "regenerate_shards.sh", "scaling_benchmark.sh"]
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, "common.sh"])
+def test_bash_parses(name):
+    out = subprocess.run(["bash", "-n", str(REPO / "slurm" / name)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_headers_and_no_site_paths(name):
+    text = (REPO / "slurm" / name).read_text()
+    headers = re.findall(r"^#SBATCH (\S+)", text, flags=re.M)
+    assert any(h.startswith("--time=") for h in headers) and any(h.startswith("--output=") for h in headers)
+    assert "slurm/common.sh" in text
+    assert not re.search(r"^#SBATCH --(partition|account)", text, flags=re.M), "site settings belong on the command line"
+    assert "/work/" not in text and "/home/" not in text
+
+
+def test_train_script_requeues_on_signal():
+    text = (REPO / "slurm" / "train_udean.sh").read_text()
+    assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text
+    assert re.search(r"--ntasks-per-node=(\d+)\n#SBATCH --gpus-per-node=\1\n", text), "one task per GPU"
+
+
+def test_scaling_submitter_validates_before_submitting():
+    run = lambda *a, **env: subprocess.run(["bash", str(REPO / "slurm" / "scaling_benchmark.sh"), *a],
+                                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", **env})
+    assert run().returncode == 2
+    assert "UDEAN_DATA" in run("1", "2").stderr
+    assert run("x", UDEAN_DATA="/d").returncode == 2
