@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("verify", "regenerate"),
                    help="verify: check every shard; regenerate: rebuild the subjects with bad shards")
     p.add_argument("out", metavar="OUT", help="preprocessing output folder (holds manifest.json)")
+    p.add_argument("--group", choices=("source", "target", "val", "test"), default=None,
+                   help="only this shard group (one array task per group in slurm/regenerate_shards.sh)")
     p.add_argument("--json", action="store_true", help="print the problems as JSON")
     p.add_argument("--no-progress", action="store_true")
 
@@ -43,17 +45,21 @@ def check_shard(out: Path, row: dict[str, Any]) -> str | None:
     return None
 
 
-def verify(out: str | Path, m: Manifest | None = None) -> list[dict[str, Any]]:
-    """Problems as [{"subject", "path", "problem"}]; empty when the data set is whole."""
+def verify(out: str | Path, m: Manifest | None = None, group: str | None = None) -> list[dict[str, Any]]:
+    """Problems as [{"subject", "path", "problem"}]; empty when the data set (or `group`) is whole."""
     out = Path(out)
     m = m or load_manifest(out)
     problems = []
     listed = {s["path"] for s in m.shards}
     for row in m.shards:
+        if group and row["group"] != group:
+            continue
         why = check_shard(out, row)
         if why:
             problems.append({"subject": row["subject"], "path": row["path"], "problem": why})
     for sub in m.subjects:
+        if group and sub["group"] != group:
+            continue
         if sub["status"] == "ok":
             for path in sub["shards"].values():
                 if path not in listed:
@@ -63,7 +69,7 @@ def verify(out: str | Path, m: Manifest | None = None) -> list[dict[str, Any]]:
     return problems
 
 
-def regenerate(out: str | Path, comm: Any = None, progress: bool = True) -> dict[str, Any]:
+def regenerate(out: str | Path, comm: Any = None, progress: bool = True, group: str | None = None) -> dict[str, Any]:
     """Redo the subjects `verify` flags; returns the preprocess summary plus `redone` ids."""
     from preprocessing.driver import preprocess
 
@@ -74,7 +80,7 @@ def regenerate(out: str | Path, comm: Any = None, progress: bool = True) -> dict
         try:
             m = load_manifest(out)
             cfg = DataConfig.model_validate({**m.config, "out": str(out)})
-            payload = (cfg, sorted({p["subject"] for p in verify(out, m)}))
+            payload = (cfg, sorted({p["subject"] for p in verify(out, m, group)}))
         except ValueError as exc:
             err = str(exc)
     err, payload = comm.bcast((err, payload), root=0)
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.action == "verify":
         m = load_manifest(args.out)
-        problems = verify(args.out, m)
+        problems = verify(args.out, m, args.group)
         if args.json:
             print(json.dumps(problems, indent=1))
         for p in problems:
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                       f"({len({p['subject'] for p in problems})} subjects)", highlight=False)
         return 1 if problems else 0
     comm = mpi.world()
-    summary = regenerate(args.out, comm, progress=not args.no_progress)
+    summary = regenerate(args.out, comm, progress=not args.no_progress, group=args.group)
     if comm.rank == 0:
         console.print(f"shards regenerate: redid {len(summary['redone'])} subjects {summary['redone']}",
                       highlight=False)

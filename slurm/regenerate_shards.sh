@@ -9,7 +9,6 @@
 #
 #   UDEAN_DATA=... sbatch --array=0-3%1 slurm/regenerate_shards.sh
 #
-# (the array form needs `udean shards regenerate --group`; without it the job says so and stops).
 # Exit 0 when every shard verifies at the end. Site variables: slurm/common.sh.
 #SBATCH --job-name=udean-regenerate
 #SBATCH --nodes=1
@@ -28,8 +27,6 @@ group_args=()
 if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     read -r -a groups <<< "${UDEAN_GROUPS:-source target val test}"
     group=${groups[$SLURM_ARRAY_TASK_ID]:?array index $SLURM_ARRAY_TASK_ID has no group in UDEAN_GROUPS}
-    grep -q -- '--group' <<< "$(udean shards regenerate --help)" || {
-        udean_log "this udean has no 'shards regenerate --group': submit without --array"; exit 2; }
     group_args=(--group "$group")
     udean_log "array task $SLURM_ARRAY_TASK_ID: group $group"
 fi

@@ -213,7 +213,13 @@ def test_verify_finds_and_regenerate_rebuilds(cohort, tmp_path):
     assert r.returncode == 1
     bad = json.loads(r.stdout)
     assert {Path(p["path"]).name for p in bad} == {flip.name, trunc.name, gone.name}
+    # one group at a time (the array form of slurm/regenerate_shards.sh): only that group's subject
+    r = udean(["shards", "verify", "out", "--json", "--group", "val"], tmp_path, check=False)
+    assert r.returncode == 1 and [Path(p["path"]).name for p in json.loads(r.stdout)] == [trunc.name]
+    r = udean(["shards", "regenerate", "out", "--no-progress", "--group", "val"], tmp_path)
+    assert "redid 1 subjects" in r.stderr
+    assert udean(["shards", "verify", "out", "--group", "val"], tmp_path).returncode == 0
     r = udean(["shards", "regenerate", "out", "--no-progress"], tmp_path, ranks=2)
-    assert "redid 3 subjects" in r.stderr
+    assert "redid 2 subjects" in r.stderr
     assert files(out) == clean
     assert udean(["shards", "verify", "out"], tmp_path).returncode == 0
