@@ -109,8 +109,11 @@ class Dist:
         self._torch_dist.gather_object(obj, out, dst=dst)
         return out
 
-    def deepspeed_args(self) -> argparse.Namespace:
-        """`args` for deepspeed.initialize so its set_device uses our GPU choice."""
+    def deepspeed_args(self) -> argparse.Namespace | None:
+        """`args` for deepspeed.initialize so its set_device uses our GPU choice; None on CPU,
+        where DeepSpeed would read device_rank -1 as "not distributed" (world size 1)."""
+        if self.device_rank < 0:
+            return None
         return argparse.Namespace(local_rank=self.local_rank, device_rank=self.device_rank)
 
     def shutdown(self) -> None:

@@ -114,8 +114,11 @@ class Engines:
 
 
 def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
-                  total_steps: int, device: torch.device) -> Engines:
-    """Wrap both networks in DeepSpeed engines with Adam and the cosine schedule."""
+                  total_steps: int, device: torch.device, ds_args=None) -> Engines:
+    """Wrap both networks in DeepSpeed engines with Adam and the cosine schedule.
+
+    `ds_args`: `Dist.deepspeed_args()`, so DeepSpeed's own set_device picks our GPU (it
+    otherwise uses LOCAL_RANK, wrong where each task sees one GPU)."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
@@ -126,7 +129,7 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
     for module in (generator, discriminators):
         module.to(device)
         engine, *_ = deepspeed.initialize(
-            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+            args=ds_args, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
             config=ds, lr_scheduler=_cosine_schedule(cfg.train, total_steps),
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)

@@ -88,7 +88,7 @@ def train(cfg: Config, dist, preempt) -> int:
 
     # model: the same initial weights on every rank (seeded; DeepSpeed also broadcasts rank 0's)
     gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
-    engines = build_engines(cfg, gen, discs, total_steps, dist.device)
+    engines = build_engines(cfg, gen, discs, total_steps, dist.device, dist.deepspeed_args())
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
