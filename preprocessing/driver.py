@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from hpc import mpi
+from hpc.atomic import file_mismatch
 from preprocessing.config import DataConfig
-from preprocessing.discover import Subject, plan
+from preprocessing.discover import plan
 from preprocessing.manifest import Manifest, load_manifest, manifest_path, write_manifest
-from preprocessing.shards import sha256_file
 from preprocessing.subject import process
 
 TAG_RESULT, TAG_TASK, TAG_FINAL = 11, 12, 13
@@ -60,13 +59,9 @@ def run(args: argparse.Namespace) -> int:
 def verify_rows(out: Path, rows: Iterable[dict[str, Any]]) -> str | None:
     """None when every shard row matches its file (size, sha256), else the first reason."""
     for r in rows:
-        p = out / r["path"]
-        if not p.is_file():
-            return f"{p}: missing"
-        if p.stat().st_size != r["bytes"]:
-            return f"{p}: {p.stat().st_size} bytes, manifest says {r['bytes']}"
-        if sha256_file(p) != r["sha256"]:
-            return f"{p}: sha256 differs from the manifest"
+        why = file_mismatch(out / r["path"], r["bytes"], r["sha256"])
+        if why:
+            return f"{out / r['path']}: {why}"
     return None
 
 

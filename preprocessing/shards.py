@@ -11,7 +11,6 @@ Byte-identical for identical content: fixed libver, no timestamps, deterministic
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -42,14 +41,6 @@ def encode(patches: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
     if dtype == "uint16":
         return np.rint(np.clip(patches, 0.0, 1.0) * 65535.0).astype(np.uint16), UINT16_SCALE
     return patches.astype(np.float16), 1.0
-
-
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_patches(path: str | os.PathLike, patches: np.ndarray, origins: np.ndarray, *, kind: str,

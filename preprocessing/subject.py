@@ -17,7 +17,8 @@ from scipy import ndimage
 from preprocessing import kspace, motion, nifti, patches
 from preprocessing.config import DataConfig
 from preprocessing.discover import Subject
-from preprocessing.shards import relpath, sha256_file, write_patches, write_volume
+from hpc.atomic import sha256_file
+from preprocessing.shards import relpath, write_patches, write_volume
 
 # independent random streams per subject
 STREAM_MOTION, STREAM_NOISE, STREAM_PATCHES = 1, 2, 3

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from hpc import mpi
+from hpc.atomic import file_mismatch
 from preprocessing.config import DataConfig
 from preprocessing.manifest import Manifest, load_manifest
-from preprocessing.shards import check_file, sha256_file
+from preprocessing.shards import check_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,13 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_shard(out: Path, row: dict[str, Any]) -> str | None:
     """None if the shard file matches its manifest row, else what is wrong."""
     p = out / row["path"]
-    if not p.is_file():
-        return "missing"
-    size = p.stat().st_size
-    if size != row["bytes"]:
-        return f"{size} bytes, manifest says {row['bytes']}"
-    if sha256_file(p) != row["sha256"]:
-        return "sha256 differs from the manifest"
+    why = file_mismatch(p, row["bytes"], row["sha256"])
+    if why:
+        return f"{why} (manifest row)"
     try:
         check_file(p, row["kind"], None if row["kind"] == "volume" else row["patches"])
     except ValueError as exc:

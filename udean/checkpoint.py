@@ -21,7 +21,6 @@ previous checkpoint together, with a warning naming what was wrong.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hpc.atomic import atomic_path, atomic_write_text
+from hpc.atomic import atomic_path, atomic_write_text, file_mismatch, sha256_file
 
 TAG = "ds"  # DeepSpeed's tag inside G/ and D/
 NAME = re.compile(r"^step_(\d{8,})$")
@@ -53,16 +52,8 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _inventory(folder: Path) -> dict[str, dict[str, Any]]:
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "files.json"}
 
 
@@ -73,13 +64,9 @@ def verify(folder: Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"files.json unreadable ({exc})"
     for rel, want in listed.items():
-        p = folder / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != want["bytes"]:
-            return f"{rel} has {p.stat().st_size} bytes, expected {want['bytes']}"
-        if _sha256(p) != want["sha256"]:
-            return f"{rel} does not match its sha256"
+        why = file_mismatch(folder / rel, want["bytes"], want["sha256"])
+        if why:
+            return f"{rel}: {why}"
     return None
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from preprocessing.config import DataConfig, SplitConfig
-from preprocessing.discover import HCP_T1W, HCP_T1W_ACPC, discover, plan, split
+from preprocessing.discover import HCP_T1W, HCP_T1W_ACPC, discover, plan
 
 
 def make_hcp(root: Path, ids, template=HCP_T1W):

@@ -5,7 +5,8 @@ import pytest
 
 from preprocessing import patches
 from preprocessing.config import PatchConfig, StorageConfig
-from preprocessing.shards import patch_count, read_patches, sha256_file, write_patches
+from hpc.atomic import sha256_file
+from preprocessing.shards import patch_count, read_patches, write_patches
 
 
 def test_lattice_and_alignment():

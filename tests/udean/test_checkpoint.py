@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.udean.test_data import tiny_data  # noqa: F401 (fixture)
 from tests.udean.test_train import rows, run_cmd, train_cmd
 from udean import checkpoint
 from udean.checkpoint import checkpoint_dir, list_checkpoints, verify

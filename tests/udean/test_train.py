@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.udean.test_data import build_tiny_data, tiny_data, write_tiny_shards  # noqa: F401 (fixture)
+from tests.udean.conftest import write_tiny_shards
 from udean.config import load
 from udean.engines import cosine_lr_factor, deepspeed_config
 

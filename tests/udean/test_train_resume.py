@@ -22,7 +22,6 @@ import torch
 if __name__ == "__main__":  # run by torchrun as a script: make `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.udean.test_data import tiny_data  # noqa: F401 (fixture)
 from tests.udean.test_train import BIN, rows, run_cmd, train_cmd
 
 N_EPOCHS, SPE = 2, 4  # 8 steps; k in 1..7 covers mid-epoch and the epoch boundary
