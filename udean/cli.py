@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "shards": ("preprocessing.verify", "verify shards against the manifest, or regenerate missing/corrupt ones", False),
     "model-info": ("udean.model_info", "parameters and FLOPs per model component", True),
     "train": ("udean.train", "train UDEAN with DeepSpeed on preprocessed shards (resumes automatically)", True),
+    "infer": ("udean.infer", "LR NIfTI -> x2 SR NIfTI by a blended sliding window (voxel size halved, same world position)", False),
+    "evaluate": ("udean.evaluate", "SR vs HR on the test volumes: PSNR/SSIM tables (tricubic baseline first) and figures", True),
+    "demo": ("udean.demo", "end to end on CPU in minutes: cohort -> MPI preprocess -> DeepSpeed train -> evaluate", True),
 }
 
 EPILOG = """config overrides: append key.sub=value after the options, e.g.

@@ -1,0 +1,233 @@
+"""Sliding-window inference: known operators, coverage, geometry (nibabel), bad inputs."""
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from udean import infer
+
+
+def nearest_x2(x: torch.Tensor) -> torch.Tensor:
+    """Exact x2 nearest upsampling along every axis: (B, S, h, w) -> (B, 2S, 2h, 2w)."""
+    return x.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+
+def whole_volume_nearest(lr: np.ndarray) -> np.ndarray:
+    return lr.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+
+
+@pytest.mark.parametrize("shape,slab,patch,overlap,slab_overlap", [
+    ((7, 19, 23), 3, (8, 8), 0.25, 1),   # odd sizes: last tile shifted inward on every axis
+    ((3, 8, 8), 3, (8, 8), 0.5, 2),      # exactly one patch
+    ((10, 33, 17), 1, (16, 5), 0.0, 0),  # no overlap, single-slice slabs
+    ((9, 20, 20), 3, (7, 9), 0.6, 1),
+])
+def test_tiling_reproduces_whole_volume_operator(shape, slab, patch, overlap, slab_overlap):
+    rng = np.random.default_rng(0)
+    lr = rng.random(shape, dtype=np.float32)
+    calls = []
+
+    def model(x):
+        calls.append(x.shape[0])
+        return nearest_x2(x)
+
+    sr = infer.sliding_window(lr, model, slab=slab, patch=patch, overlap=overlap,
+                              slab_overlap=slab_overlap, batch_size=5)
+    assert sr.shape == tuple(2 * n for n in shape) and sr.dtype == np.float32
+    np.testing.assert_allclose(sr, whole_volume_nearest(lr), rtol=0, atol=1e-6)  # no seams anywhere
+    assert sum(calls) == infer.tile_count(shape, slab, patch, overlap, slab_overlap)
+    assert max(calls) <= 5
+
+
+def test_every_voxel_written_and_weights_normalised():
+    # a model that outputs ones: the blended result must be exactly one everywhere
+    # (a voxel no tile covers would be 0/0; a wrong normalisation would show as != 1)
+    lr = np.zeros((8, 21, 30), np.float32)
+    sr = infer.sliding_window(lr, lambda x: torch.ones(x.shape[0], 2 * x.shape[1], 2 * x.shape[2], 2 * x.shape[3]),
+                              slab=3, patch=(10, 10), overlap=0.3, slab_overlap=1)
+    np.testing.assert_allclose(sr, 1.0, atol=1e-6)
+
+
+def test_blending_is_smooth_across_tile_borders():
+    # a model whose output depends on the tile (an offset per call): the blend must be a
+    # weighted average, never a hard switch between neighbouring tiles
+    lr = np.zeros((3, 8, 40), np.float32)
+    offsets = iter(range(100))
+
+    def model(x):
+        return torch.stack([torch.full((6, 16, 16), float(next(offsets))) for _ in range(x.shape[0])])
+
+    sr = infer.sliding_window(lr, model, slab=3, patch=(8, 8), overlap=0.5, slab_overlap=0, batch_size=1)
+    profile = sr[0, 0]
+    assert np.abs(np.diff(profile)).max() < 0.5  # tile values step by 1; blended steps are smaller
+
+
+def test_tile_starts_cover_and_stay_inside():
+    for n in range(4, 40):
+        for size in range(1, n + 1):
+            for stride in sorted({1, min(2, size), size}):  # stride <= size: overlap >= 0
+                s = infer.tile_starts(n, size, stride)
+                covered = np.zeros(n, bool)
+                for a in s:
+                    assert 0 <= a and a + size <= n
+                    covered[a:a + size] = True
+                assert covered.all()
+
+
+@pytest.mark.parametrize("shape,msg", [((2, 16, 16), "smaller than one patch"), ((3, 16, 7), "axis 2: 7 < 8"),
+                                       ((3, 16), "3D")])
+def test_volume_too_small_or_not_3d(shape, msg):
+    with pytest.raises(ValueError, match=msg):
+        infer.sliding_window(np.zeros(shape, np.float32), nearest_x2, slab=3, patch=(8, 8))
+
+
+def test_nan_volume_rejected():
+    lr = np.zeros((3, 8, 8), np.float32)
+    lr[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        infer.sliding_window(lr, nearest_x2, slab=3, patch=(8, 8))
+
+
+def test_model_with_wrong_output_shape_rejected():
+    with pytest.raises(ValueError, match="expected"):
+        infer.sliding_window(np.zeros((3, 8, 8), np.float32), lambda x: x, slab=3, patch=(8, 8))
+
+
+# --------------------------------------------------------------------------- geometry
+def test_sr_affine_inverts_the_degradation_geometry():
+    # preprocessing/kspace.py: lr_affine = hr_affine @ diag(2, 2, 2, 1)
+    rng = np.random.default_rng(1)
+    hr_affine = np.eye(4)
+    hr_affine[:3, :3] = rng.normal(size=(3, 3)) * 0.7
+    hr_affine[:3, 3] = rng.normal(size=3) * 50
+    lr_affine = hr_affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    np.testing.assert_allclose(infer.sr_affine(lr_affine), hr_affine, atol=1e-12)
+
+
+def _lr_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(data.astype(np.float32), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    return img
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LPS", "PIR", "SLA"])
+def test_written_sr_overlays_the_input_in_world_space(tmp_path, axcodes):
+    """The SR volume written from an LR NIfTI in any orientation keeps the input's voxel order,
+    halves the voxel size, and puts SR voxel i (canonical order, where the network ran) at the
+    world position of canonical LR continuous index i / 2."""
+    rng = np.random.default_rng(2)
+    shape = (6, 10, 12)
+    # an oblique LR affine, voxel 1.4 mm, stored in the orientation `axcodes`
+    ras = np.diag([1.4, 1.4, 1.4, 1.0])
+    ras[:3, 3] = [-20.0, 35.0, 7.5]
+    ras[:3, :3] = nib.eulerangles.euler2mat(0.05, -0.03, 0.02) @ ras[:3, :3]
+    canon = rng.random(shape).astype(np.float32)
+    to_axcodes = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                                 nib.orientations.axcodes2ornt(axcodes))
+    data = nib.orientations.apply_orientation(canon, to_axcodes)
+    affine = ras @ nib.orientations.inv_ornt_aff(to_axcodes, shape)
+    src = tmp_path / f"lr_{axcodes}.nii.gz"
+    nib.save(_lr_image(data, affine), src)
+
+    lr, canon_affine, original = infer.read_lr_nifti(src)
+    np.testing.assert_allclose(canon_affine, ras, atol=1e-5)
+    np.testing.assert_allclose(lr, (canon - canon.min()) / np.ptp(canon), atol=1e-6)  # [0, 1] scaling
+    sr = lr.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    out = tmp_path / "sr.nii.gz"
+    infer.write_sr_nifti(sr, canon_affine, original, out)
+
+    img = nib.load(out)  # nibabel reads it back
+    assert nib.aff2axcodes(img.affine) == tuple(axcodes)  # the input's voxel order
+    assert img.shape == tuple(2 * n for n in data.shape)
+    assert img.get_data_dtype() == np.float32
+    np.testing.assert_allclose(img.header.get_zooms(), [0.7, 0.7, 0.7], atol=1e-5)
+    assert int(img.header["qform_code"]) > 0 and int(img.header["sform_code"]) > 0
+    np.testing.assert_allclose(img.header.get_qform(), img.affine, atol=1e-4)
+    np.testing.assert_allclose(img.header.get_sform(), img.affine, atol=1e-6)
+    # world position of every SR voxel centre, looked up through the written file
+    canon_out = nib.as_closest_canonical(img)
+    np.testing.assert_allclose(canon_out.get_fdata(), sr, atol=1e-6)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in sr.shape], indexing="ij"), -1).reshape(-1, 3)
+    world_sr = nib.affines.apply_affine(canon_out.affine, idx)
+    world_lr = nib.affines.apply_affine(ras, idx / 2.0)
+    np.testing.assert_allclose(world_sr, world_lr, atol=1e-4)
+
+
+
+# --------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_give_one_clear_error(tmp_path):
+    not_nifti = tmp_path / "notes.nii.gz"
+    not_nifti.write_bytes(gzip.compress(b"hello, not an image" * 40))
+    with pytest.raises(ValueError, match="not a NIfTI"):
+        infer.read_lr_nifti(not_nifti)
+
+    four_d = tmp_path / "4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), four_d)
+    with pytest.raises(ValueError, match="3D"):
+        infer.read_lr_nifti(four_d)
+
+    nan = tmp_path / "nan.nii.gz"
+    d = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    d[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(d, np.eye(4)), nan)
+    with pytest.raises(ValueError, match="NaN"):
+        infer.read_lr_nifti(nan)
+
+    with pytest.raises(FileNotFoundError):
+        infer.read_lr_nifti(tmp_path / "missing.nii.gz")
+
+
+# --------------------------------------------------------------------------- the CLI
+def _checkpoint(run_dir):
+    from udean.checkpoint import save_best
+    from udean.config import load, save
+    from udean.models.udean import build, inference_state_dict
+
+    cfg = load("tiny")
+    torch.manual_seed(0)
+    gen, _ = build(cfg.model, cfg.data.patches.slab)
+    save_best(run_dir, inference_state_dict(gen), {"psnr": 0.0})
+    save(cfg, run_dir / "best" / "config.yaml")  # where udean.train puts the config of best/
+    return gen.eval(), cfg
+
+
+def test_infer_cli_matches_the_network_and_writes_the_sr_geometry(tmp_path):
+    from udean.cli import main
+
+    gen, cfg = _checkpoint(tmp_path / "run")
+    rng = np.random.default_rng(3)
+    lr = rng.random((5, 20, 18)).astype(np.float32)
+    aff = np.diag([1.4, 1.4, 1.4, 1.0])
+    aff[:3, 3] = [-10, 20, -30]
+    nib.save(_lr_image(lr, aff), tmp_path / "lr.nii.gz")
+    rc = main(["infer", "--checkpoint", str(tmp_path / "run"), str(tmp_path / "lr.nii.gz"), str(tmp_path / "sr.nii.gz"),
+               "--device", "cpu", "--batch-size", "3"])
+    assert rc == 0
+    img = nib.load(tmp_path / "sr.nii.gz")
+    assert img.shape == (10, 40, 36)
+    np.testing.assert_allclose(img.affine, infer.sr_affine(aff), atol=1e-5)
+    p = cfg.data.patches
+    want = infer.sliding_window((lr - lr.min()) / np.ptp(lr), gen.sr, slab=p.slab, patch=tuple(p.lr_size))
+    np.testing.assert_allclose(img.get_fdata(), np.clip(want, 0, 1), atol=1e-5)  # clipped to the data range
+
+
+def test_infer_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    from udean.cli import main
+
+    _checkpoint(tmp_path / "run")
+    nib.save(_lr_image(np.ones((3, 8, 8), np.float32) * np.arange(8), np.eye(4)), tmp_path / "small.nii.gz")
+    rc = main(["infer", "--checkpoint", str(tmp_path / "run"), str(tmp_path / "small.nii.gz"), str(tmp_path / "sr.nii.gz"),
+               "--device", "cpu"])
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert rc == 2 and "smaller than one patch" in err and "Traceback" not in err
+    assert not (tmp_path / "sr.nii.gz").exists()
+    (tmp_path / "text.nii.gz").write_text("not an image")
+    rc = main(["infer", "--checkpoint", str(tmp_path / "run"), str(tmp_path / "text.nii.gz"), str(tmp_path / "sr.nii.gz")])
+    assert rc == 2 and "not a gzip" in " ".join(capsys.readouterr().err.split())
+    rc = main(["infer", "--checkpoint", str(tmp_path / "nothing"), str(tmp_path / "small.nii.gz"), str(tmp_path / "sr.nii.gz")])
+    assert rc == 2 and "no inference checkpoint" in " ".join(capsys.readouterr().err.split())

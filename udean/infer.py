@@ -1,0 +1,326 @@
+"""Inference: a whole LR volume -> SR volume by a blended sliding window; `udean infer`.
+
+Paper, Fig. 1: at inference only the LR encoder and the SR decoder run ("SRNet"). The network
+sees thin slabs of S LR slices with an in-plane patch of p x p voxels and returns 2S HR slices of
+2p x 2p (x2 along every axis). A volume is covered by overlapping tiles:
+
+- along the slice axis (axis 0): slabs of S slices, stride S - slab_overlap;
+- in-plane: tiles of p voxels, stride round(p * (1 - overlap));
+- the last tile of every axis is shifted inward, so every voxel is covered and no tile pads.
+
+Each HR tile is weighted by a separable sine window (positive everywhere, largest at the centre,
+smallest where the network saw the least context) and the sum is divided by the summed weights.
+A model whose output does not depend on where the tile starts (e.g. exact x2 nearest upsampling)
+therefore gives the same result tiled as on the whole volume: no seams.
+
+Geometry: the degradation the network learned (preprocessing/kspace.py) is a DFT resampling:
+LR voxel j is the band-limited HR volume sampled at HR voxel 2j (`lr_affine = hr_affine @
+diag(2, 2, 2, 1)`). The network reproduces that geometry, so SR voxel i sits at LR continuous
+index i / 2 and the SR affine is `A_lr @ diag(.5, .5, .5, 1)`: half the voxel size, the same
+world position; on preprocessed data it equals the HR affine exactly (the SR volume overlays the
+HR scan in FSLeyes / ITK-SNAP). (The voxel-centre convention, HR i at LR (i - 0.5) / 2, would
+shift the SR volume by a quarter LR voxel against what the network outputs.)
+
+Intensities: the input is scaled to [0, 1] with preprocessing's own scaling (what the network
+was trained on); the SR volume is clipped to [0, 1] and written as float32.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+SCALE = 2  # x2 along every axis (paper: 2 x 2 x 2)
+
+Model = Callable[[torch.Tensor], torch.Tensor]  # (B, S, p, p) LR -> (B, 2S, 2p, 2p) HR
+
+
+# --------------------------------------------------------------------------- geometry
+def sr_affine(lr_affine: np.ndarray, scale: int = SCALE) -> np.ndarray:
+    """Affine of the x`scale` SR grid: voxel size / scale, same world position.
+
+    SR voxel i lies at LR continuous index i / scale, the inverse of preprocessing's
+    `lr_affine = hr_affine @ diag(scale, 1)` (module docstring).
+    """
+    m = np.diag([1.0 / scale] * 3 + [1.0])
+    return np.asarray(lr_affine, dtype=np.float64) @ m
+
+
+def tile_starts(n: int, size: int, stride: int) -> list[int]:
+    """Start indices of tiles of `size` covering [0, n); the last one is shifted inward.
+
+    >>> tile_starts(10, 4, 3)
+    [0, 3, 6]
+    >>> tile_starts(11, 4, 3)
+    [0, 3, 6, 7]
+    """
+    assert size <= n and stride >= 1
+    starts = list(range(0, n - size + 1, stride))
+    if starts[-1] + size < n:
+        starts.append(n - size)
+    return starts
+
+
+def blend_window(n: int) -> np.ndarray:
+    """1D blending weights of an HR tile of n voxels: sin(pi (i + 0.5) / n), > 0 everywhere."""
+    i = np.arange(n, dtype=np.float64)
+    return np.sin(np.pi * (i + 0.5) / n)
+
+
+# --------------------------------------------------------------------------- sliding window
+def check_lr_volume(lr: np.ndarray, slab: int, patch: tuple[int, int]) -> None:
+    """ValueError, naming the problem, if `lr` (D, H, W) cannot be tiled by (slab, *patch)."""
+    if lr.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got {lr.ndim}D with shape {tuple(lr.shape)}")
+    need = (slab, *patch)
+    small = [f"axis {a}: {n} < {k}" for a, (n, k) in enumerate(zip(lr.shape, need)) if n < k]
+    if small:
+        raise ValueError(
+            f"LR volume of shape {tuple(lr.shape)} (slice axis first) is smaller than one patch "
+            f"{need} ({'; '.join(small)})")
+    if not np.all(np.isfinite(lr)):
+        raise ValueError(f"LR volume has {int(np.size(lr) - np.isfinite(lr).sum())} non-finite voxels (NaN/Inf)")
+
+
+@torch.no_grad()
+def sliding_window(
+    lr: np.ndarray,
+    model: Model,
+    *,
+    slab: int,
+    patch: tuple[int, int],
+    overlap: float = 0.25,
+    slab_overlap: int = 1,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    scale: int = SCALE,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Super-resolve a whole LR volume by overlapping, blended tiles.
+
+    lr: (D, H, W) LR volume, slice axis first, intensities as the model was trained on.
+    model: (B, slab, ph, pw) -> (B, scale*slab, scale*ph, scale*pw); called in batches.
+    overlap: in-plane overlap as a fraction of the patch, in [0, 1).
+    slab_overlap: LR slices shared by consecutive slabs, in [0, slab).
+    progress: called as progress(done_tiles, total_tiles) after every batch.
+    Returns (scale*D, scale*H, scale*W) float32.
+    """
+    lr = np.asarray(lr)
+    patch = (int(patch[0]), int(patch[1]))
+    check_lr_volume(lr, slab, patch)
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if not 0 <= slab_overlap < slab:
+        raise ValueError(f"slab_overlap must be in [0, {slab}), got {slab_overlap}")
+    device = torch.device(device)
+    d, h, w = lr.shape
+    sizes = (slab, *patch)
+    starts = _grid(lr.shape, slab, patch, overlap, slab_overlap)
+    corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+
+    hr_sizes = tuple(scale * k for k in sizes)
+    win = [torch.as_tensor(blend_window(k), dtype=torch.float32, device=device) for k in hr_sizes]
+    weight = win[0][:, None, None] * win[1][None, :, None] * win[2][None, None, :]
+    out = torch.zeros((scale * d, scale * h, scale * w), dtype=torch.float32, device=device)
+    wsum = torch.zeros_like(out)
+    x = torch.as_tensor(np.ascontiguousarray(lr, dtype=np.float32), device=device)
+
+    for first in range(0, len(corners), batch_size):
+        batch = corners[first:first + batch_size]
+        tiles = torch.stack([x[a:a + slab, b:b + patch[0], c:c + patch[1]] for a, b, c in batch])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            y = model(tiles)
+        if tuple(y.shape) != (len(batch), *hr_sizes):
+            raise ValueError(f"model returned {tuple(y.shape)} for input {tuple(tiles.shape)}; "
+                             f"expected {(len(batch), *hr_sizes)} (x{scale} along every axis)")
+        y = y.float() * weight
+        for (a, b, c), t in zip(batch, y):
+            sl = (slice(scale * a, scale * a + hr_sizes[0]), slice(scale * b, scale * b + hr_sizes[1]),
+                  slice(scale * c, scale * c + hr_sizes[2]))
+            out[sl] += t
+            wsum[sl] += weight
+        if progress is not None:
+            progress(min(first + batch_size, len(corners)), len(corners))
+    assert bool((wsum > 0).all()), "sliding window left voxels uncovered"
+    return (out / wsum).cpu().numpy()
+
+
+def _grid(shape: tuple[int, ...], slab: int, patch: tuple[int, int], overlap: float, slab_overlap: int) -> list[list[int]]:
+    """Tile start indices per axis of an LR volume (D, H, W)."""
+    strides = (slab - slab_overlap, *(max(1, int(round(p * (1.0 - overlap)))) for p in patch))
+    return [tile_starts(n, k, st) for n, k, st in zip(shape, (slab, *patch), strides)]
+
+
+def tile_count(shape: tuple[int, int, int], slab: int, patch: tuple[int, int], overlap: float = 0.25,
+               slab_overlap: int = 1) -> int:
+    """How many tiles `sliding_window` runs for an LR volume of `shape` (for progress bars)."""
+    return math.prod(len(a) for a in _grid(shape, slab, tuple(patch), overlap, slab_overlap))
+
+
+# --------------------------------------------------------------------------- model + checkpoint
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu (said once, plainly: no silent fallback)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        from rich.console import Console
+
+        Console(stderr=True).print("[yellow]udean: no CUDA device; running on CPU[/]", highlight=False)
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device available")
+    return torch.device(name)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The inference weights named by `path`: a `.pt` file, a `best/` folder, or a training run
+    folder (its `best/generator.pt`, written by udean.checkpoint.save_best)."""
+    path = Path(path)
+    for cand in (path, path / "generator.pt", path / "best" / "generator.pt"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"{path}: no inference checkpoint (expected a .pt file, a best/ folder "
+                            "or a training run folder with best/generator.pt)")
+
+
+def checkpoint_config(weights: Path):
+    """The config the weights were trained with: `config` in best.json beside them, else the
+    run's saved config (config.yaml in the run folder)."""
+    import json
+
+    from udean.config import from_dict, load
+
+    info = weights.parent / "best.json"
+    if info.is_file():
+        d = json.loads(info.read_text())
+        if isinstance(d.get("config"), dict):
+            return from_dict(d["config"])
+    for folder in (weights.parent, weights.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return load(folder / "config.yaml")
+    raise FileNotFoundError(f"{weights}: no config beside it (best.json 'config' or config.yaml in "
+                            f"{weights.parent} or {weights.parent.parent})")
+
+
+def load_sr_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """Inference checkpoint -> (SRNet in eval mode on `device`, the Config it was trained with).
+    Weights are loaded with weights_only=True (no arbitrary unpickling)."""
+    from udean.models.udean import load_inference
+
+    weights = find_checkpoint(checkpoint)
+    cfg = checkpoint_config(weights)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    net = load_inference(state, cfg.model).to(device).eval()
+    return net, cfg
+
+
+# --------------------------------------------------------------------------- NIfTI in / out
+def read_lr_nifti(path: str | Path):
+    """LR NIfTI in any orientation -> (volume (X, Y, Z) canonical RAS+ float32 in [0, 1],
+    canonical affine, the original image (its header and orientation, for writing back)).
+
+    The loading, the checks (not NIfTI, not 3D, NaN/Inf, constant) and the [0, 1] scaling are
+    preprocessing's own (preprocessing.nifti.load), so inference sees what training saw; the
+    voxel-size check is off (an LR volume has twice the HR voxel size).
+    """
+    import nibabel as nib
+
+    from preprocessing import nifti
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    vol = nifti.load(path, voxel_size_mm=1.0, voxel_tolerance_mm=math.inf)
+    original = nib.load(str(path))  # lazy: header and affine only
+    return vol.data, vol.affine, original
+
+
+def write_sr_nifti(sr: np.ndarray, canonical_lr_affine: np.ndarray, original, path: str | Path) -> np.ndarray:
+    """Write the canonical SR volume (2X, 2Y, 2Z) back in the input's voxel order and
+    orientation, with the SR affine (voxel size halved, same world position) as qform and sform.
+    Returns the affine written. `.nii.gz` paths are gzipped."""
+    import gzip
+
+    import nibabel as nib
+
+    from hpc.atomic import atomic_write_bytes
+
+    img = nib.Nifti1Image(np.asarray(sr, dtype=np.float32), sr_affine(canonical_lr_affine))
+    # the canonical image came from as_closest_canonical; going back is canonical -> input ornt
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                           nib.orientations.io_orientation(original.affine))
+    img = img.as_reoriented(back)
+    src = original.header
+    out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    hdr = out.header
+    # codes: keep the input's (scanner / aligned ...), 1 (scanner) when it had none
+    hdr.set_qform(img.affine, code=int(src.get("qform_code", 0)) or 1)
+    hdr.set_sform(img.affine, code=int(src.get("sform_code", 0)) or 1)
+    hdr.set_xyzt_units("mm", "sec")
+    hdr["descrip"] = b"udean x2 super-resolution"
+    raw = out.to_bytes()
+    path = Path(path)
+    atomic_write_bytes(path, gzip.compress(raw, compresslevel=1) if path.name.endswith(".gz") else raw)
+    return img.affine
+
+
+def super_resolve(lr: np.ndarray, net: Model, patches, *, slice_axis: int | None = None, **window) -> np.ndarray:
+    """Canonical LR volume (X, Y, Z) -> SR (2X, 2Y, 2Z) in [0, 1]: moves `slice_axis` (default
+    `patches.slice_axis`) first, tiles with the training patch (`patches.slab`, `patches.lr_size`),
+    moves it back, clips to the [0, 1] range of the training data (as validation does).
+    `window`: keyword arguments of `sliding_window`."""
+    axis = patches.slice_axis if slice_axis is None else slice_axis
+    x = np.moveaxis(lr, axis, 0)
+    y = sliding_window(x, net, slab=patches.slab, patch=tuple(patches.lr_size), **window)
+    np.clip(y, 0.0, 1.0, out=y)
+    return np.ascontiguousarray(np.moveaxis(y, 0, axis))
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lr", metavar="LR.nii.gz", help="LR input volume (NIfTI, any orientation)")
+    p.add_argument("sr", metavar="SR.nii.gz", help="SR output volume (x2 per axis, float32 in [0, 1])")
+    p.add_argument("--checkpoint", required=True,
+                   help="inference checkpoint: a run's best/ folder, its file, or a training run folder")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
+    p.add_argument("--overlap", type=float, default=0.25, help="in-plane tile overlap, fraction of the patch")
+    p.add_argument("--slab-overlap", type=int, default=1, help="LR slices shared by consecutive slabs")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    console = Console()
+    t0 = time.perf_counter()
+    device = pick_device(args.device)
+    net, cfg = load_sr_model(args.checkpoint, device)
+    lr, affine, original = read_lr_nifti(args.lr)
+    patches = cfg.data.patches
+    shape = np.moveaxis(lr, patches.slice_axis, 0).shape
+    check_lr_volume(np.moveaxis(lr, patches.slice_axis, 0), patches.slab, tuple(patches.lr_size))
+    total = tile_count(shape, patches.slab, tuple(patches.lr_size), args.overlap, args.slab_overlap)
+    with Progress(TextColumn("[bold]infer[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tiles"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(Path(args.lr).name, total=total)
+        sr = super_resolve(lr, net, patches, overlap=args.overlap, slab_overlap=args.slab_overlap,
+                           batch_size=args.batch_size, device=device, amp=args.amp,
+                           progress=lambda done, _: bar.update(task, completed=done))
+    out_affine = write_sr_nifti(sr, affine, original, args.sr)
+    zooms = np.sqrt((out_affine[:3, :3] ** 2).sum(0))
+    console.print(f"udean infer: {args.lr} {tuple(lr.shape)} -> {args.sr} {tuple(sr.shape)} canonical, "
+                  f"voxel {tuple(round(float(z), 4) for z in zooms)} mm, {total} tiles on {device}, "
+                  f"{time.perf_counter() - t0:.1f} s", highlight=False)
+    return 0
