@@ -83,3 +83,31 @@ class Upsampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shuffle(self.conv(x))
+
+
+# --------------------------------------------------------------------------- fixed x2 resampling
+# Geometry of the data (preprocessing/kspace.py): LR voxel j sits at HR voxel 2j on every axis.
+def _interleave(even: torch.Tensor, odd: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = list(even.shape)
+    shape[axis] *= 2
+    return torch.stack((even, odd), dim=axis + 1).reshape(shape)
+
+
+def upsample2_linear(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, W) LR -> (B, 2S, 2H, 2W): separable linear interpolation on the last three axes
+    with HR 2j = LR j and HR 2j+1 = (LR j + LR j+1) / 2 (edge replicated)."""
+    for axis in (-3, -2, -1):
+        nxt = torch.cat((x.narrow(axis, 1, x.shape[axis] - 1), x.narrow(axis, x.shape[axis] - 1, 1)), dim=axis)
+        x = _interleave(x, 0.5 * (x + nxt), x.dim() + axis)
+    return x
+
+
+def downsample2_linear(y: torch.Tensor) -> torch.Tensor:
+    """(B, 2S, 2H, 2W) HR -> (B, S, H, W): [1/4, 1/2, 1/4] low-pass on the last three axes, then the
+    even samples (the adjoint of `upsample2_linear`'s filter; edge replicated)."""
+    for axis in (-3, -2, -1):
+        n = y.shape[axis]
+        prev = torch.cat((y.narrow(axis, 0, 1), y.narrow(axis, 0, n - 1)), dim=axis)
+        nxt = torch.cat((y.narrow(axis, 1, n - 1), y.narrow(axis, n - 1, 1)), dim=axis)
+        y = (0.25 * prev + 0.5 * y + 0.25 * nxt).narrow(axis, 0, n).unfold(y.dim() + axis, 1, 2).squeeze(-1)
+    return y

@@ -10,6 +10,13 @@ Training (Y_s: source HR (B, 2S, 2H, 2W); X_t: target LR (B, S, H, W)):
 Inference (yellow dotted): X_t --lr_encoder--> sr_decoder --> Y_t; only `SRNet` is needed, and
 `inference_state_dict` / `load_inference` carry just those weights.
 
+Image skip (`model.image_skip`, ours, not in the paper): every decoder learns a residual over a
+fixed x2 resampling of the image it stands for (`upsample2_linear` / `downsample2_linear`):
+X_{s~t} = lr_decoder(f_s) + down(Y_s), Y_{s~t~s} = sr_decoder(f_{s~t~s}) + up(X_{s~t}),
+Y^_s = sr_decoder(f_s) + up(down(Y_s)), X^_t = lr_decoder(f_t) + X_t, SR = sr_decoder(f) + up(X).
+Global residual learning (as in VDSR) starts the SR path at linear interpolation instead of zero;
+without it a CPU-sized run does not reach interpolation quality in its budget.
+
 Every module takes and returns images in the public layout (LR (B, S, H, W), HR (B, 2S, 2H, 2W))
 whatever the variant; features are (B, F, H, W) (thin slab) or (B, F, S, H, W) (3d).
 """
@@ -20,7 +27,7 @@ from torch import nn
 
 from udean.models.discriminators import VGGDiscriminator
 from udean.models.encoders import DownExtractor, LREncoder
-from udean.models.layers import VARIANT_DIMS, image_channels
+from udean.models.layers import VARIANT_DIMS, downsample2_linear, image_channels, upsample2_linear
 from udean.models.rcan import LRDecoder, SRDecoder
 
 INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
@@ -32,13 +39,15 @@ class SRNet(nn.Module):
     Paper: "SR reconstruction network" (Fig. 1, green): LR encoder + SR decoder.
     """
 
-    def __init__(self, lr_encoder: nn.Module, sr_decoder: nn.Module):
+    def __init__(self, lr_encoder: nn.Module, sr_decoder: nn.Module, image_skip: bool = False):
         super().__init__()
         self.lr_encoder = lr_encoder
         self.sr_decoder = sr_decoder
+        self.image_skip = image_skip
 
     def forward(self, x_lr: torch.Tensor) -> torch.Tensor:
-        return self.sr_decoder(self.lr_encoder(x_lr))
+        y = self.sr_decoder(self.lr_encoder(x_lr))
+        return y + upsample2_linear(x_lr) if self.image_skip else y
 
 
 class Generator(nn.Module):
@@ -49,10 +58,10 @@ class Generator(nn.Module):
     """
 
     def __init__(self, variant: str, slab: int, features: int, n_groups: int, n_rcab: int,
-                 reduction: int, encoder_layers: int):
+                 reduction: int, encoder_layers: int, image_skip: bool = False):
         super().__init__()
         dims = VARIANT_DIMS[variant]
-        self.variant, self.slab = variant, slab
+        self.variant, self.slab, self.image_skip = variant, slab, image_skip
         self.down_extractor = DownExtractor(dims, slab, features, encoder_layers)
         self.lr_decoder = LRDecoder(dims, slab, features, n_groups, n_rcab, reduction)
         self.lr_encoder = LREncoder(dims, slab, features, encoder_layers)
@@ -67,16 +76,24 @@ class Generator(nn.Module):
         """
         f_s = self.down_extractor(y_s)
         x_st = self.lr_decoder(f_s)
+        if self.image_skip:
+            down_s = downsample2_linear(y_s)
+            x_st = x_st + down_s
         f_sts = self.lr_encoder(x_st)
         y_sts = self.sr_decoder(f_sts)
         y_hat_s = self.sr_decoder(f_s)
         f_t = self.lr_encoder(x_t)
         x_hat_t = self.lr_decoder(f_t)
+        if self.image_skip:
+            y_sts = y_sts + upsample2_linear(x_st)
+            y_hat_s = y_hat_s + upsample2_linear(down_s)
+            x_hat_t = x_hat_t + x_t
         return dict(f_s=f_s, x_st=x_st, f_sts=f_sts, y_sts=y_sts, y_hat_s=y_hat_s, f_t=f_t, x_hat_t=x_hat_t)
 
     def sr(self, x_lr: torch.Tensor) -> torch.Tensor:
         """Inference path: LR (B, S, H, W) -> SR (B, 2S, 2H, 2W) through lr_encoder + sr_decoder."""
-        return self.sr_decoder(self.lr_encoder(x_lr))
+        y = self.sr_decoder(self.lr_encoder(x_lr))
+        return y + upsample2_linear(x_lr) if self.image_skip else y
 
 
 class Discriminators(nn.Module):
@@ -106,7 +123,8 @@ def build(model_cfg, slab: int = 3) -> tuple[Generator, Discriminators]:
     """`cfg.model` (ModelConfig) -> (Generator, Discriminators). `slab`: LR slices per patch,
     `cfg.data.patches.slab` (paper: 3); the 3d variant's weights do not depend on it."""
     m = model_cfg
-    gen = Generator(m.variant, slab, m.features, m.n_groups, m.n_rcab, m.reduction, m.encoder_layers)
+    gen = Generator(m.variant, slab, m.features, m.n_groups, m.n_rcab, m.reduction, m.encoder_layers,
+                    m.image_skip)
     discs = Discriminators(m.variant, slab, m.features, m.disc_features, m.disc_blocks, m.hr_discriminator)
     return gen, discs
 
@@ -129,6 +147,6 @@ def load_inference(state: dict[str, torch.Tensor], model_cfg) -> SRNet:
         raise ValueError(f"inference weights are not for model.variant={m.variant!r}")
     slab = state[key].shape[1] if dims == 2 else 1
     net = SRNet(LREncoder(dims, slab, m.features, m.encoder_layers),
-                SRDecoder(dims, slab, m.features, m.n_groups, m.n_rcab, m.reduction))
+                SRDecoder(dims, slab, m.features, m.n_groups, m.n_rcab, m.reduction), m.image_skip)
     net.load_state_dict(state, strict=True)
     return net
