@@ -68,7 +68,7 @@ def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist) -> d
     p = cfg.data.patches
     sums = np.zeros(3)
     for path in volumes[dist.rank::dist.world_size]:
-        lr, hr = load_pair(path, p.slice_axis)
+        lr, hr = load_pair(path)
         sr = sr_volume(gen.sr, lr, p.lr_size, batch=cfg.train.batch_size, slab=p.slab,
                        device=engines.g.device, dtype=engines.dtype)
         # an odd HR extent has no LR voxel for its last slice: compare the common grid

@@ -89,9 +89,14 @@ def test_sr_volume_of_an_exact_upsampler_is_the_upsampled_volume(shape):
     np.testing.assert_allclose(sr, want, atol=1e-6)
 
 
-def test_load_pair_puts_the_slice_axis_first(tiny_data):
+def test_load_pair_returns_the_stored_slices_first_arrays(tiny_data):
+    """Volume files already hold the slice axis first: load_pair must not move it again (with
+    data.patches.slice_axis != 0 that used to transpose the volume)."""
+    from preprocessing.shards import read_volume
+
     path = load_manifest(tiny_data).volume_paths("val")[0]
-    lr, hr = load_pair(path, slice_axis=0)
-    assert hr.shape == tuple(2 * s for s in lr.shape)
-    lr2, hr2 = load_pair(path, slice_axis=2)
-    assert lr2.shape == (lr.shape[2], lr.shape[0], lr.shape[1])
+    lr, hr = load_pair(path)
+    v = read_volume(path)
+    assert hr.shape == tuple(2 * s for s in lr.shape) and lr.dtype == hr.dtype == np.float32
+    np.testing.assert_array_equal(lr, v["lr"])
+    np.testing.assert_array_equal(hr, v["hr"])

@@ -16,12 +16,11 @@ from preprocessing.shards import read_volume
 from udean.infer import sliding_window
 
 
-def load_pair(path: str | os.PathLike, slice_axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """A val/test volume file -> (lr (D, H, W), hr (2D, 2H, 2W)) float32, slice axis first."""
+def load_pair(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A val/test volume file -> (lr (D, H, W), hr (2D, 2H, 2W)) float32. Volume files store the
+    slice axis first already (docs/data-format.md), so nothing is moved here."""
     v = read_volume(path)
-    lr = np.moveaxis(np.asarray(v["lr"], dtype=np.float32), slice_axis, 0)
-    hr = np.moveaxis(np.asarray(v["hr"], dtype=np.float32), slice_axis, 0)
-    return np.ascontiguousarray(lr), np.ascontiguousarray(hr)
+    return np.asarray(v["lr"], dtype=np.float32), np.asarray(v["hr"], dtype=np.float32)
 
 
 @torch.no_grad()
