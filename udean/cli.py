@@ -52,7 +52,7 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
     )
     if uses_config:
         p.add_argument("--config", default=None,
-                       help="YAML config (path, or a shipped name: paper, demo, tiny); default: paper values")
+                       help="YAML config (path, or a shipped name: paper, demo, tiny); default: paper values (demo for `udean demo`)")
     importlib.import_module(module).add_arguments(p)
     if uses_config:
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

@@ -143,29 +143,32 @@ def test_model_info_cli(tmp_path, repo):
 
 def test_fixed_x2_resampling_matches_the_data_geometry():
     """LR voxel j = HR voxel 2j: upsampling keeps LR samples on even HR voxels and reproduces a
-    linear ramp; downsampling keeps constants and inverts upsampling on even samples."""
-    from udean.models.layers import downsample2_linear, upsample2_linear
+    quadratic away from the edges; downsampling keeps constants and has the right grid."""
+    from udean.models.layers import downsample2_linear, upsample2_cubic
 
     x = torch.rand(2, 3, 5, 7)
-    y = upsample2_linear(x)
+    y = upsample2_cubic(x)
     assert y.shape == (2, 6, 10, 14) and torch.equal(y[:, ::2, ::2, ::2], x)
-    ramp = torch.arange(7.0).expand(2, 3, 5, 7)
-    assert torch.allclose(upsample2_linear(ramp)[..., :-2], torch.arange(12.0).expand(2, 6, 10, 12) / 2)
+    j = torch.arange(9.0, dtype=torch.float64)
+    quad = (j**2 - 3 * j).expand(2, 4, 5, 9)
+    i = torch.arange(18.0, dtype=torch.float64) / 2
+    want = (i**2 - 3 * i).expand(2, 8, 10, 18)
+    assert torch.allclose(upsample2_cubic(quad)[..., 2:-4], want[..., 2:-4])
     assert torch.allclose(downsample2_linear(torch.full((1, 6, 9, 14), 0.3)), torch.full((1, 3, 5, 7), 0.3))
     assert downsample2_linear(torch.rand(1, 7, 9, 11)).shape == (1, 4, 5, 6)
 
 
 @pytest.mark.parametrize("variant", ["thin_slab", "3d"])
 def test_image_skip_starts_the_sr_path_at_linear_interpolation(variant):
-    from udean.models.layers import upsample2_linear
+    from udean.models.layers import upsample2_cubic
 
     cfg = ModelConfig(**TINY, variant=variant, image_skip=True)
     gen, _ = build(cfg)
     for p in gen.sr_decoder.parameters():  # a decoder that outputs zero: SR is the fixed interpolation
         torch.nn.init.zeros_(p)
     x = torch.rand(1, 3, 8, 8)
-    assert torch.equal(gen.sr(x), upsample2_linear(x))
+    assert torch.equal(gen.sr(x), upsample2_cubic(x))
     out = gen(torch.rand(1, 6, 16, 16), x)
-    assert torch.equal(out["y_sts"], upsample2_linear(out["x_st"]))
+    assert torch.equal(out["y_sts"], upsample2_cubic(out["x_st"]))
     net = load_inference(inference_state_dict(gen), cfg)
     assert torch.equal(net(x), gen.sr(x))

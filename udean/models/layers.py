@@ -93,18 +93,25 @@ def _interleave(even: torch.Tensor, odd: torch.Tensor, axis: int) -> torch.Tenso
     return torch.stack((even, odd), dim=axis + 1).reshape(shape)
 
 
-def upsample2_linear(x: torch.Tensor) -> torch.Tensor:
-    """(B, S, H, W) LR -> (B, 2S, 2H, 2W): separable linear interpolation on the last three axes
-    with HR 2j = LR j and HR 2j+1 = (LR j + LR j+1) / 2 (edge replicated)."""
+def upsample2_cubic(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, W) LR -> (B, 2S, 2H, 2W): separable cubic convolution (Keys, a = -1/2) on the last
+    three axes with HR 2j = LR j and HR 2j+1 = (-x[j-1] + 9 x[j] + 9 x[j+1] - x[j+2]) / 16 (edges
+    replicated); exact for quadratics away from the edges, like tricubic interpolation."""
     for axis in (-3, -2, -1):
-        nxt = torch.cat((x.narrow(axis, 1, x.shape[axis] - 1), x.narrow(axis, x.shape[axis] - 1, 1)), dim=axis)
-        x = _interleave(x, 0.5 * (x + nxt), x.dim() + axis)
+        n = x.shape[axis]
+        idx = torch.arange(n, device=x.device)
+
+        def tap(shift: int) -> torch.Tensor:
+            return x.index_select(x.dim() + axis, (idx + shift).clamp(0, n - 1))
+
+        odd = (9.0 * (x + tap(1)) - tap(-1) - tap(2)) / 16.0
+        x = _interleave(x, odd, x.dim() + axis)
     return x
 
 
 def downsample2_linear(y: torch.Tensor) -> torch.Tensor:
     """(B, 2S, 2H, 2W) HR -> (B, S, H, W): [1/4, 1/2, 1/4] low-pass on the last three axes, then the
-    even samples (the adjoint of `upsample2_linear`'s filter; edge replicated)."""
+    even samples (HR 2j -> LR j; edges replicated)."""
     for axis in (-3, -2, -1):
         n = y.shape[axis]
         prev = torch.cat((y.narrow(axis, 0, 1), y.narrow(axis, 0, n - 1)), dim=axis)
