@@ -40,7 +40,7 @@ def sr_net(cfg, device: torch.device, bf16_weights: bool):
 
     torch.manual_seed(0)
     gen, _ = build(cfg.model, slab=cfg.data.patches.slab)
-    net = SRNet(gen.lr_encoder, gen.sr_decoder).to(device).eval()
+    net = SRNet(gen.lr_encoder, gen.sr_decoder, gen.image_skip).to(device).eval()
     if not bf16_weights:
         return net
     net = net.to(torch.bfloat16)

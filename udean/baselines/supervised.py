@@ -31,18 +31,12 @@ from udean.baselines.loop import Budget, adam, fit
 from udean.baselines.pairs import sampler
 from udean.losses import l1, ssim_loss
 from udean.metrics import ssim
-from udean.models.encoders import LREncoder
-from udean.models.layers import VARIANT_DIMS
-from udean.models.rcan import SRDecoder
-from udean.models.udean import SRNet
+from udean.models.udean import SRNet, build_sr
 
 
 def sr_network(model_cfg, slab: int) -> SRNet:
     """UDEAN's inference path, fresh: LR (B, S, H, W) -> SR (B, 2S, 2H, 2W)."""
-    m = model_cfg
-    dims = VARIANT_DIMS[m.variant]
-    return SRNet(LREncoder(dims, slab, m.features, m.encoder_layers),
-                 SRDecoder(dims, slab, m.features, m.n_groups, m.n_rcab, m.reduction))
+    return build_sr(model_cfg, slab)
 
 
 def sr_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, window: int = 7,

@@ -150,8 +150,15 @@ def load_inference(state: dict[str, torch.Tensor], model_cfg) -> SRNet:
         raise ValueError(f"not an inference state dict: missing {key!r}")
     if state[key].dim() != dims + 2:
         raise ValueError(f"inference weights are not for model.variant={m.variant!r}")
-    slab = state[key].shape[1] if dims == 2 else 1
-    net = SRNet(LREncoder(dims, slab, m.features, m.encoder_layers),
-                SRDecoder(dims, slab, m.features, m.n_groups, m.n_rcab, m.reduction), m.image_skip)
+    net = build_sr(m, slab=state[key].shape[1] if dims == 2 else 1)
     net.load_state_dict(state, strict=True)
     return net
+
+
+def build_sr(model_cfg, slab: int = 3) -> SRNet:
+    """A fresh SR reconstruction network (LR encoder + SR decoder, with the configured image skip),
+    the inference path on its own; baselines train it directly."""
+    m = model_cfg
+    dims = VARIANT_DIMS[m.variant]
+    return SRNet(LREncoder(dims, slab, m.features, m.encoder_layers),
+                 SRDecoder(dims, slab, m.features, m.n_groups, m.n_rcab, m.reduction), m.image_skip)

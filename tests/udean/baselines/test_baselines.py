@@ -74,7 +74,8 @@ def test_supervised_tsrcan_learns(cohort, cfg, budget):
     history = net.fit(x, y, budget)
     after = held_out_psnr(net, cohort)
     assert np.mean([h["loss"] for h in history[-10:]]) < np.mean([h["loss"] for h in history[:10]])
-    assert after > before + 3.0, (before, after)
+    # the SR path starts at cubic interpolation (model.image_skip): learning must beat that
+    assert after > before + 1.0, (before, after)
 
 
 @pytest.mark.parametrize("cls", [CycleGANSR, DASR], ids=["cyclegan", "dasr"])
@@ -103,7 +104,8 @@ def test_zssr_learns_from_the_test_volume_alone(cohort, cfg, budget):
     with torch.no_grad():
         before = float(psnr(init(torch.as_tensor(x)).clamp(0, 1), torch.as_tensor(y)))
         after = float(psnr(net(torch.as_tensor(x)).clamp(0, 1), torch.as_tensor(y)))
-    assert after > before + 3.0, (before, after)
+    # both start at cubic interpolation (model.image_skip): ZSSR's training must beat that
+    assert after > before + 1.0, (before, after)
     assert hr_s.shape == tuple(2 * n for n in lr_s.shape)
 
 
