@@ -83,7 +83,7 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg) 
     return total, t
 
 
-def _lsq_d(disc, real: torch.Tensor, fakes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def lsq_discriminator(disc, real: torch.Tensor, fakes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares D loss pieces: mean (D(real) - 1)^2 and the mean over fakes of mean D(fake)^2."""
     real_term = ((disc(real.detach()).float() - 1.0) ** 2).mean()
     fake_term = sum((disc(f.detach()).float() ** 2).mean() for f in fakes) / len(fakes)
@@ -106,7 +106,7 @@ def discriminator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, c
         pairs["d_hr"] = (discs.d_hr, y_s, [out["y_sts"], out["y_hat_s"]])
     t: dict[str, torch.Tensor] = {}
     for name, (disc, real, fakes) in pairs.items():
-        t[f"{name}.real"], t[f"{name}.fake"] = _lsq_d(disc, real, fakes)
+        t[f"{name}.real"], t[f"{name}.fake"] = lsq_discriminator(disc, real, fakes)
         t[name] = 0.5 * (t[f"{name}.real"] + t[f"{name}.fake"])
     total = sum(t[name] for name in pairs)
     t["total"] = total

@@ -39,7 +39,7 @@ from udean.baselines.loop import Budget, adam, fit
 from udean.baselines.pairs import sampler
 from udean.baselines.supervised import sr_loss, sr_network
 from udean.engines import frozen
-from udean.losses import _lsq_d, adversarial, l1
+from udean.losses import lsq_discriminator, adversarial, l1
 from udean.models.discriminators import VGGDiscriminator
 from udean.models.encoders import DownExtractor
 from udean.models.layers import VARIANT_DIMS, image_channels
@@ -68,7 +68,7 @@ def box_down(y: torch.Tensor) -> torch.Tensor:
 
 def d_step(disc: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Least-squares discriminator loss 0.5 * (mean (D(real) - 1)^2 + mean D(fake)^2), detached inputs."""
-    r, f = _lsq_d(disc, real, [fake])
+    r, f = lsq_discriminator(disc, real, [fake])
     return 0.5 * (r + f)
 
 
