@@ -104,21 +104,19 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def hash(self, section: str | None = None) -> str:
-        """sha256 of the canonical JSON of the whole config or one section."""
-        d = self.to_dict() if section is None else self.to_dict()[section]
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the whole config."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- loading
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _format_error(err: ValidationError, prefix: str = "") -> str:
+def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
-        key = prefix + key if key else prefix.rstrip(".") or "<root>"
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             parent = key.rsplit(".", 1)[0] if "." in key else ""

@@ -55,14 +55,18 @@ class Logs:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
 
+    def _record(self, kind: str, step: int, epoch: int, scalars: dict[str, float]) -> None:
+        """One JSONL row and the TensorBoard scalars `<kind>/<name>`."""
+        self._write({"kind": kind, "step": step, "epoch": epoch, **scalars})
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"{kind}/{k}", v, step)
+
     def train(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
         """A train row: `scalars` holds losses (g.total, d.total, ...), lr, patches_per_s."""
         if not self.enabled:
             return
-        self._write({"kind": "train", "step": step, "epoch": epoch, **scalars})
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(f"train/{k}", v, step)
+        self._record("train", step, epoch, scalars)
         info = (f"ep {epoch} G {scalars.get('g.total', float('nan')):.4f} "
                 f"D {scalars.get('d.total', float('nan')):.4f} {scalars.get('patches_per_s', 0):.1f} patch/s")
         self._progress.update(self._task, completed=step, info=info)
@@ -74,10 +78,7 @@ class Logs:
     def val(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._write({"kind": "val", "step": step, "epoch": epoch, **scalars})
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(f"val/{k}", v, step)
+        self._record("val", step, epoch, scalars)
         self.message(f"epoch {epoch} val: " + " ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
 
     def event(self, step: int, what: str, **fields: Any) -> None:
