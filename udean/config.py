@@ -39,7 +39,7 @@ class ModelConfig(Section):
     # Eq. 4 and 6 put an adversarial term on HR images without naming its discriminator:
     # `true` adds an HR discriminator (real: Y_s); `false` drops those beta terms.
     hr_discriminator: bool = True
-    # ours, not the paper's: decoders learn residuals over fixed x2 linear resampling (models/udean.py)
+    # ours, not the paper's: decoders learn residuals over fixed x2 Lanczos resampling (models/udean.py)
     image_skip: bool = True
 
 

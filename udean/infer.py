@@ -8,10 +8,14 @@ sees thin slabs of S LR slices with an in-plane patch of p x p voxels and return
 - in-plane: tiles of p voxels, stride round(p * (1 - overlap));
 - the last tile of every axis is shifted inward, so every voxel is covered and no tile pads.
 
-Each HR tile is weighted by a separable sine window (positive everywhere, largest at the centre,
-smallest where the network saw the least context) and the sum is divided by the summed weights.
-A model whose output does not depend on where the tile starts (e.g. exact x2 nearest upsampling)
-therefore gives the same result tiled as on the whole volume: no seams.
+Each HR tile is weighted by a separable sine window (largest at the centre, smallest where the
+network saw the least context) and the sum is divided by the summed weights. The last HR voxel of
+a tile on each axis lies beyond its last LR voxel (extrapolated); where the next tile covers it,
+its weight is 0 (`tile_windows`). Measured on a demo test volume with the bare Lanczos image skip
+as the model: whole volume 25.88 dB; tiled with the plain sine window 25.44 dB (the extrapolated
+last HR slice of every 3-slice slab); with `tile_windows` 25.53 dB; the rest is the thin slab's
+3-slice context along the slice axis (slab_overlap 2: 25.58 dB, 3x the tiles). A model whose output does not depend on where the tile starts (e.g. exact x2
+nearest upsampling) gives the same result tiled as on the whole volume: no seams.
 
 Geometry: the degradation the network learned (preprocessing/kspace.py) is a DFT resampling:
 LR voxel j is the band-limited HR volume sampled at HR voxel 2j (`lr_affine = hr_affine @
@@ -72,6 +76,17 @@ def blend_window(n: int) -> np.ndarray:
     return np.sin(np.pi * (i + 0.5) / n)
 
 
+def tile_windows(starts: list[int], size: int, scale: int = SCALE) -> list[np.ndarray]:
+    """1D HR weights of each tile of one axis: `blend_window`, except that the last HR voxel of a
+    tile (at LR index size - 1/2, beyond its last LR voxel: extrapolated) gets weight 0 wherever the
+    next tile covers it with context on both sides (HR overlap >= 2)."""
+    wins = [blend_window(scale * size) for _ in starts]
+    for k in range(len(starts) - 1):
+        if scale * (starts[k] + size - starts[k + 1]) >= 2:
+            wins[k][-1] = 0.0
+    return wins
+
+
 # --------------------------------------------------------------------------- sliding window
 def check_lr_volume(lr: np.ndarray, slab: int, patch: tuple[int, int]) -> None:
     """ValueError, naming the problem, if `lr` (D, H, W) cannot be tiled by (slab, *patch)."""
@@ -125,8 +140,8 @@ def sliding_window(
     corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
 
     hr_sizes = tuple(scale * k for k in sizes)
-    win = [torch.as_tensor(blend_window(k), dtype=torch.float32, device=device) for k in hr_sizes]
-    weight = win[0][:, None, None] * win[1][None, :, None] * win[2][None, None, :]
+    wins = [{a: torch.as_tensor(wn, dtype=torch.float32, device=device)
+             for a, wn in zip(st, tile_windows(st, k, scale))} for st, k in zip(starts, sizes)]
     out = torch.zeros((scale * d, scale * h, scale * w), dtype=torch.float32, device=device)
     wsum = torch.zeros_like(out)
     x = torch.as_tensor(np.ascontiguousarray(lr, dtype=np.float32), device=device)
@@ -139,11 +154,11 @@ def sliding_window(
         if tuple(y.shape) != (len(batch), *hr_sizes):
             raise ValueError(f"model returned {tuple(y.shape)} for input {tuple(tiles.shape)}; "
                              f"expected {(len(batch), *hr_sizes)} (x{scale} along every axis)")
-        y = y.float() * weight
-        for (a, b, c), t in zip(batch, y):
+        for (a, b, c), t in zip(batch, y.float()):
+            weight = wins[0][a][:, None, None] * wins[1][b][None, :, None] * wins[2][c][None, None, :]
             sl = (slice(scale * a, scale * a + hr_sizes[0]), slice(scale * b, scale * b + hr_sizes[1]),
                   slice(scale * c, scale * c + hr_sizes[2]))
-            out[sl] += t
+            out[sl] += t * weight
             wsum[sl] += weight
         if progress is not None:
             progress(min(first + batch_size, len(corners)), len(corners))

@@ -231,3 +231,23 @@ def test_infer_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert rc == 2 and "not a gzip" in " ".join(capsys.readouterr().err.split())
     rc = main(["infer", "--checkpoint", str(tmp_path / "nothing"), str(tmp_path / "small.nii.gz"), str(tmp_path / "sr.nii.gz")])
     assert rc == 2 and "no inference checkpoint" in " ".join(capsys.readouterr().err.split())
+
+
+def test_extrapolated_last_voxel_of_a_tile_never_reaches_the_output_inside_the_volume():
+    """The last HR voxel of a tile on each axis lies beyond the tile's last LR voxel; a model that
+    gets it wrong (here: 100 instead of the nearest value) must not leak into the blended volume
+    except on the volume's own last HR voxel of that axis, which no other tile covers."""
+    rng = np.random.default_rng(1)
+    lr = rng.random((7, 19, 23), dtype=np.float32)
+
+    def model(x):
+        y = nearest_x2(x).clone()
+        y[:, -1], y[:, :, -1], y[:, :, :, -1] = 100.0, 100.0, 100.0
+        return y
+
+    sr = infer.sliding_window(lr, model, slab=3, patch=(8, 8), overlap=0.25, slab_overlap=1)
+    want = whole_volume_nearest(lr)
+    np.testing.assert_allclose(sr[:-1, :-1, :-1], want[:-1, :-1, :-1], rtol=0, atol=1e-5)
+    assert np.all(sr[-1] > 99.0)  # the volume's last slice: only one tile sees it
+    wins = infer.tile_windows(infer.tile_starts(19, 8, 6), 8)
+    assert [w[-1] == 0 for w in wins] == [True, True, False] and all((w[:-1] > 0).all() for w in wins)

@@ -125,6 +125,10 @@ def test_g_step_reaches_every_generator_parameter_and_leaves_d_alone(variant):
     # reduction 1 and batch 4: with 4 squeezed channel-attention units and 2 samples, all of a
     # CA's ReLUs can be dead at init, a true zero gradient that says nothing about the wiring
     gen, discs = build(ModelConfig(**(TINY | {"reduction": 1}), variant=variant))
+    # the image skip starts the decoders' output convs at zero, which passes no gradient upstream
+    # until the first step moves them: test the wiring of a model past that step
+    for decoder in (gen.lr_decoder, gen.sr_decoder):
+        torch.nn.init.normal_(decoder.tail.weight, std=0.1)
     y_s, x_t = torch.rand(4, 6, 24, 24), torch.rand(4, 3, 12, 12)
     gen.zero_grad(set_to_none=True)
     discs.zero_grad(set_to_none=True)

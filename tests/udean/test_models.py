@@ -143,32 +143,44 @@ def test_model_info_cli(tmp_path, repo):
 
 def test_fixed_x2_resampling_matches_the_data_geometry():
     """LR voxel j = HR voxel 2j: upsampling keeps LR samples on even HR voxels and reproduces a
-    quadratic away from the edges; downsampling keeps constants and has the right grid."""
-    from udean.models.layers import downsample2_linear, upsample2_cubic
+    linear ramp away from the edges; downsampling keeps constants, samples the even voxels of a
+    ramp and has the right grid; a band-limited cosine survives down then up almost exactly."""
+    from udean.models.layers import LANCZOS_A, downsample2, upsample2
 
     x = torch.rand(2, 3, 5, 7)
-    y = upsample2_cubic(x)
+    y = upsample2(x)
     assert y.shape == (2, 6, 10, 14) and torch.equal(y[:, ::2, ::2, ::2], x)
-    j = torch.arange(9.0, dtype=torch.float64)
-    quad = (j**2 - 3 * j).expand(2, 4, 5, 9)
-    i = torch.arange(18.0, dtype=torch.float64) / 2
-    want = (i**2 - 3 * i).expand(2, 8, 10, 18)
-    assert torch.allclose(upsample2_cubic(quad)[..., 2:-4], want[..., 2:-4])
-    assert torch.allclose(downsample2_linear(torch.full((1, 6, 9, 14), 0.3)), torch.full((1, 3, 5, 7), 0.3))
-    assert downsample2_linear(torch.rand(1, 7, 9, 11)).shape == (1, 4, 5, 6)
+    a = LANCZOS_A
+    j = torch.arange(16.0, dtype=torch.float64)
+    i = torch.arange(32.0, dtype=torch.float64) / 2
+    ramp = upsample2((2 * j - 3).expand(1, 4, 5, 16))
+    assert torch.allclose(ramp[..., 2 * a:-2 * a], (2 * i - 3)[2 * a:-2 * a].expand(1, 8, 10, -1))
+    r = 2 * a
+    hr_ramp = downsample2((2 * i - 3).expand(1, 6, 8, 32))
+    assert torch.allclose(hr_ramp[..., r:-r], (2 * j - 3)[r:-r].expand(1, 3, 4, -1))
+    assert torch.allclose(downsample2(torch.full((1, 6, 9, 14), 0.3)), torch.full((1, 3, 5, 7), 0.3))
+    assert downsample2(torch.rand(1, 7, 9, 11)).shape == (1, 4, 5, 6)
+    n = torch.arange(64.0, dtype=torch.float64)
+    wave = torch.cos(2 * torch.pi * n / 16).expand(1, 4, 4, 64)  # well inside the LR band
+    back = upsample2(downsample2(wave))[..., 16:-16]
+    assert (back - wave[..., 16:-16]).abs().max() < 0.02
 
 
 @pytest.mark.parametrize("variant", ["thin_slab", "3d"])
-def test_image_skip_starts_the_sr_path_at_linear_interpolation(variant):
-    from udean.models.layers import upsample2_cubic
+def test_image_skip_starts_every_path_at_its_fixed_resampling(variant):
+    from udean.models.layers import downsample2, upsample2
+    from udean.models.udean import build_sr
 
     cfg = ModelConfig(**TINY, variant=variant, image_skip=True)
-    gen, _ = build(cfg)
-    for p in gen.sr_decoder.parameters():  # a decoder that outputs zero: SR is the fixed interpolation
-        torch.nn.init.zeros_(p)
-    x = torch.rand(1, 3, 8, 8)
-    assert torch.equal(gen.sr(x), upsample2_cubic(x))
-    out = gen(torch.rand(1, 6, 16, 16), x)
-    assert torch.equal(out["y_sts"], upsample2_cubic(out["x_st"]))
+    gen, _ = build(cfg)  # fresh: the decoders' output convs are zero, every path is its resampling
+    x, y = torch.rand(1, 3, 8, 8), torch.rand(1, 6, 16, 16)
+    assert torch.equal(gen.sr(x), upsample2(x))
+    assert torch.equal(build_sr(cfg)(x), upsample2(x))
+    out = gen(y, x)
+    assert torch.equal(out["x_st"], downsample2(y)) and torch.equal(out["x_hat_t"], x)
+    assert torch.equal(out["y_sts"], upsample2(out["x_st"]))
+    assert torch.equal(out["y_hat_s"], upsample2(downsample2(y)))
+    torch.nn.init.normal_(gen.sr_decoder.tail.weight)  # a trained decoder: inference must carry it
+    assert not torch.equal(gen.sr(x), upsample2(x))
     net = load_inference(inference_state_dict(gen), cfg)
     assert torch.equal(net(x), gen.sr(x))

