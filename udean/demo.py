@@ -37,11 +37,9 @@ QUICK = [
     "train.epochs=1", "train.steps_per_epoch=4", "train.batch_size=2", "train.checkpoint_every=4", "train.log_every=1",
 ]
 # The demo's schedule for 2 CPU cores (configs/demo.yaml, then these, then the user's overrides):
-# 1000 steps instead of 120, about 6 minutes of training. Measured on the 96x96x80 cohort (best
-# val PSNR, whole volume): 120 steps 12.9 dB, 400 steps 18.3 dB, 1000 steps 18.5 dB; tricubic
-# 25.6 dB. A wider, shallower model (features 32, 1x2 RCAB, 2-layer encoders) trains faster
-# supervised (24.8 dB in 300 steps) but unsupervised its SR path on real LR got worse
-# (10.9 dB at 400 steps), so demo.yaml's model stays.
+# 1000 steps instead of 120, about 4 minutes of training. Measured on the 96x96x80 cohort (whole
+# test volumes, 2026-11-25): UDEAN 25.35 dB / 0.827 (its best val checkpoint is step 300, no
+# better than its Lanczos start), tricubic 25.64 dB / 0.830; docs/quality.md says why.
 DEMO = ["train.epochs=10", "train.steps_per_epoch=100", "train.checkpoint_every=100"]
 QUICK_SHAPE = (64, 64, 48)
 DEMO_SHAPE = (96, 96, 80)
