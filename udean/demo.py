@@ -198,6 +198,10 @@ def _run(args: argparse.Namespace, console) -> int:
     summary.add_row("UDEAN - tricubic", f"{ours['psnr_mean'] - base['psnr_mean']:+.2f} dB PSNR, "
                     f"{ours['ssim_mean'] - base['ssim_mean']:+.4f} SSIM "
                     + ("[green](better on both)[/]" if better else "[yellow](not better on both)[/]"))
+    skip = next((m for m in doc["methods"] if m["method"] == evaluate.SKIP), None)
+    if skip is not None:  # what training added over the model's untrained start
+        summary.add_row("UDEAN - image skip alone", f"{ours['psnr_mean'] - skip['psnr_mean']:+.2f} dB PSNR, "
+                        f"{ours['ssim_mean'] - skip['ssim_mean']:+.4f} SSIM")
     summary.add_row("table", f"{eval_out / 'results.md'}\n{eval_out / 'results.json'}")
     summary.add_row("figure", "\n".join(str(p) for p in sorted(eval_out.glob("fig_*.png"))))
     summary.add_row("checkpoint", str(out / "run" / "best"))

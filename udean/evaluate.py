@@ -2,11 +2,13 @@
 
 For every paired volume of the group (default `test`, from the manifest):
     tricubic   cubic B-spline interpolation of LR onto the HR grid (Table II's first row)
+    skip       (models with `model.image_skip`) the untrained start: the fixed x2 resampling through
+               the same tiles, so the table shows what training added
     UDEAN      the trained SR network by the blended sliding window of `udean infer`
 scored against HR with the suite's one PSNR (data range 1) and SSIM (2D Gaussian window, per
 slice along the acquisition slice axis), from udean.metrics.
 
-Alignment: both methods put SR voxel i at LR continuous index i / 2, the geometry of the
+Alignment: all methods put SR voxel i at LR continuous index i / 2, the geometry of the
 k-space degradation (preprocessing/kspace.py; udean/infer.py docstring), so a method is never
 penalised for a sub-voxel shift.
 
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 TRICUBIC = "Tricubic interpolation"
+SKIP = "Image skip alone"  # the model's untrained start: its fixed x2 resampling, tiled the same way
 UDEAN = "UDEAN (ours)"
 
 
@@ -227,10 +230,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{data}: no {args.group} volumes in the manifest")
 
     window = dict(overlap=args.overlap, slab_overlap=args.slab_overlap, batch_size=args.batch_size, device=device)
-    methods = {
-        TRICUBIC: lambda v: tricubic(v["lr"], v["hr"].shape),
-        UDEAN: lambda v: super_resolve(v["lr"], net, patches, slice_axis=int(v["slice_axis"]), **window),
-    }
+    methods = {TRICUBIC: lambda v: tricubic(v["lr"], v["hr"].shape)}
+    if run_cfg.model.image_skip:  # what training added: the same tiles through the bare skip
+        from udean.models.layers import upsample2
+
+        methods[SKIP] = lambda v: super_resolve(v["lr"], upsample2, patches, slice_axis=int(v["slice_axis"]), **window)
+    methods[UDEAN] = lambda v: super_resolve(v["lr"], net, patches, slice_axis=int(v["slice_axis"]), **window)
     figures: list[Path] = []
 
     def on_volume(vol: dict, preds: dict, scores: dict) -> None:
@@ -242,8 +247,10 @@ def run(args: argparse.Namespace) -> int:
         if args.save_volumes:
             import nibabel as nib
 
-            for name, pred in preds.items():
-                tag = "tricubic" if name == TRICUBIC else "sr"
+            for name, tag in ((TRICUBIC, "tricubic"), (SKIP, "skip"), (UDEAN, "sr")):
+                if name not in preds:
+                    continue
+                pred = preds[name]
                 (out / "volumes").mkdir(parents=True, exist_ok=True)
                 nib.save(nib.Nifti1Image(pred.astype(np.float32), vol["hr_affine"]), out / "volumes" / f"{vol['subject']}_{tag}.nii.gz")
 

@@ -150,9 +150,11 @@ def test_evaluate_cli_writes_json_markdown_and_figure(tmp_path):
                "--out", str(tmp_path / "eval"), "--device", "cpu", "--save-volumes"])
     assert rc == 0
     doc = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert [m["method"] for m in doc["methods"]] == [evaluate.TRICUBIC, evaluate.UDEAN]
-    # an untrained network: any finite scores will do
+    assert [m["method"] for m in doc["methods"]] == [evaluate.TRICUBIC, evaluate.SKIP, evaluate.UDEAN]
     assert all(m["n"] == 2 and np.isfinite(m["psnr_mean"]) and -1 <= m["ssim_mean"] <= 1 for m in doc["methods"])
+    # an untrained network (zero-initialised residual) is exactly its image skip: same scores
+    skip, ours = doc["methods"][1], doc["methods"][2]
+    assert skip["subjects"] == ours["subjects"]
     assert (tmp_path / "eval" / "results.md").read_text().count("±") >= 4
     png = tmp_path / "eval" / "fig_s07.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -160,6 +162,7 @@ def test_evaluate_cli_writes_json_markdown_and_figure(tmp_path):
 
     sr = nib.load(tmp_path / "eval" / "volumes" / "s07_sr.nii.gz")
     assert sr.shape == (16, 40, 36)
+    np.testing.assert_array_equal(sr.get_fdata(), nib.load(tmp_path / "eval" / "volumes" / "s07_skip.nii.gz").get_fdata())
     np.testing.assert_allclose(sr.header.get_zooms(), [0.7] * 3, atol=1e-6)
 
 
