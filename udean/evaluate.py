@@ -35,6 +35,7 @@ import torch
 TRICUBIC = "Tricubic interpolation"
 SKIP = "Image skip alone"  # the model's untrained start: its fixed x2 resampling, tiled the same way
 UDEAN = "UDEAN (ours)"
+VOLUME_TAGS = {TRICUBIC: "tricubic", SKIP: "skip", UDEAN: "sr"}  # --save-volumes: <subject>_<tag>.nii.gz
 
 
 # --------------------------------------------------------------------------- baseline
@@ -230,12 +231,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{data}: no {args.group} volumes in the manifest")
 
     window = dict(overlap=args.overlap, slab_overlap=args.slab_overlap, batch_size=args.batch_size, device=device)
+
+    def tiled(model):
+        return lambda v: super_resolve(v["lr"], model, patches, slice_axis=int(v["slice_axis"]), **window)
+
     methods = {TRICUBIC: lambda v: tricubic(v["lr"], v["hr"].shape)}
     if run_cfg.model.image_skip:  # what training added: the same tiles through the bare skip
         from udean.models.layers import upsample2
 
-        methods[SKIP] = lambda v: super_resolve(v["lr"], upsample2, patches, slice_axis=int(v["slice_axis"]), **window)
-    methods[UDEAN] = lambda v: super_resolve(v["lr"], net, patches, slice_axis=int(v["slice_axis"]), **window)
+        methods[SKIP] = tiled(upsample2)
+    methods[UDEAN] = tiled(net)
     figures: list[Path] = []
 
     def on_volume(vol: dict, preds: dict, scores: dict) -> None:
@@ -247,10 +252,8 @@ def run(args: argparse.Namespace) -> int:
         if args.save_volumes:
             import nibabel as nib
 
-            for name, tag in ((TRICUBIC, "tricubic"), (SKIP, "skip"), (UDEAN, "sr")):
-                if name not in preds:
-                    continue
-                pred = preds[name]
+            for name, pred in preds.items():
+                tag = VOLUME_TAGS[name]
                 (out / "volumes").mkdir(parents=True, exist_ok=True)
                 nib.save(nib.Nifti1Image(pred.astype(np.float32), vol["hr_affine"]), out / "volumes" / f"{vol['subject']}_{tag}.nii.gz")
 

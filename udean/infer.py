@@ -14,8 +14,9 @@ a tile on each axis lies beyond its last LR voxel (extrapolated); where the next
 its weight is 0 (`tile_windows`). Measured on a demo test volume with the bare Lanczos image skip
 as the model: whole volume 25.88 dB; tiled with the plain sine window 25.44 dB (the extrapolated
 last HR slice of every 3-slice slab); with `tile_windows` 25.53 dB; the rest is the thin slab's
-3-slice context along the slice axis (slab_overlap 2: 25.58 dB, 3x the tiles). A model whose output does not depend on where the tile starts (e.g. exact x2
-nearest upsampling) gives the same result tiled as on the whole volume: no seams.
+3-slice context along the slice axis (slab_overlap 2: 25.58 dB, 3x the tiles). A model whose
+output does not depend on where the tile starts (e.g. exact x2 nearest upsampling) gives the
+same result tiled as on the whole volume: no seams.
 
 Geometry: the degradation the network learned (preprocessing/kspace.py) is a DFT resampling:
 LR voxel j is the band-limited HR volume sampled at HR voxel 2j (`lr_affine = hr_affine @

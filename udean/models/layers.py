@@ -106,6 +106,12 @@ def _lanczos(t: torch.Tensor) -> torch.Tensor:
     return w / w.sum()
 
 
+# computed once: taps of upsample2 (offsets of LR j-a+1 .. j+a from LR j + 1/2) and downsample2
+# (HR offsets -(2a-1) .. 2a-1, in LR units)
+_UP_KERNEL = _lanczos(torch.arange(LANCZOS_A - 0.5, -LANCZOS_A, -1.0, dtype=torch.float64))
+_DOWN_KERNEL = _lanczos(torch.arange(1 - 2 * LANCZOS_A, 2 * LANCZOS_A, dtype=torch.float64) / 2)
+
+
 def _filter_axis(x: torch.Tensor, dim: int, kernel: torch.Tensor, left: int, right: int, stride: int = 1):
     """1D correlation with `kernel` along `dim` (edges replicated `left` / `right` samples)."""
     moved = x.movedim(dim, -1)
@@ -118,9 +124,8 @@ def upsample2(x: torch.Tensor) -> torch.Tensor:
     """(B, S, H, W) LR -> (B, 2S, 2H, 2W) on the last three axes: HR 2j = LR j exactly, HR 2j+1 =
     Lanczos interpolation at LR j + 1/2 from LR j-a+1 .. j+a (edges replicated)."""
     a = LANCZOS_A
-    kernel = _lanczos(torch.arange(a - 0.5, -a, -1.0, dtype=torch.float64))  # offsets of LR j-a+1 .. j+a
     for dim in (x.dim() - 3, x.dim() - 2, x.dim() - 1):
-        x = _interleave(x, _filter_axis(x, dim, kernel, a - 1, a), dim)
+        x = _interleave(x, _filter_axis(x, dim, _UP_KERNEL, a - 1, a), dim)
     return x
 
 
@@ -129,7 +134,6 @@ def downsample2(y: torch.Tensor) -> torch.Tensor:
     band (2a - 1 taps each side), sampled at the even HR voxels (HR 2j -> LR j; edges replicated;
     an odd extent n gives ceil(n / 2))."""
     r = 2 * LANCZOS_A - 1
-    kernel = _lanczos(torch.arange(-r, r + 1, dtype=torch.float64) / 2)
     for dim in (y.dim() - 3, y.dim() - 2, y.dim() - 1):
-        y = _filter_axis(y, dim, kernel, r, r, stride=2)
+        y = _filter_axis(y, dim, _DOWN_KERNEL, r, r, stride=2)
     return y
