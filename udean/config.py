@@ -39,6 +39,8 @@ class ModelConfig(Section):
     # Eq. 4 and 6 put an adversarial term on HR images without naming its discriminator:
     # `true` adds an HR discriminator (real: Y_s); `false` drops those beta terms.
     hr_discriminator: bool = True
+    # ours: spectral normalization of every discriminator conv (Miyato et al. 2018)
+    spectral_norm: bool = False
     # ours, not the paper's: decoders learn residuals over fixed x2 Lanczos resampling (models/udean.py)
     image_skip: bool = True
 
@@ -52,6 +54,13 @@ class LossConfig(Section):
     # Eq. 3 as written: mean |D(x) - 1|; "lsq": mean (D(x) - 1)^2 as the text says
     adversarial: Literal["abs", "lsq"] = "abs"
     ssim_window: int = Field(7, ge=3)  # 2D window, SSIM per slice (thin slabs hold 3 / 6 slices)
+    # ours, not the paper's: Eq. 5 with a stop-gradient on its target f_s, so only f_{s~t~s} moves
+    # toward f_s (two feature branches pulled together collapse otherwise, as in SimSiam)
+    f_cyc_stop_gradient: bool = False
+    # ours, not the paper's: the adaptation weights (lambdas da, fa) are 0 until `adapt_start` of
+    # the training steps, then rise linearly to their values over `adapt_ramp` (fractions of the run)
+    adapt_start: float = Field(0.0, ge=0.0, lt=1.0)
+    adapt_ramp: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
@@ -79,6 +88,8 @@ class TrainConfig(Section):
     keep_last: int = Field(3, ge=1)
     max_nonfinite: int = Field(10, ge=1)  # consecutive skipped steps before stopping
     seed: int = 0
+    # ours, not the paper's: a random in-plane flip / rotation (8 choices) of every patch
+    augment: bool = False
     num_workers: int = Field(4, ge=0)
     log_every: int = Field(10, ge=1)
     val_every: int = Field(1, ge=0)  # epochs; 0: no validation

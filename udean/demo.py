@@ -37,9 +37,9 @@ QUICK = [
     "train.epochs=1", "train.steps_per_epoch=4", "train.batch_size=2", "train.checkpoint_every=4", "train.log_every=1",
 ]
 # The demo's schedule for 2 CPU cores (configs/demo.yaml, then these, then the user's overrides):
-# 1000 steps instead of 120, about 4 minutes of training. Measured on the 96x96x80 cohort (whole
-# test volumes, 2026-11-25): UDEAN 25.35 dB / 0.827 (its best val checkpoint is step 300, no
-# better than its Lanczos start), tricubic 25.64 dB / 0.830; docs/quality.md says why.
+# 1000 steps instead of 120, under 5 minutes of training. Measured on the 96x96x80 cohort (whole
+# test volumes, 2026-11-25, `udean demo --fresh`): UDEAN 25.98 dB / 0.8332, tricubic 25.64 dB /
+# 0.8302; docs/quality.md has the runs that chose configs/demo.yaml's stabilisers.
 DEMO = ["train.epochs=10", "train.steps_per_epoch=100", "train.checkpoint_every=100"]
 QUICK_SHAPE = (64, 64, 48)
 DEMO_SHAPE = (96, 96, 80)
@@ -179,7 +179,7 @@ def _run(args: argparse.Namespace, console) -> int:
     eval_out = out / "eval"
     ns = argparse.Namespace(cfg=cfg, checkpoint=str(out / "run"), data=str(out / "data"), out=str(eval_out),
                             group="test", region="volume", limit=0, figures=1, save_volumes=False, device="auto",
-                            batch_size=8, overlap=0.25, slab_overlap=1)
+                            batch_size=8, overlap=0.25, slab_overlap=None)
     evaluate.run(ns)
     timings["evaluate"] = time.perf_counter() - t
     total = time.perf_counter() - t_all

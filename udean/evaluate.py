@@ -204,7 +204,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
     p.add_argument("--overlap", type=float, default=0.25, help="in-plane tile overlap, fraction of the patch")
-    p.add_argument("--slab-overlap", type=int, default=1, help="LR slices shared by consecutive slabs")
+    p.add_argument("--slab-overlap", type=int, default=None,
+                   help="LR slices shared by consecutive slabs (default: slab - 1, a slab centred on every slice)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -279,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"group": args.group, "region": args.region, "ssim_window": run_cfg.loss.ssim_window,
             "checkpoint": str(ckpt), "data": str(data), "device": str(device),
             "sliding_window": {"slab": patches.slab, "patch": list(patches.lr_size), "overlap": args.overlap,
-                               "slab_overlap": args.slab_overlap},
+                               "slab_overlap": patches.slab - 1 if args.slab_overlap is None else args.slab_overlap},
             "seconds": round(time.perf_counter() - t0, 2)}
     js, md = write_results(results, meta, out)
     console.print(rich_table(results, f"{args.group} set: SR vs HR ({args.region})"))

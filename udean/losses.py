@@ -18,6 +18,9 @@ Choices where the paper is open (also in LossConfig / ModelConfig):
   d_hr: Y_s real, Y_{s~t~s} and Y^_s fake.
 - Eq. 8 and 9 as written: the generator pushes both D outputs to 0.5 (D cannot tell the
   domains apart); the D(X_t) term carries no gradient to the generator but is kept in the value.
+  `adversarial: lsq` squares these too.
+- Ours, off by default (LossConfig): `f_cyc_stop_gradient` detaches Eq. 5's target f_s;
+  `adapt_start` / `adapt_ramp` scale lambda_da and lambda_fa by `adapt_scale` (a warm-up).
 """
 from __future__ import annotations
 
@@ -38,9 +41,10 @@ def ssim_loss(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor
     return ((1.0 - ssim(x, y, window=window, reduction="none")) ** 2).mean()
 
 
-def adversarial(score: torch.Tensor, mode: str = "abs") -> torch.Tensor:
-    """Eq. 3 on discriminator scores D(x) of any shape: "abs" mean |D - 1|, "lsq" mean (D - 1)^2."""
-    d = score.float() - 1.0
+def adversarial(score: torch.Tensor, mode: str = "abs", target: float = 1.0) -> torch.Tensor:
+    """Eq. 3 on discriminator scores D(x) of any shape: "abs" mean |D - target|, "lsq" mean
+    (D - target)^2; target 1 (Eq. 3) or 0.5 (Eq. 8, 9)."""
+    d = score.float() - target
     if mode == "abs":
         return d.abs().mean()
     if mode == "lsq":
@@ -48,9 +52,9 @@ def adversarial(score: torch.Tensor, mode: str = "abs") -> torch.Tensor:
     raise ValueError(f"adversarial mode must be 'abs' or 'lsq', got {mode!r}")
 
 
-def adaptation(score_a: torch.Tensor, score_b: torch.Tensor) -> torch.Tensor:
-    """Eq. 8 / 9: mean |D(a) - 0.5| + mean |D(b) - 0.5|."""
-    return (score_a.float() - 0.5).abs().mean() + (score_b.float() - 0.5).abs().mean()
+def adaptation(score_a: torch.Tensor, score_b: torch.Tensor, mode: str = "abs") -> torch.Tensor:
+    """Eq. 8 / 9: mean |D(a) - 0.5| + mean |D(b) - 0.5| ("lsq": squares instead of |.|)."""
+    return adversarial(score_a, mode, 0.5) + adversarial(score_b, mode, 0.5)
 
 
 def _image_term(pred: torch.Tensor, target: torch.Tensor, disc, cfg, parts: dict, name: str) -> torch.Tensor:
@@ -64,21 +68,31 @@ def _image_term(pred: torch.Tensor, target: torch.Tensor, disc, cfg, parts: dict
     return total
 
 
-def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg) -> tuple[torch.Tensor, dict]:
+def adapt_scale(cfg, progress: float) -> float:
+    """Factor on lambda_da and lambda_fa at `progress` (step / total steps) of the run:
+    0 before `cfg.adapt_start`, then a linear ramp over `cfg.adapt_ramp`, then 1."""
+    if progress < cfg.adapt_start:
+        return 0.0
+    return 1.0 if cfg.adapt_ramp == 0 else min(1.0, (progress - cfg.adapt_start) / cfg.adapt_ramp)
+
+
+def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
+                   adapt: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Eq. 10: Loss_G = sum_k lambda_k * L_k over (i_cyc, f_cyc, hr_con, lr_con, da, fa).
 
+    `adapt` multiplies lambda_da and lambda_fa (`adapt_scale`, the warm-up; 1: Eq. 10 as written).
     Returns (total, terms): terms holds the six L_k, their pieces ("i_cyc.l1", "i_cyc.ssim",
     "i_cyc.adv", ...) and "total", all scalar tensors (only `total` needs backward).
     Freeze the discriminators (requires_grad_(False)) around this in the G step.
     """
     t: dict[str, torch.Tensor] = {}
     t["i_cyc"] = _image_term(out["y_sts"], y_s, discs.d_hr, cfg, t, "i_cyc")  # Eq. 4
-    t["f_cyc"] = l1(out["f_sts"], out["f_s"])  # Eq. 5
+    t["f_cyc"] = l1(out["f_sts"], out["f_s"].detach() if cfg.f_cyc_stop_gradient else out["f_s"])  # Eq. 5
     t["hr_con"] = _image_term(out["y_hat_s"], y_s, discs.d_hr, cfg, t, "hr_con")  # Eq. 6
     t["lr_con"] = _image_term(out["x_hat_t"], x_t, discs.d_lr, cfg, t, "lr_con")  # Eq. 7
-    t["da"] = adaptation(discs.d_lr(out["x_st"]), discs.d_lr(x_t))  # Eq. 8
-    t["fa"] = adaptation(discs.d_feat(out["f_t"]), discs.d_feat(out["f_s"]))  # Eq. 9
-    total = sum(w * t[k] for w, k in zip(cfg.lambdas, TERMS))
+    t["da"] = adaptation(discs.d_lr(out["x_st"]), discs.d_lr(x_t), cfg.adversarial)  # Eq. 8
+    t["fa"] = adaptation(discs.d_feat(out["f_t"]), discs.d_feat(out["f_s"]), cfg.adversarial)  # Eq. 9
+    total = sum(w * (adapt if k in ("da", "fa") else 1.0) * t[k] for w, k in zip(cfg.lambdas, TERMS))
     t["total"] = total
     return total, t
 

@@ -35,14 +35,16 @@ class StepResult:
         return {k: float(v) for k, v in self.terms.items()}
 
 
-def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg, dist) -> StepResult:
-    """y_s (B, 2S, 2h, 2w) source HR, x_t (B, S, h, w) target LR, float32 on any device."""
+def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg, dist,
+               adapt: float = 1.0) -> StepResult:
+    """y_s (B, 2S, 2h, 2w) source HR, x_t (B, S, h, w) target LR, float32 on any device;
+    `adapt`: the adaptation weights' warm-up factor (`losses.adapt_scale`)."""
     g, d = engines.g, engines.d
     y_s = y_s.to(g.device, engines.dtype, non_blocking=True)
     x_t = x_t.to(g.device, engines.dtype, non_blocking=True)
     out = g(y_s, x_t)
     with frozen(d.module):
-        g_loss, g_terms = generator_loss(out, y_s, x_t, d.module, loss_cfg)
+        g_loss, g_terms = generator_loss(out, y_s, x_t, d.module, loss_cfg, adapt)
     d_loss, d_terms = discriminator_loss(out, y_s, x_t, d.module, loss_cfg)
     terms = {**{f"g.{k}": v.detach() for k, v in g_terms.items()},
              **{f"d.{k}": v.detach() for k, v in d_terms.items()}}

@@ -29,6 +29,7 @@ from udean.data.shards import PatchShards, UnpairedPatches
 from udean.engines import build_engines
 from udean.logs import Logs
 from udean.models.udean import build, inference_state_dict
+from udean.losses import adapt_scale
 from udean.steps import train_step, validate
 
 EXIT_NONFINITE = 3  # too many non-finite losses in a row
@@ -83,7 +84,7 @@ def train(cfg: Config, dist, preempt) -> int:
     steps_per_epoch = t.steps_per_epoch or UnpairedSampler.default_steps(len(target), t.batch_size, dist.world_size)
     total_steps = t.epochs * steps_per_epoch
     sampler = UnpairedSampler(len(source), len(target), t.batch_size, steps_per_epoch, t.seed,
-                              dist.rank, dist.world_size)
+                              dist.rank, dist.world_size, t.augment)
     dataset = UnpairedPatches(source, target)
 
     # model: the same initial weights on every rank (seeded; DeepSpeed also broadcasts rank 0's)
@@ -133,7 +134,7 @@ def train(cfg: Config, dist, preempt) -> int:
                     generator=torch.Generator().manual_seed(t.seed)))  # keep the global RNG untouched
             y_s, x_t = next(batches)
 
-            result = train_step(engines, y_s, x_t, cfg.loss, dist)
+            result = train_step(engines, y_s, x_t, cfg.loss, dist, adapt_scale(cfg.loss, step / total_steps))
             step += 1
 
             if result.skipped:

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from preprocessing.manifest import load_manifest
 from udean.data.sampler import UnpairedSampler, rank_indices
-from udean.data.shards import PatchShards, UnpairedPatches
+from udean.data.shards import PatchShards, UnpairedPatches, dihedral
 from udean.data.volumes import load_pair, sr_volume
 
 
@@ -48,6 +48,24 @@ def test_resume_mid_epoch_yields_the_remaining_pairs():
     t = UnpairedSampler(30, 30, 3, 6, seed=0, rank=1, world_size=2)
     t.load_state_dict(state)
     assert list(t) == full[12:] and len(t) == len(full) - 12
+
+
+def test_augmentation_draws_every_flip_reproducibly_and_is_off_by_default():
+    plain = UnpairedSampler(40, 40, 4, 25, seed=5).pairs(0)
+    assert plain.shape == (100, 4) and not plain[:, 2:].any()
+    aug = UnpairedSampler(40, 40, 4, 25, seed=5, augment=True).pairs(0)
+    np.testing.assert_array_equal(aug[:, :2], plain[:, :2])  # the same patches, only transformed
+    assert set(aug[:, 2].tolist()) == set(range(8)) and not np.array_equal(aug[:, 2], aug[:, 3])
+    np.testing.assert_array_equal(aug, UnpairedSampler(40, 40, 4, 25, seed=5, augment=True).pairs(0))
+
+
+def test_dihedral_gives_eight_distinct_in_plane_transforms():
+    t = torch.arange(2 * 4 * 4.0).view(2, 4, 4)
+    outs = [dihedral(t, k) for k in range(8)]
+    assert torch.equal(outs[0], t) and len({o.numpy().tobytes() for o in outs}) == 8
+    for o in outs:  # each slice is transformed alike: slice order and values are kept
+        assert torch.equal(o.sum(dim=(1, 2)), t.sum(dim=(1, 2)))
+    assert dihedral(torch.zeros(3, 4, 6), 4).shape == (3, 4, 6)  # no transpose of a non-square patch
 
 
 def test_too_few_target_patches_is_a_clear_error():

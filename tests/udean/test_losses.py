@@ -47,6 +47,8 @@ def test_adaptation_eq8():
     a, b = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 2, 2)
     expected = torch.mean(torch.abs(a - 0.5)) + torch.mean(torch.abs(b - 0.5))
     assert losses.adaptation(a, b).item() == pytest.approx(expected.item(), rel=1e-6)
+    squares = torch.mean((a - 0.5) ** 2) + torch.mean((b - 0.5) ** 2)
+    assert losses.adaptation(a, b, "lsq").item() == pytest.approx(squares.item(), rel=1e-6)
     assert losses.adaptation(torch.full((2,), 0.5), torch.full((2,), 0.5)).item() == 0.0
 
 
@@ -70,7 +72,7 @@ def test_generator_loss_is_eq10(setup, mode):
         def img(p, r, d):
             return (p - r).abs().mean() + 0.6 * ((1 - ssim(p, r, reduction="none")) ** 2).mean() + 0.05 * adv(d(p))
 
-        half = lambda s: (s - 0.5).abs().mean()  # noqa: E731
+        half = lambda s: ((s - 0.5).abs() if mode == "abs" else (s - 0.5) ** 2).mean()  # noqa: E731
         ref = {
             "i_cyc": img(out["y_sts"], y_s, discs.d_hr),
             "f_cyc": (out["f_sts"] - out["f_s"]).abs().mean(),
@@ -84,6 +86,37 @@ def test_generator_loss_is_eq10(setup, mode):
     expected = sum(w * ref[k] for w, k in zip(cfg.lambdas, losses.TERMS))
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert {"i_cyc.l1", "i_cyc.ssim", "i_cyc.adv", "lr_con.adv", "total"} <= set(t)
+    # the warm-up factor scales lambda_da and lambda_fa only; the terms are reported unscaled
+    with torch.no_grad():
+        part, t2 = losses.generator_loss(out, y_s, x_t, discs, cfg, adapt=0.25)
+    assert t2["da"].item() == pytest.approx(t["da"].item(), rel=1e-6)
+    assert part.item() == pytest.approx((expected - 0.75 * (0.3 * ref["da"] + 0.4 * ref["fa"])).item(), rel=1e-5)
+
+
+def test_f_cyc_stop_gradient_moves_only_f_sts(setup):
+    """loss.f_cyc_stop_gradient: Eq. 5 has the same value, but no gradient reaches its target f_s."""
+    gen, discs, y_s, x_t = setup
+    with torch.no_grad():
+        out = gen(y_s, x_t)
+    values = []
+    for stop in (False, True):
+        f_s, f_sts = out["f_s"].clone().requires_grad_(), out["f_sts"].clone().requires_grad_()
+        _, t = losses.generator_loss({**out, "f_s": f_s, "f_sts": f_sts}, y_s, x_t, discs,
+                                     LossConfig(f_cyc_stop_gradient=stop))
+        t["f_cyc"].backward()
+        values.append(t["f_cyc"].item())
+        assert f_sts.grad.abs().sum() > 0
+        assert (f_s.grad is not None and bool(f_s.grad.abs().sum() > 0)) is (not stop)
+    assert values[0] == values[1] > 0
+
+
+def test_adapt_scale_warm_up():
+    assert [losses.adapt_scale(LossConfig(), p) for p in (0.0, 0.5, 1.0)] == [1.0, 1.0, 1.0]  # paper: always on
+    cfg = LossConfig(adapt_start=0.4, adapt_ramp=0.2)
+    assert [losses.adapt_scale(cfg, p) for p in (0.0, 0.39, 0.4, 0.45, 0.5, 0.6, 0.9)] == \
+        pytest.approx([0.0, 0.0, 0.0, 0.25, 0.5, 1.0, 1.0])
+    assert losses.adapt_scale(LossConfig(adapt_start=0.5), 0.49) == 0.0
+    assert losses.adapt_scale(LossConfig(adapt_start=0.5), 0.5) == 1.0
 
 
 def test_generator_loss_without_hr_discriminator():

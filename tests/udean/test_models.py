@@ -87,6 +87,28 @@ def test_build_follows_config():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_spectral_norm_bounds_every_discriminator_conv(variant):
+    """model.spectral_norm: every discriminator conv's weight, as used in the forward pass, has
+    largest singular value 1 (power iteration runs on each training-mode forward)."""
+    torch.manual_seed(0)
+    _, plain = build(ModelConfig(**TINY, variant=variant))
+    _, discs = build(ModelConfig(**TINY, variant=variant, spectral_norm=True))
+    f = TINY["features"]
+    x, feat = torch.rand(2, 3, 16, 16), torch.rand(2, f, 16, 16) if variant == "thin_slab" else torch.rand(2, f, 3, 16, 16)
+    for _ in range(30):
+        discs(x, feat, torch.rand(2, 6, 32, 32))
+
+    def sigmas(d):
+        convs = [m for m in d.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+        return [torch.linalg.matrix_norm(c.weight.detach().flatten(1), 2).item() for c in convs]
+
+    got = sigmas(discs)
+    assert len(got) == len(sigmas(plain)) > 3
+    assert got == pytest.approx([1.0] * len(got), rel=0.05)
+    assert max(abs(s - 1.0) for s in sigmas(plain)) > 0.1  # plain convs are not normalised
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_inference_state_dict_and_load(variant):
     gen, _ = _build(variant)
     state = inference_state_dict(gen)

@@ -25,6 +25,7 @@ from preprocessing.config import DataConfig, DegradationConfig
 from preprocessing.manifest import Manifest
 from preprocessing.shards import read_patches
 from preprocessing.subject import STREAM_NOISE, STREAM_PATCHES, stored_scale, subject_rng
+from udean.data.shards import dihedral
 
 Batch = Callable[[int], tuple[torch.Tensor, ...]]
 
@@ -146,17 +147,6 @@ def degraded_pairs(m: Manifest, degradation: DegradationConfig, group: str = "so
 
 
 # --------------------------------------------------------------------------- batches
-def _dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 in-plane flips / rotations of (B, C, H, W) (square H, W for odd k // 2)."""
-    if k & 1:
-        t = t.flip(-1)
-    if k & 2:
-        t = t.flip(-2)
-    if k & 4 and t.shape[-1] == t.shape[-2]:
-        t = t.transpose(-1, -2)
-    return t
-
-
 def sampler(*pools: np.ndarray, batch_size: int, seed: int, paired: bool, augment: bool = False,
             device: str | torch.device = "cpu") -> Batch:
     """step -> one batch from each pool. `paired`: the same indices in every pool (pairs);
@@ -177,7 +167,7 @@ def sampler(*pools: np.ndarray, batch_size: int, seed: int, paired: bool, augmen
             out.append(t[j])
         if augment:
             k = int(torch.randint(8, (1,), generator=g))
-            out = [_dihedral(t, k) for t in out]
+            out = [dihedral(t, k) for t in out]
         return tuple(t.to(device) for t in out)
 
     return batch

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-SOURCE, TARGET = 0, 1
+SOURCE, TARGET, AUGMENT = 0, 1, 2
 
 
 def _stream(n: int, count: int, seed: int, epoch: int, which: int) -> np.ndarray:
@@ -33,15 +33,17 @@ def rank_indices(n: int, per_rank: int, seed: int, epoch: int, which: int, rank:
 
 
 class UnpairedSampler(Sampler):
-    """Yields (i_source, i_target) for this rank: `batch_size * steps_per_epoch` per epoch."""
+    """Yields (i_source, i_target, k_source, k_target) for this rank: `batch_size *
+    steps_per_epoch` per epoch. k_*: the in-plane flip / rotation of each patch (0..7, see
+    `udean.data.shards.dihedral`), random with `augment`, else 0."""
 
     def __init__(self, n_source: int, n_target: int, batch_size: int, steps_per_epoch: int,
-                 seed: int, rank: int = 0, world_size: int = 1):
+                 seed: int, rank: int = 0, world_size: int = 1, augment: bool = False):
         if n_source < 1 or n_target < 1:
             raise ValueError(f"need patches in both groups, got source={n_source} target={n_target}")
         self.n_source, self.n_target = n_source, n_target
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.augment = seed, rank, world_size, augment
         self.epoch, self.position = 0, 0
 
     @staticmethod
@@ -61,15 +63,18 @@ class UnpairedSampler(Sampler):
         self.epoch, self.position = epoch, step_in_epoch * self.batch_size
 
     def pairs(self, epoch: int) -> np.ndarray:
-        """(per_rank, 2) array of (i_source, i_target) for the whole epoch."""
+        """(per_rank, 4) array of (i_source, i_target, k_source, k_target) for the whole epoch."""
         per_rank = self.batch_size * self.steps_per_epoch
         src = rank_indices(self.n_source, per_rank, self.seed, epoch, SOURCE, self.rank, self.world_size)
         tgt = rank_indices(self.n_target, per_rank, self.seed, epoch, TARGET, self.rank, self.world_size)
-        return np.stack([src, tgt], axis=1)
+        ks = np.zeros((per_rank, 2), dtype=np.int64)
+        if self.augment:
+            ks = np.random.default_rng([self.seed, epoch, AUGMENT, self.rank]).integers(0, 8, (per_rank, 2))
+        return np.column_stack([src, tgt, ks])
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for s, t in self.pairs(self.epoch)[self.position:]:
-            yield int(s), int(t)
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        for row in self.pairs(self.epoch)[self.position:]:
+            yield tuple(int(v) for v in row)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

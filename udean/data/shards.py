@@ -62,10 +62,23 @@ class PatchShards:
         return {**self.__dict__, "_files": {}}
 
 
-class UnpairedPatches(Dataset):
-    """Item (i_source, i_target) -> (Y_s (2S, 2h, 2w) HR, X_t (S, h, w) LR), float32 in [0, 1].
+def dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th (0..7) of the 8 in-plane flips / rotations of (..., H, W); 0 is the identity.
+    The transpose (k & 4) applies only where H == W."""
+    if k & 1:
+        t = t.flip(-1)
+    if k & 2:
+        t = t.flip(-2)
+    if k & 4 and t.shape[-1] == t.shape[-2]:
+        t = t.transpose(-1, -2)
+    return t
 
-    The two indices come from independent permutations (`UnpairedSampler`): unpaired draws."""
+
+class UnpairedPatches(Dataset):
+    """Item (i_source, i_target[, k_source, k_target]) -> (Y_s (2S, 2h, 2w) HR, X_t (S, h, w) LR),
+    float32 in [0, 1]; k_*: the `dihedral` transform of each patch (augmentation; 0: none).
+
+    The indices come from independent permutations (`UnpairedSampler`): unpaired draws."""
 
     def __init__(self, source: PatchShards, target: PatchShards):
         self.source, self.target = source, target
@@ -73,7 +86,7 @@ class UnpairedPatches(Dataset):
     def __len__(self) -> int:
         return len(self.target)
 
-    def __getitem__(self, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        i_s, i_t = pair
-        return torch.from_numpy(np.ascontiguousarray(self.source[i_s])), \
-            torch.from_numpy(np.ascontiguousarray(self.target[i_t]))
+    def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        i_s, i_t, k_s, k_t = (*item, 0, 0)[:4]
+        return (dihedral(torch.from_numpy(self.source[i_s]), k_s).contiguous(),
+                dihedral(torch.from_numpy(self.target[i_t]), k_t).contiguous())

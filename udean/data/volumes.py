@@ -35,4 +35,4 @@ def sr_volume(model: Callable[[torch.Tensor], torch.Tensor], lr_volume: np.ndarr
         return model(tiles.to(dtype)).float()
 
     return sliding_window(lr_volume, run, slab=slab, patch=tuple(patch), overlap=overlap,
-                          slab_overlap=min(1, slab - 1), batch_size=batch, device=device)
+                          slab_overlap=None, batch_size=batch, device=device)

@@ -16,7 +16,9 @@ squares (real -> 1, fake -> 0; paper: "we use the least square loss"), so a scor
 regression target, and Eq. 8/9 push the generator toward the midpoint 0.5.
 A patch map instead of a dense head keeps odd and non-paper patch sizes working; the losses
 average it (the 1/N sum of Eq. 3, 8, 9). No normalization layers: batches are small (8 per
-rank) and BatchNorm statistics would couple the real and fake passes.
+rank) and BatchNorm statistics would couple the real and fake passes. `model.spectral_norm`
+(ours) reparametrizes every conv by spectral normalization instead, which needs no batch
+statistics.
 
 Shapes (Fd = disc_features, k = disc_blocks):
     image (B, C, H, W) -> (B, 1, ceil(H/2^k), ceil(W/2^k))          thin slab, C = S or 2S
@@ -42,7 +44,8 @@ class VGGDiscriminator(nn.Module):
     Paper: VGG discriminator (Fig. 2).
     """
 
-    def __init__(self, dims: int, in_ch: int, features: int, blocks: int, image: bool):
+    def __init__(self, dims: int, in_ch: int, features: int, blocks: int, image: bool,
+                 spectral_norm: bool = False):
         super().__init__()
         self.dims = dims
         self.image = image
@@ -54,6 +57,9 @@ class VGGDiscriminator(nn.Module):
             mods += [conv(dims, width, nxt), lrelu(), conv(dims, nxt, nxt, stride=stride), lrelu()]
             width = nxt
         mods.append(conv(dims, width, 1))
+        if spectral_norm:
+            mods = [nn.utils.parametrizations.spectral_norm(m) if isinstance(m, (nn.Conv2d, nn.Conv3d)) else m
+                    for m in mods]
         self.layers = nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

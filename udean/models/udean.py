@@ -119,12 +119,13 @@ class Discriminators(nn.Module):
     """
 
     def __init__(self, variant: str, slab: int, features: int, disc_features: int, disc_blocks: int,
-                 hr_discriminator: bool):
+                 hr_discriminator: bool, spectral_norm: bool = False):
         super().__init__()
         dims = VARIANT_DIMS[variant]
-        self.d_lr = VGGDiscriminator(dims, image_channels(dims, slab), disc_features, disc_blocks, image=True)
-        self.d_feat = VGGDiscriminator(dims, features, disc_features, disc_blocks, image=False)
-        self.d_hr = (VGGDiscriminator(dims, image_channels(dims, 2 * slab), disc_features, disc_blocks, image=True)
+        sn = dict(spectral_norm=spectral_norm)
+        self.d_lr = VGGDiscriminator(dims, image_channels(dims, slab), disc_features, disc_blocks, image=True, **sn)
+        self.d_feat = VGGDiscriminator(dims, features, disc_features, disc_blocks, image=False, **sn)
+        self.d_hr = (VGGDiscriminator(dims, image_channels(dims, 2 * slab), disc_features, disc_blocks, image=True, **sn)
                      if hr_discriminator else None)
 
     def forward(self, x_lr: torch.Tensor, f: torch.Tensor, y_hr: torch.Tensor | None = None):
@@ -140,7 +141,8 @@ def build(model_cfg, slab: int = 3) -> tuple[Generator, Discriminators]:
     m = model_cfg
     gen = Generator(m.variant, slab, m.features, m.n_groups, m.n_rcab, m.reduction, m.encoder_layers,
                     m.image_skip)
-    discs = Discriminators(m.variant, slab, m.features, m.disc_features, m.disc_blocks, m.hr_discriminator)
+    discs = Discriminators(m.variant, slab, m.features, m.disc_features, m.disc_blocks, m.hr_discriminator,
+                           m.spectral_norm)
     return gen, discs
 
 

@@ -1,0 +1,126 @@
+"""Which of the demo's stabilisers matter: the demo's training run again with one of them
+switched off at a time, each scored by `udean evaluate` beside tricubic and the untrained skip.
+
+    udean demo                                    # once: cohort, shards and config in demo_out/
+    python benchmarks/demo_ablation.py            # -> benchmarks/results/demo_ablation.{json,md,png}
+    python benchmarks/demo_ablation.py --only demo no_warmup --jobs 1
+
+A variant is `udean train --config <demo>/config.yaml train.out=<work>/<name> KEY=VALUE ...`
+(the demo's exact config and data, plus the variant's overrides), then `udean evaluate` of its
+best checkpoint (highest val PSNR) on the demo's test subjects. `--jobs N` trains N variants at
+once with OMP_NUM_THREADS = cores / N. A variant whose results.json exists in <work> is reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, bar_chart, provenance, write_json  # noqa: E402
+
+# name -> (what it changes, overrides on top of the demo's config)
+VARIANTS = {
+    "demo": ("the demo: every stabiliser on", []),
+    "no_f_cyc_stop_gradient": ("Eq. 5 also moves its target f_s (paper)", ["loss.f_cyc_stop_gradient=false"]),
+    "no_warmup": ("lambda_da, lambda_fa on from step 0 (paper)", ["loss.adapt_start=0", "loss.adapt_ramp=0"]),
+    "no_spectral_norm": ("plain discriminators (paper)", ["model.spectral_norm=false"]),
+    "hr_discriminator": ("HR discriminator for the beta terms of Eq. 4 and 6", ["model.hr_discriminator=true"]),
+    "reconstruction_only": ("lambda_da = lambda_fa = 0: no adaptation at all", ["loss.lambdas=[1,0.1,1,1,0,0]"]),
+}
+
+
+def run_variant(name: str, demo: Path, work: Path, threads: int) -> dict:
+    out = work / name
+    results = out / "eval" / "results.json"
+    what, overrides = VARIANTS[name]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    udean = str(Path(sys.executable).parent / "udean")
+    seconds = None
+    if not results.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        for cmd in ([udean, "train", "--config", str(demo / "config.yaml"), f"train.out={out / 'run'}", *overrides],
+                    [udean, "evaluate", "--config", str(demo / "config.yaml"), "--checkpoint", str(out / "run"),
+                     "--data", str(demo / "data"), "--out", str(out / "eval"), "--figures", "0"]):
+            with open(out / "log.txt", "a") as log:
+                rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if rc != 0:
+                raise RuntimeError(f"variant {name}: {' '.join(cmd[:2])} failed ({rc}); log: {out / 'log.txt'}")
+        seconds = round(time.perf_counter() - t, 1)
+        (out / "seconds.txt").write_text(str(seconds))
+    elif (out / "seconds.txt").exists():
+        seconds = float((out / "seconds.txt").read_text())
+    doc = json.loads(results.read_text())
+    val = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    return {"name": name, "changes": what, "overrides": overrides, "train_and_eval_seconds": seconds,
+            "threads": threads, "methods": {m["method"]: m for m in doc["methods"]},
+            "val": [[v["step"], round(v["psnr"], 3), round(v["ssim"], 4)] for v in val if v.get("kind") == "val"]}
+
+
+def markdown(doc: dict) -> str:
+    lines = ["# Demo ablation: the stabilisers one at a time", "",
+             f"- machine: {doc['provenance']['machine']['cpu']}, {doc['provenance']['machine']['cores']} cores, "
+             f"GPU: {doc['provenance']['machine']['gpu'] or 'none'}; date {doc['provenance']['date']}",
+             f"- command: `{doc['provenance']['command']}`",
+             f"- data: `{doc['demo']}` (the demo's cohort, shards and config); test subjects scored on the whole volume",
+             "", "| variant | changes | UDEAN PSNR | UDEAN SSIM | - tricubic PSNR | - tricubic SSIM | val PSNR / SSIM by step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in doc["variants"]:
+        ours, tri = r["methods"]["UDEAN (ours)"], r["methods"]["Tricubic interpolation"]
+        curve = " ".join(f"{s}: {p:.2f}/{q:.3f}" for s, p, q in r["val"][1::2])
+        lines.append(f"| {r['name']} | {r['changes']} | {ours['psnr_mean']:.2f} | {ours['ssim_mean']:.4f} | "
+                     f"{ours['psnr_mean'] - tri['psnr_mean']:+.2f} | {ours['ssim_mean'] - tri['ssim_mean']:+.4f} | {curve} |")
+    tri = doc["variants"][0]["methods"]["Tricubic interpolation"]
+    lines += ["", f"Tricubic interpolation: {tri['psnr_mean']:.2f} dB / {tri['ssim_mean']:.4f}."]
+    skip = doc["variants"][0]["methods"].get("Image skip alone")
+    if skip:
+        lines.append(f"Image skip alone (the untrained model): {skip['psnr_mean']:.2f} dB / {skip['ssim_mean']:.4f}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="variants:\n" + "\n".join(f"  {k:24s} {v[0]}" for k, v in VARIANTS.items()))
+    p.add_argument("--demo", default="demo_out", help="a finished `udean demo --out` folder (default demo_out)")
+    p.add_argument("--work", default=None, help="where the variants train (default <demo>/ablation)")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="variants to run")
+    p.add_argument("--jobs", type=int, default=2, help="variants trained at once (default 2)")
+    p.add_argument("--tag", default="cpu", help="results file: demo_ablation_<tag>.{json,md,png}")
+    args = p.parse_args(argv)
+    demo = Path(args.demo).resolve()
+    if not (demo / "config.yaml").exists() or not (demo / "data" / "manifest.json").exists():
+        p.error(f"{demo} is not a finished demo folder (no config.yaml or data/manifest.json): run `udean demo` first")
+    work = Path(args.work).resolve() if args.work else demo / "ablation"
+    jobs = max(1, args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        rows = list(pool.map(lambda n: run_variant(n, demo, work, threads), args.only))
+    for r in rows:
+        ours = r["methods"]["UDEAN (ours)"]
+        print(f"{r['name']:24s} {ours['psnr_mean']:.2f} dB {ours['ssim_mean']:.4f}", flush=True)
+    doc = {"provenance": provenance(argv), "demo": str(demo), "variants": rows}
+    stem = RESULTS / f"demo_ablation_{args.tag}"
+    write_json(stem.with_suffix(".json"), doc)
+    from hpc.atomic import atomic_write_text
+
+    atomic_write_text(stem.with_suffix(".md"), markdown(doc))
+    tri = rows[0]["methods"]["Tricubic interpolation"]
+    names = [r["name"] for r in rows]
+    bar_chart(stem.with_suffix(".png"), [
+        {"title": "UDEAN - tricubic, PSNR (test)", "xlabel": "dB", "labels": names,
+         "values": [r["methods"]["UDEAN (ours)"]["psnr_mean"] - tri["psnr_mean"] for r in rows], "ref": (0.0, "tricubic")},
+        {"title": "UDEAN - tricubic, SSIM (test)", "xlabel": "SSIM", "labels": names,
+         "values": [r["methods"]["UDEAN (ours)"]["ssim_mean"] - tri["ssim_mean"] for r in rows], "ref": (0.0, "tricubic")},
+    ], title="demo ablation: one stabiliser off at a time")
+    print(f"results: {stem}.json / .md / .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
