@@ -17,7 +17,7 @@ a tile on each axis lies beyond its last LR voxel (extrapolated); where the next
 its weight is 0 (`tile_windows`). Measured on a demo test volume with the bare Lanczos image skip
 as the model: whole volume 25.88 dB; tiled with the plain sine window 25.44 dB (the extrapolated
 last HR slice of every 3-slice slab); with `tile_windows` 25.53 dB; the rest is the thin slab's
-3-slice context along the slice axis (slab_overlap 2: 25.58 dB, 3x the tiles; a trained demo
+3-slice context along the slice axis (slab_overlap 2: 25.58 dB, 2x the tiles; a trained demo
 model gained 0.26 dB from slab_overlap 2 over 1, hence the default). A model whose
 output does not depend on where the tile starts (e.g. exact x2 nearest upsampling) gives the
 same result tiled as on the whole volume: no seams.
