@@ -57,10 +57,10 @@ def run_variant(name: str, demo: Path, work: Path, threads: int) -> dict:
     elif (out / "seconds.txt").exists():
         seconds = float((out / "seconds.txt").read_text())
     doc = json.loads(results.read_text())
-    val = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     return {"name": name, "changes": what, "overrides": overrides, "train_and_eval_seconds": seconds,
             "threads": threads, "methods": {m["method"]: m for m in doc["methods"]},
-            "val": [[v["step"], round(v["psnr"], 3), round(v["ssim"], 4)] for v in val if v.get("kind") == "val"]}
+            "val": [[v["step"], round(v["psnr"], 3), round(v["ssim"], 4)] for v in rows if v.get("kind") == "val"]}
 
 
 def markdown(doc: dict) -> str:

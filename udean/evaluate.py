@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     from preprocessing.manifest import load_manifest
     from preprocessing.shards import read_volume
     from udean.figures import comparison_figure
-    from udean.infer import load_sr_model, pick_device, super_resolve
+    from udean.infer import load_sr_model, pick_device, resolve_slab_overlap, super_resolve
 
     console = Console()
     cfg = args.cfg
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"group": args.group, "region": args.region, "ssim_window": run_cfg.loss.ssim_window,
             "checkpoint": str(ckpt), "data": str(data), "device": str(device),
             "sliding_window": {"slab": patches.slab, "patch": list(patches.lr_size), "overlap": args.overlap,
-                               "slab_overlap": patches.slab - 1 if args.slab_overlap is None else args.slab_overlap},
+                               "slab_overlap": resolve_slab_overlap(patches.slab, args.slab_overlap)},
             "seconds": round(time.perf_counter() - t0, 2)}
     js, md = write_results(results, meta, out)
     console.print(rich_table(results, f"{args.group} set: SR vs HR ({args.region})"))

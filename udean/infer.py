@@ -136,9 +136,7 @@ def sliding_window(
     check_lr_volume(lr, slab, patch)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    slab_overlap = slab - 1 if slab_overlap is None else slab_overlap
-    if not 0 <= slab_overlap < slab:
-        raise ValueError(f"slab_overlap must be in [0, {slab}), got {slab_overlap}")
+    slab_overlap = resolve_slab_overlap(slab, slab_overlap)
     device = torch.device(device)
     d, h, w = lr.shape
     sizes = (slab, *patch)
@@ -172,6 +170,15 @@ def sliding_window(
     return (out / wsum).cpu().numpy()
 
 
+def resolve_slab_overlap(slab: int, slab_overlap: int | None) -> int:
+    """`slab_overlap` as used: None means slab - 1 (a slab centred on every LR slice); ValueError
+    outside [0, slab)."""
+    slab_overlap = slab - 1 if slab_overlap is None else slab_overlap
+    if not 0 <= slab_overlap < slab:
+        raise ValueError(f"slab_overlap must be in [0, {slab}), got {slab_overlap}")
+    return slab_overlap
+
+
 def _grid(shape: tuple[int, ...], slab: int, patch: tuple[int, int], overlap: float, slab_overlap: int) -> list[list[int]]:
     """Tile start indices per axis of an LR volume (D, H, W)."""
     strides = (slab - slab_overlap, *(max(1, int(round(p * (1.0 - overlap)))) for p in patch))
@@ -181,7 +188,7 @@ def _grid(shape: tuple[int, ...], slab: int, patch: tuple[int, int], overlap: fl
 def tile_count(shape: tuple[int, int, int], slab: int, patch: tuple[int, int], overlap: float = 0.25,
                slab_overlap: int | None = None) -> int:
     """How many tiles `sliding_window` runs for an LR volume of `shape` (for progress bars)."""
-    slab_overlap = slab - 1 if slab_overlap is None else slab_overlap
+    slab_overlap = resolve_slab_overlap(slab, slab_overlap)
     return math.prod(len(a) for a in _grid(shape, slab, tuple(patch), overlap, slab_overlap))
 
 

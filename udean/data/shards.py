@@ -75,7 +75,7 @@ def dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class UnpairedPatches(Dataset):
-    """Item (i_source, i_target[, k_source, k_target]) -> (Y_s (2S, 2h, 2w) HR, X_t (S, h, w) LR),
+    """Item (i_source, i_target, k_source, k_target) -> (Y_s (2S, 2h, 2w) HR, X_t (S, h, w) LR),
     float32 in [0, 1]; k_*: the `dihedral` transform of each patch (augmentation; 0: none).
 
     The indices come from independent permutations (`UnpairedSampler`): unpaired draws."""
@@ -86,7 +86,7 @@ class UnpairedPatches(Dataset):
     def __len__(self) -> int:
         return len(self.target)
 
-    def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        i_s, i_t, k_s, k_t = (*item, 0, 0)[:4]
+    def __getitem__(self, item: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i_s, i_t, k_s, k_t = item
         return (dihedral(torch.from_numpy(self.source[i_s]), k_s).contiguous(),
                 dihedral(torch.from_numpy(self.target[i_t]), k_t).contiguous())
