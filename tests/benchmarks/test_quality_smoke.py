@@ -16,17 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_quality_tiny_protocol_writes_both_tables_and_the_shift_study(tmp_path):
     res = tmp_path / "results"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
-           "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--protocol", "tiny",
                            "--out", str(tmp_path / "work"), "--results", str(res), "--device", "cpu"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import quality
-    finally:
-        sys.path.pop(0)
+    from benchmarks import quality
 
     doc = json.loads((res / "quality_tiny.json").read_text())
     assert [r["key"] for r in doc["table_i"]] == quality.TABLE_I
