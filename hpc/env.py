@@ -185,13 +185,28 @@ def _detect_torchrun(environ: Mapping[str, str]) -> LaunchEnv:
     )
 
 
+def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int | None:
+    """Tasks of this step (or job) on this node: SLURM_STEP_TASKS_PER_NODE[SLURM_NODEID]."""
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        counts = expand_tasks_per_node(per_node)
+        node = _int(environ, "SLURM_NODEID", default=0)
+        if node < len(counts):
+            return counts[node]
+    return None
+
+
 def _detect_mpi(environ: Mapping[str, str]) -> LaunchEnv:
     rank = _int(environ, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
     world = _int(environ, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
     local_rank = _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PALS_LOCAL_RANKID",
                       "SLURM_LOCALID", default=rank)
-    local_world = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PALS_LOCAL_SIZE",
-                       default=world if local_rank == rank else 1)
+    local_world = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PALS_LOCAL_SIZE", default=0)
+    if not local_world:
+        # srun --mpi=pmix|pmi2 sets only PMIX_RANK / PMI_RANK+PMI_SIZE: inside the step SLURM
+        # knows this node's share; without it (a bare PMI launcher) assume one node
+        slurm = _slurm_tasks_on_this_node(environ) if in_slurm_step(environ) else None
+        local_world = slurm or (world if local_rank == rank else 1)
     if environ.get("MASTER_ADDR"):
         addr = environ["MASTER_ADDR"]
     elif "SLURM_JOB_ID" in environ and _slurm_nodes(environ):
@@ -208,15 +223,7 @@ def _detect_slurm(environ: Mapping[str, str]) -> LaunchEnv:
     rank = _int(environ, "SLURM_PROCID")
     world = _int(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
     local_rank = _int(environ, "SLURM_LOCALID", default=0)
-    local_world = None
-    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
-    if per_node:
-        counts = expand_tasks_per_node(per_node)
-        node = _int(environ, "SLURM_NODEID", default=0)
-        if node < len(counts):
-            local_world = counts[node]
-    if local_world is None:
-        local_world = _int(environ, "SLURM_NTASKS_PER_NODE", default=world)
+    local_world = _slurm_tasks_on_this_node(environ) or _int(environ, "SLURM_NTASKS_PER_NODE", default=world)
     nodes = _slurm_nodes(environ)
     addr = environ.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1")
     return LaunchEnv("slurm", rank, world, local_rank, local_world, addr, _port(environ))
