@@ -170,6 +170,31 @@ def in_slurm_step(environ: Mapping[str, str] | None = None) -> bool:
     return step not in ("", "batch", "extern", "4294967294", "4294967295")
 
 
+# SLURM's GPU variables: lists of device indices ("0,1") or counts, optionally typed ("a100:4")
+GPU_INDEX_VARS = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+GPU_COUNT_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS")
+
+
+def allocated_gpus(environ: Mapping[str, str] | None = None) -> str | None:
+    """'NAME=VALUE' of the first SLURM variable that says this job or step was given GPUs, else None.
+
+    CUDA_VISIBLE_DEVICES alone does not count: sbatch exports the submitting shell's environment,
+    so a value set on a login node can reach a CPU job."""
+    environ = os.environ if environ is None else environ
+    if not environ.get("SLURM_JOB_ID"):
+        return None
+    for name in GPU_INDEX_VARS:
+        value = environ.get(name, "").strip()
+        if value and value.lower() not in ("nodevfiles", "none"):
+            return f"{name}={value}"
+    for name in GPU_COUNT_VARS:
+        value = environ.get(name, "").strip()
+        counts = [m.group(1) for item in value.split(",") if (m := re.search(r"(?:^|:)(\d+)$", item.strip()))]
+        if any(int(c) > 0 for c in counts):
+            return f"{name}={value}"
+    return None
+
+
 # ----------------------------------------------------------------------------- detect / export
 
 def _detect_torchrun(environ: Mapping[str, str]) -> LaunchEnv:
