@@ -180,8 +180,8 @@ def test_train_preempted_requeued_resumed(data, tmp_path):
 def test_submitit_train_preempted_requeued_resumed(data, tmp_path):
     out, folder = tmp_path / "run", tmp_path / "submitit"
     sub = subprocess.run(
-        [sys.executable, "-m", "hpc.submit", "train", "--nodes", "1", "--tasks-per-node", "2", "--cpus-per-task", "1",
-         "--time", "10", "--job-dir", str(folder), "--",
+        [sys.executable, "-m", "hpc.submit", "train", "--nodes", "1", "--tasks-per-node", "2", "--gpus-per-node", "0",
+         "--cpus-per-task", "1", "--time", "10", "--job-dir", str(folder), "--",
          "--config", "configs/tiny.yaml", f"data.out={data}", f"train.out={out}", *TRAIN_OVERRIDES],
         cwd=REPO, env=job_env(), capture_output=True, text=True)
     assert sub.returncode == 0, sub.stderr
@@ -212,5 +212,5 @@ def test_submitit_regenerate_under_mpirun(data, tmp_path):
     info = wait_job(job)
     log = (folder / f"{job}_0_log.out").read_text()
     assert info["JobState"] == "COMPLETED", log + (folder / f"{job}_0_log.err").read_text()
-    assert "mpirun -n 2 udean shards regenerate" in log and victim.is_file()
+    assert "mpirun -n 2 " in log and " -m udean shards regenerate" in log and victim.is_file()
     assert subprocess.run(["udean", "shards", "verify", str(data)], capture_output=True).returncode == 0
