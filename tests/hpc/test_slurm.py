@@ -56,26 +56,28 @@ def job_env(**extra: str) -> dict[str, str]:
 
 def sbatch(script: str, args: list[str], sbatch_args: list[str], env: dict[str, str]) -> str:
     out = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(REPO / script), *args],
-                         cwd=REPO, env=env, capture_output=True, text=True)
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
 
 
-def job_info(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+def job_info(job_id: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`scontrol show job` as a dict; `env` picks the cluster (SLURM_CONF), default this process's."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=env,
+                         timeout=30).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def wait_job(job_id: str, timeout_s: float = 240) -> dict[str, str]:
+def wait_job(job_id: str, timeout_s: float = 240, env: dict[str, str] | None = None) -> dict[str, str]:
     """Poll until the job reaches a terminal state (a requeued job passes through PENDING)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        info = job_info(job_id)
+        info = job_info(job_id, env)
         if info.get("JobState") in TERMINAL:
             return info
         time.sleep(1)
-    subprocess.run(["scancel", job_id])
-    raise AssertionError(f"job {job_id} did not finish in {timeout_s} s: {job_info(job_id)}")
+    subprocess.run(["scancel", job_id], env=env, timeout=30)
+    raise AssertionError(f"job {job_id} did not finish in {timeout_s} s: {job_info(job_id, env)}")
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:
