@@ -120,7 +120,9 @@ udean_finish() {
         udean_log "checkpointed; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
         # the requeued job starts again from the top of the script and resumes from the checkpoint
         scontrol requeue "$SLURM_JOB_ID" && exit 0
-        udean_log "scontrol requeue failed: resubmit by hand; training resumes from its checkpoint"
+        # fails when SLURM is already requeueing the job (PreemptMode=REQUEUE, an admin's requeue)
+        udean_log "scontrol requeue failed (if SLURM is requeueing the job itself, it comes back by itself;" \
+            "else resubmit: training resumes from its checkpoint)"
     fi
     exit "$rc"
 }
