@@ -21,6 +21,8 @@
 # Each node declares UDEAN_2NODE_CPUS CPUs (default 2, the hardware's count, so that
 # task/affinity binds tasks to CPUs that exist). Needs root, iproute2, util-linux, slurm-wlm.
 set -euo pipefail
+# shellcheck source=.ci/slurm-lib.sh
+source "$(dirname "$0")/slurm-lib.sh"
 
 RUN=/run/udean-2node
 CONF=$RUN/slurm.conf
@@ -114,21 +116,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/affinity
 # bind to cores by default, as many sites do: a task sees exactly the CPUs srun gave it
 TaskPluginParam=Cores
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SlurmdParameters=config_overrides
-MpiDefault=none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-ReturnToService=2
-JobRequeue=1
-KillWait=10
-MinJobAge=300
-SchedulerParameters=sched_interval=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-InactiveLimit=0
+$(slurm_common_conf 10)
 ${nodes}PartitionName=two Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
     echo "PMIxCliTmpDirBase=$SPOOL/pmix" > "$RUN/mpi.conf"

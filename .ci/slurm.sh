@@ -12,6 +12,8 @@
 # The node declares UDEAN_SLURM_CPUS CPUs (default 8, more than the hardware, so that a few small
 # test jobs can run side by side on a 2-core machine; slurmd accepts it with config_overrides).
 set -euo pipefail
+# shellcheck source=.ci/slurm-lib.sh
+source "$(dirname "$0")/slurm-lib.sh"
 
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
@@ -60,21 +62,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SlurmdParameters=config_overrides
-MpiDefault=none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-ReturnToService=2
-JobRequeue=1
-KillWait=5
-MinJobAge=300
-SchedulerParameters=sched_interval=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-InactiveLimit=0
+$(slurm_common_conf 5)
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
