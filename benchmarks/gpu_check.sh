@@ -49,12 +49,12 @@ if ((smoke)); then
     small=(--smoke --variants thin_slab)
     step_args=(--smoke --variants thin_slab --setups fp32 --batches 2 --steps 1 --warmup 0)
     infer_args=(--smoke --variants thin_slab --setups fp32 --repeats 1)
-    cohort=(--n 6 --shape 48 48 48) config=tiny run_s=15 loader=(train.num_workers=2)
+    cohort="--n 6 --shape 48 48 48" config=tiny run_s=20 loader=train.num_workers=2
 else
     small=()
     step_args=(--variants thin_slab 3d --setups fp32 bf16 --batches 8)
     infer_args=(--variants thin_slab 3d --setups fp32 bf16_autocast)
-    cohort=(--n 11) config=demo run_s=120 loader=(train.num_workers=4)
+    cohort="--n 11" config=demo run_s=120 loader=train.num_workers=4
 fi
 
 if stage correctness 45 "$PY" benchmarks/gpu_check.py correctness "${small[@]}" --out "$out/correctness.json"; then
@@ -63,7 +63,8 @@ if stage correctness 45 "$PY" benchmarks/gpu_check.py correctness "${small[@]}" 
 fi
 
 train_run() {  # cohort -> preprocess -> train for run_s seconds; GPU utilisation sampled meanwhile
-    "$BIN/udean" cohort "${cohort[@]}" --out "$work/hcp" --no-progress &&
+    # shellcheck disable=SC2086
+    "$BIN/udean" cohort $cohort --out "$work/hcp" --no-progress &&
         "$BIN/udean" preprocess --config "$config" --data-root "$work/hcp" --out "$work/data" --no-progress || return 1
     local sampler=""
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
@@ -72,8 +73,9 @@ train_run() {  # cohort -> preprocess -> train for run_s seconds; GPU utilisatio
     fi
     local rc=0
     # SIGUSR1 after run_s: the preemption path checkpoints and exits 75 (hpc.signals)
-    timeout -s USR1 --kill-after=30 "$run_s" "$BIN/udean" train --config "$config" "data.out=$work/data" \
-        "train.out=$work/run" train.val_every=0 train.log_every=10 "${loader[@]}" || rc=$?
+    timeout --preserve-status -s USR1 --kill-after=30 "$run_s" "$BIN/udean" train --config "$config" "data.out=$work/data" \
+        "train.out=$work/run" train.val_every=0 train.log_every=10 train.epochs=1 train.steps_per_epoch=100000 \
+        train.checkpoint_every=100000 "$loader" || rc=$?
     [[ -n "$sampler" ]] && kill "$sampler"
     "$PY" - "$work" "$out/train_run.json" "$rc" "$run_s" <<'EOF'
 import json, sys
@@ -92,7 +94,9 @@ print(json.dumps(out))
 sys.exit(0 if rc == 75 and train else 1)
 EOF
 }
-stage train_run $((run_s + 30 + (smoke ? 60 : 0))) train_run
+export -f train_run
+export PY BIN work out cohort config run_s loader
+stage train_run $((run_s + 30 + (smoke ? 60 : 0))) bash -c train_run
 stage infer 60 "$PY" benchmarks/infer.py "${infer_args[@]}" --out "$out/infer.json"
 
 summary=$(IFS=,; echo "[${stages[*]}]")
