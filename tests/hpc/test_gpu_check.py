@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh --smoke: every stage of the one-shot GPU check runs on CPU (tiny
-model and data) and writes its JSON; the full check is for a GPU machine (docs/performance.md)."""
+model and data) and writes its JSON; the full check is for a GPU machine (docs/hpc.md)."""
 import json
 import os
 import subprocess
