@@ -162,7 +162,7 @@ def test_cpus_per_task_reaches_every_task(env2, tmp_path):
     assert sorted(t["host"] for t in tasks) == HOSTS and all(t["cpus"] == [0, 1] for t in tasks), tasks
 
 
-STEPS = 60
+STEPS = 80
 PREEMPT = ["train.epochs=1", f"train.steps_per_epoch={STEPS}", "train.num_workers=2", "train.deterministic=true",
            "train.val_every=0", "train.log_every=1", "train.keep_last=1000"]
 
