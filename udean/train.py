@@ -67,7 +67,7 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 def train(cfg: Config, dist, preempt) -> int:
     """The training loop. `dist`: hpc.dist.Dist; `preempt`: anything with `.requested`."""
-    from hpc.signals import REQUEUE_EXIT_CODE
+    from hpc.signals import REQUEUE_EXIT_CODE, ignore_in_worker
     from preprocessing.manifest import load_manifest
 
     t = cfg.train
@@ -130,7 +130,7 @@ def train(cfg: Config, dist, preempt) -> int:
                 sampler.set_position(epoch, batch)
                 batches = iter(DataLoader(
                     dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-                    pin_memory=dist.device.type == "cuda", drop_last=False,
+                    pin_memory=dist.device.type == "cuda", drop_last=False, worker_init_fn=ignore_in_worker,
                     generator=torch.Generator().manual_seed(t.seed)))  # keep the global RNG untouched
             y_s, x_t = next(batches)
 
