@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install and start a single-node SLURM cluster on this machine (for tests/hpc/test_slurm*.py).
+# Install and start a single-node SLURM cluster on this machine (for tests/hpc/test_slurm.py);
+# the two-node cluster of tests/hpc/test_slurm_two_node.py is .ci/slurm-2node.sh (the tests start
+# and stop it; `.ci/slurm.sh two-node up|down|status` does the same by hand).
 #
 #   .ci/slurm.sh           install slurm-wlm + munge if missing, write the config, start
 #                          munged, slurmctld and slurmd, wait until the node is idle
@@ -10,6 +12,8 @@
 # The node declares UDEAN_SLURM_CPUS CPUs (default 8, more than the hardware, so that a few small
 # test jobs can run side by side on a 2-core machine; slurmd accepts it with config_overrides).
 set -euo pipefail
+# shellcheck source=.ci/slurm-lib.sh
+source "$(dirname "$0")/slurm-lib.sh"
 
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
@@ -26,6 +30,10 @@ usable() {
     scontrol ping >/dev/null 2>&1 || return 1
     case "$(node_state)" in idle*|mix*|alloc*|completing*) return 0 ;; *) return 1 ;; esac
 }
+
+if [[ "${1:-}" == "two-node" ]]; then
+    exec bash "$(dirname "$0")/slurm-2node.sh" "${2:-status}"
+fi
 
 if [[ "${1:-}" == "status" ]]; then
     scontrol ping 2>&1 || true
@@ -54,37 +62,32 @@ SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SlurmdParameters=config_overrides
-MpiDefault=none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-ReturnToService=2
-JobRequeue=1
-KillWait=5
-MinJobAge=300
-SchedulerParameters=sched_interval=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-InactiveLimit=0
+$(slurm_common_conf 5)
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 )
-if [[ -f $CONF ]] && [[ "$(cat "$CONF")" == "$NEW_CONF" ]] && usable; then
+if [[ -f $CONF ]] && [[ "$(cat "$CONF")" == "$NEW_CONF" ]] && usable && dpkg -s libpmix-dev >/dev/null 2>&1; then
     log "SLURM already up on $HOST ($(node_state))"
     exit 0
 fi
 
 [[ $(id -u) == 0 ]] || { log "needs root to install and start slurmctld/slurmd"; exit 1; }
 
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
-    log "installing slurm-wlm and munge (apt)"
+# libpmix-dev: srun --mpi=pmix loads libpmix.so (unversioned) at run time; iproute2 and
+# util-linux (ip, nsenter, unshare): the two-node cluster of .ci/slurm-2node.sh
+PACKAGES=(slurm-wlm munge libpmix2 libpmix-dev iproute2 util-linux)
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null ||
+   ! command -v ip >/dev/null || ! dpkg -s libpmix-dev >/dev/null 2>&1; then
+    log "installing ${PACKAGES[*]} (apt)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq slurm-wlm munge >/dev/null
+    apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
+    # a slurmd started before libpmix was there cannot start pmix steps: restart it below
+    if [[ -f /run/slurmd.pid ]] && kill -0 "$(cat /run/slurmd.pid)" 2>/dev/null; then
+        pid=$(cat /run/slurmd.pid); kill "$pid"
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
 fi
 
 # --- munge: authentication between the SLURM daemons and clients

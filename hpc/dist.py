@@ -1,16 +1,22 @@
 """Distributed init and the few collectives the rest of the suite needs.
 
 `init()` reads the launch environment (hpc.env), exports what torch.distributed and DeepSpeed
-read, picks the backend (nccl with CUDA, gloo on CPU) and the GPU of this task, and starts the
-process group through DeepSpeed. It always starts one, also for a single process: DeepSpeed
-engines need a process group even at world size 1.
+read, picks the backend (nccl with CUDA, gloo on CPU) and the GPU of this task, starts the
+process group itself and hands it to DeepSpeed. It always starts one, also for a single
+process: DeepSpeed engines need a process group even at world size 1.
 
 GPU choice. Launchers disagree about GPU visibility: plain srun with --gpus-per-node and
 torchrun show every GPU of the node (use device LOCAL_RANK); srun --gpus-per-task /
 --gpu-bind=single and submitit's TorchDistributedEnvironment (CUDA_VISIBLE_DEVICES=local rank)
-show one (use device 0). `device_index` handles both; pass `dist.deepspeed_args()` as
-`deepspeed.initialize(args=...)` so DeepSpeed's own set_device agrees (it otherwise calls
-set_device(LOCAL_RANK), which fails when each task sees one GPU).
+show one (use device 0). `device_index` handles both. Two DeepSpeed calls assume LOCAL_RANK is
+the device: `deepspeed.init_distributed` (>= 0.17.3) starts the group with
+`device_id=cuda:$LOCAL_RANK`, a device that does not exist for LOCAL_RANK > 0 when each task
+sees one GPU, so `init` starts the group with our device first (DeepSpeed then adopts the
+existing group: deepspeed/comm/comm.py, init_distributed); and `deepspeed.initialize` calls
+set_device(LOCAL_RANK) unless given `args=dist.deepspeed_args()`.
+
+A CPU build of torch on a node where SLURM allocated GPUs is an install mistake (docs/hpc.md,
+"Installing on a cluster"), not a reason to train on CPU: `init` fails with one line.
 """
 from __future__ import annotations
 
@@ -47,6 +53,21 @@ def device_index(local_rank: int, local_world_size: int, visible: int) -> int:
     raise ValueError(
         f"{local_world_size} tasks on this node but {visible} GPUs visible to each: run one task per GPU "
         "(srun --ntasks-per-node=G with --gpus-per-node=G)")
+
+
+def process_group_options(backend: str, device: Any, rank: int, world_size: int, timeout: datetime.timedelta,
+                          torch_version: str) -> dict[str, Any]:
+    """torch.distributed.init_process_group keywords: env:// rendezvous, and for nccl the task's own
+    GPU as device_id (eager NCCL init on the right device), under the conditions DeepSpeed 0.19
+    uses (deepspeed/comm/torch.py): not at world size 1 (every later new_group would need a
+    peer for ncclCommSplit) and not on torch 2.6.x-2.7.0, where device_id can hang."""
+    from packaging.version import Version
+
+    options: dict[str, Any] = dict(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                   timeout=timeout)
+    if backend == "nccl" and world_size > 1 and not Version("2.6.0") < Version(torch_version) < Version("2.7.1"):
+        options["device_id"] = device
+    return options
 
 
 @dataclass
@@ -136,7 +157,8 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
     """Detect the launcher, export its variables, pick device + backend, start the process group.
 
     backend: "auto" (nccl if CUDA is available, else gloo), "gloo", "nccl" or "mpi".
-    timeout_s: collective timeout (default: DeepSpeed's, 30 min, or $DEEPSPEED_TIMEOUT minutes).
+    timeout_s: collective timeout (default: DeepSpeed's, 10 min, or $DEEPSPEED_TIMEOUT minutes).
+    Raises ValueError when SLURM allocated GPUs but torch sees no CUDA device.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
@@ -153,6 +175,12 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
     launch.export(env, environ)
 
     cuda = torch.cuda.is_available()
+    if not cuda and (given := launch.allocated_gpus(environ)):
+        build = (f"a CUDA {torch.version.cuda} build, but no device is usable: check the driver (nvidia-smi)"
+                 if torch.version.cuda else "a CPU-only build: install a CUDA build of torch "
+                 "(./install.sh --gpu, docs/hpc.md \"Installing on a cluster\")")
+        raise ValueError(f"SLURM allocated GPUs to this task ({given}) but torch {torch.__version__} sees no "
+                         f"CUDA device: {build}")
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
         if not cuda and env.rank == 0:  # said once, plainly: a GPU job that landed on CPU is slow, not broken
@@ -166,13 +194,14 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
         device = torch.device("cuda", device_rank)
 
     import deepspeed
+    from deepspeed.constants import default_pg_timeout
 
-    kwargs: dict[str, Any] = dict(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                  rank=env.rank, world_size=env.world_size)
-    if timeout_s is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(**kwargs)
+        timeout = default_pg_timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        torch_dist.init_process_group(**process_group_options(backend, device, env.rank, env.world_size, timeout,
+                                                              torch.__version__))
+    # DeepSpeed adopts the group that exists (its comm backend, cdb) instead of starting its own
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return Dist(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                 local_world_size=env.local_world_size, launcher=env.launcher, backend=backend,
                 device=device, device_rank=device_rank, _torch_dist=torch_dist)
@@ -181,13 +210,18 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
 def main(argv: list[str] | None = None) -> int:
     """`python -m hpc.dist`: print what this process sees (a launcher smoke test)."""
     env = launch.detect()
-    dist = init(backend=(argv or sys.argv[1:] or ["auto"])[0])
+    try:
+        dist = init(backend=(argv or sys.argv[1:] or ["auto"])[0])
+    except ValueError as exc:
+        print(f"hpc.dist: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     total = dist.all_reduce_sum(1.0)
     ranks = dist.gather_object(dist.rank)
+    places = dist.gather_object(f"{socket.gethostname()}:{dist.local_rank}/{dist.local_world_size}")
     if dist.is_main:
         print(f"launcher={env.launcher} world={dist.world_size} backend={dist.backend} "
-              f"sum={total:g} ranks={ranks} master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-              flush=True)
+              f"sum={total:g} ranks={ranks} master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+              f"local={','.join(places)}", flush=True)
     dist.shutdown()
     return 0
 

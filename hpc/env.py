@@ -170,6 +170,31 @@ def in_slurm_step(environ: Mapping[str, str] | None = None) -> bool:
     return step not in ("", "batch", "extern", "4294967294", "4294967295")
 
 
+# SLURM's GPU variables: lists of device indices ("0,1") or counts, optionally typed ("a100:4")
+GPU_INDEX_VARS = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+GPU_COUNT_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS")
+
+
+def allocated_gpus(environ: Mapping[str, str] | None = None) -> str | None:
+    """'NAME=VALUE' of the first SLURM variable that says this job or step was given GPUs, else None.
+
+    CUDA_VISIBLE_DEVICES alone does not count: sbatch exports the submitting shell's environment,
+    so a value set on a login node can reach a CPU job."""
+    environ = os.environ if environ is None else environ
+    if not environ.get("SLURM_JOB_ID"):
+        return None
+    for name in GPU_INDEX_VARS:
+        value = environ.get(name, "").strip()
+        if value and value.lower() not in ("nodevfiles", "none"):
+            return f"{name}={value}"
+    for name in GPU_COUNT_VARS:
+        value = environ.get(name, "").strip()
+        counts = [m.group(1) for item in value.split(",") if (m := re.search(r"(?:^|:)(\d+)$", item.strip()))]
+        if any(int(c) > 0 for c in counts):
+            return f"{name}={value}"
+    return None
+
+
 # ----------------------------------------------------------------------------- detect / export
 
 def _detect_torchrun(environ: Mapping[str, str]) -> LaunchEnv:
@@ -185,13 +210,28 @@ def _detect_torchrun(environ: Mapping[str, str]) -> LaunchEnv:
     )
 
 
+def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int | None:
+    """Tasks of this step (or job) on this node: SLURM_STEP_TASKS_PER_NODE[SLURM_NODEID]."""
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        counts = expand_tasks_per_node(per_node)
+        node = _int(environ, "SLURM_NODEID", default=0)
+        if node < len(counts):
+            return counts[node]
+    return None
+
+
 def _detect_mpi(environ: Mapping[str, str]) -> LaunchEnv:
     rank = _int(environ, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
     world = _int(environ, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
     local_rank = _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PALS_LOCAL_RANKID",
                       "SLURM_LOCALID", default=rank)
-    local_world = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PALS_LOCAL_SIZE",
-                       default=world if local_rank == rank else 1)
+    local_world = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PALS_LOCAL_SIZE", default=0)
+    if not local_world:
+        # srun --mpi=pmix|pmi2 sets only PMIX_RANK / PMI_RANK+PMI_SIZE: inside the step SLURM
+        # knows this node's share; without it (a bare PMI launcher) assume one node
+        slurm = _slurm_tasks_on_this_node(environ) if in_slurm_step(environ) else None
+        local_world = slurm or (world if local_rank == rank else 1)
     if environ.get("MASTER_ADDR"):
         addr = environ["MASTER_ADDR"]
     elif "SLURM_JOB_ID" in environ and _slurm_nodes(environ):
@@ -208,15 +248,7 @@ def _detect_slurm(environ: Mapping[str, str]) -> LaunchEnv:
     rank = _int(environ, "SLURM_PROCID")
     world = _int(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
     local_rank = _int(environ, "SLURM_LOCALID", default=0)
-    local_world = None
-    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
-    if per_node:
-        counts = expand_tasks_per_node(per_node)
-        node = _int(environ, "SLURM_NODEID", default=0)
-        if node < len(counts):
-            local_world = counts[node]
-    if local_world is None:
-        local_world = _int(environ, "SLURM_NTASKS_PER_NODE", default=world)
+    local_world = _slurm_tasks_on_this_node(environ) or _int(environ, "SLURM_NTASKS_PER_NODE", default=world)
     nodes = _slurm_nodes(environ)
     addr = environ.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1")
     return LaunchEnv("slurm", rank, world, local_rank, local_world, addr, _port(environ))

@@ -11,7 +11,8 @@ small interface (lower-case pickle-based calls only):
     comm.iprobe(source=ANY_SOURCE, tag=ANY_TAG, status=None)
 
 Launched under MPI without mpi4py is an error (no silent fallback to N independent jobs that
-would all write the same files).
+would all write the same files), and so is a world of one rank when the launcher started more:
+`srun --mpi=pmi2` with an MPI that speaks only PMIx (OpenMPI 5) starts N singletons.
 """
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRA
 def launched_by_mpi() -> bool:
     """True when an MPI launcher started this process (srun without PMI does not count)."""
     return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def launcher_size() -> int:
+    """How many ranks the launcher says it started (0 when it does not say)."""
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 class Status:
@@ -116,6 +125,12 @@ def world() -> Any:
     except ImportError as exc:
         raise ValueError(f"started by an MPI launcher but mpi4py cannot be imported ({exc}); "
                          "install mpi4py or run without mpirun") from None
+    expected = launcher_size()
+    if expected > 1 and MPI.COMM_WORLD.Get_size() == 1:
+        library = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+        raise ValueError(f"the launcher started {expected} ranks but MPI sees a world of 1 ({library}): the "
+                         "launcher's PMI does not match this MPI (OpenMPI 5 needs srun --mpi=pmix, not pmi2; "
+                         "see `srun --mpi=list` and docs/hpc.md)")
     return MPI.COMM_WORLD
 
 

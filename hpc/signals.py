@@ -10,6 +10,12 @@ it never raises into the middle of a collective or a checkpoint write. The loop 
 
 and the launcher (slurm/common.sh, or hpc.submit's checkpoint()) requeues the job on that
 exit code; the requeued job resumes from the checkpoint it finds.
+
+DataLoader workers. On `scancel` and on preemption (PreemptMode=REQUEUE) slurmstepd signals
+every process of the step, loader workers included; torch's workers die on SIGTERM, and the main
+process then raises "DataLoader worker (pid N) is killed by signal: Terminated" before it can
+checkpoint. `ignore_in_worker` (a DataLoader worker_init_fn) makes workers ignore the
+preemption signals; the main process checkpoints, then ends them as usual.
 """
 from __future__ import annotations
 
@@ -24,6 +30,16 @@ from typing import Iterable
 REQUEUE_EXIT_CODE = 75
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+WORKER_IGNORED = (*DEFAULT_SIGNALS, signal.SIGINT)  # Ctrl-C reaches the whole process group too
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader(worker_init_fn=ignore_in_worker): the worker ignores SIGUSR1/SIGTERM/SIGINT
+    (replacing torch's SIGTERM handler, which exits), so a preemption signal sent to every process
+    of the step reaches only the main process's Preemption flag. Workers still end when the
+    loader is closed, or by SIGKILL after SLURM's KillWait."""
+    for sig in WORKER_IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Preemption:

@@ -73,8 +73,11 @@ udean_launcher() {
         # --wait: UDEAN_SRUN_WAIT s after the first task ends, end the rest: a crashed rank cannot
         # leave the others hanging in a collective. Not --kill-on-bad-exit: it also fires on the
         # requeue exit code, killing ranks still tearing down and hiding the 75 from this shell.
+        # --cpus-per-task: srun does not inherit it from sbatch since SLURM 22.05; where tasks are
+        # bound to cores, a task would get one core for itself, its loader workers and threads.
         # shellcheck disable=SC2206
         UDEAN_LAUNCHER=(srun --kill-on-bad-exit=0 --wait="${UDEAN_SRUN_WAIT:-120}"
+                        ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}
                         ${UDEAN_SRUN_MPI:+--mpi=$UDEAN_SRUN_MPI} ${UDEAN_SRUN_ARGS:-})
     fi
 }
@@ -117,7 +120,9 @@ udean_finish() {
         udean_log "checkpointed; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
         # the requeued job starts again from the top of the script and resumes from the checkpoint
         scontrol requeue "$SLURM_JOB_ID" && exit 0
-        udean_log "scontrol requeue failed: resubmit by hand; training resumes from its checkpoint"
+        # fails when SLURM is already requeueing the job (PreemptMode=REQUEUE, an admin's requeue)
+        udean_log "scontrol requeue failed (if SLURM is requeueing the job itself, it comes back by itself;" \
+            "else resubmit: training resumes from its checkpoint)"
     fi
     exit "$rc"
 }

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from hpc.signals import ignore_in_worker
 from udean import checkpoint
 from udean.config import Config, TrainConfig, save as save_config
 from udean.data.sampler import UnpairedSampler
@@ -61,9 +62,10 @@ def patch_data(source: Sequence[str | os.PathLike], target: Sequence[str | os.Pa
 
 def data_loader(dataset: UnpairedPatches, sampler: UnpairedSampler, train: TrainConfig,
                 device: torch.device) -> DataLoader:
-    """The one DataLoader of training (one per epoch: the sampler sets where it starts)."""
+    """The one DataLoader of training (one per epoch: the sampler sets where it starts). Its
+    workers ignore the preemption signals, so only the main process checkpoints on them."""
     return DataLoader(dataset, batch_size=train.batch_size, sampler=sampler, num_workers=train.num_workers,
-                      pin_memory=device.type == "cuda", drop_last=False,
+                      pin_memory=device.type == "cuda", drop_last=False, worker_init_fn=ignore_in_worker,
                       generator=torch.Generator().manual_seed(train.seed))  # keep the global RNG untouched
 
 

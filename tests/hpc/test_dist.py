@@ -1,10 +1,12 @@
 """hpc.dist under real launchers: one process, mpirun -n 2, torchrun --nproc-per-node 2."""
+import os
 import subprocess
 import sys
 
 import pytest
 
-from hpc.dist import Dist, device_index, free_port
+from hpc.dist import Dist, device_index, free_port, process_group_options
+from hpc.env import allocated_gpus
 
 
 def run(cmd: list[str]) -> str:
@@ -46,3 +48,82 @@ def test_device_index(local_rank, local_world, visible, expected):
 def test_device_index_rejects_ambiguous_visibility():
     with pytest.raises(ValueError, match="one task per GPU"):
         device_index(3, 4, 2)
+
+
+def test_process_group_binds_the_tasks_own_gpu_not_local_rank():
+    """--gpus-per-task=1: LOCAL_RANK 3 sees one GPU, cuda:0. DeepSpeed's own init would pass
+    device_id=cuda:3; ours passes the device init() chose."""
+    import datetime
+
+    import torch
+
+    t = datetime.timedelta(minutes=1)
+    device = torch.device("cuda", device_index(local_rank=3, local_world_size=4, visible=1))
+    opts = process_group_options("nccl", device, rank=7, world_size=8, timeout=t, torch_version="2.13.0")
+    assert opts == dict(backend="nccl", init_method="env://", rank=7, world_size=8, timeout=t,
+                        device_id=torch.device("cuda", 0))
+    # gloo (CPU) never binds a device; nor does nccl at world size 1 or on torch 2.6.x-2.7.0
+    assert "device_id" not in process_group_options("gloo", torch.device("cpu"), 7, 8, t, "2.13.0")
+    assert "device_id" not in process_group_options("nccl", device, 0, 1, t, "2.13.0")
+    assert "device_id" not in process_group_options("nccl", device, 7, 8, t, "2.7.0")
+
+
+GROUP_ORDER = """
+import deepspeed.comm.comm as ds_comm, torch.distributed as td
+from hpc.dist import init
+assert not td.is_initialized() and ds_comm.cdb is None
+started = []
+original = td.init_process_group
+td.init_process_group = lambda *a, **k: (started.append(k), original(*a, **k))[1]
+dist = init("gloo")
+# one group, started by hpc.dist with its own keywords (DeepSpeed's would carry no init_method)
+assert len(started) == 1 and started[0]["init_method"] == "env://", started
+assert ds_comm.cdb is not None and ds_comm.cdb.is_initialized() and td.get_backend() == "gloo"
+world = td.group.WORLD
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")   # what deepspeed.initialize does: adopts ours
+assert td.group.WORLD is world and len(started) == 1
+print("ok", dist.rank, dist.world_size)
+dist.shutdown()
+"""
+
+
+def test_our_process_group_exists_before_deepspeed_and_is_adopted():
+    out = subprocess.run(["torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+                          "tests.hpc.run_code", GROUP_ORDER], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("ok")) == ["ok 0 2", "ok 1 2"]
+
+
+GPU_JOB = {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
+           "SLURM_LOCALID": "0", "SLURM_NODELIST": "n1"}
+
+
+def test_gpus_allocated_but_no_cuda_fails_in_one_line():
+    import torch
+
+    gpus = {"SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_GPUS": "0,1,2,3"}
+    assert not torch.cuda.is_available(), "this test is about a CPU-only torch"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_", "MASTER_", "LOCAL_"))}
+    out = subprocess.run([sys.executable, "-m", "hpc.dist"], env={**env, **GPU_JOB, **gpus},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "SLURM allocated GPUs" in errors[0] and "CPU-only build" in errors[0], out.stderr
+    assert "SLURM_JOB_GPUS=0,1,2,3" in errors[0]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SLURM_GPUS_PER_NODE": "0"}, None),  # sbatch --gpus-per-node=0 (the CPU test jobs)
+    ({"SLURM_GPUS_PER_NODE": "a100:0", "SLURM_JOB_GPUS": ""}, None),
+    ({"CUDA_VISIBLE_DEVICES": "0"}, None),  # exported from a login shell: not an allocation
+    ({"SLURM_GPUS_ON_NODE": "2"}, "SLURM_GPUS_ON_NODE=2"),
+    ({"SLURM_JOB_GPUS": "0"}, "SLURM_JOB_GPUS=0"),  # GPU index 0, not a count of 0
+    ({"SLURM_STEP_GPUS": "2,3", "SLURM_JOB_GPUS": "0,1,2,3"}, "SLURM_STEP_GPUS=2,3"),
+    ({"SLURM_GPUS_PER_NODE": "a100:4"}, "SLURM_GPUS_PER_NODE=a100:4"),
+    ({"SLURM_GPUS_PER_TASK": "1"}, "SLURM_GPUS_PER_TASK=1"),
+])
+def test_allocated_gpus(env, expected):
+    assert allocated_gpus({"SLURM_JOB_ID": "1", **env}) == expected
+    assert allocated_gpus(env) is None  # outside a SLURM job nothing counts

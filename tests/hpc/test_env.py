@@ -129,3 +129,34 @@ def test_inconsistent_environment_is_an_error():
         detect({"RANK": "4", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
     with pytest.raises(ValueError, match="not an integer"):
         detect({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
+
+
+def srun_pmi_task(rank: int, nodes: int, per_node: int, pmi: str) -> dict[str, str]:
+    """One task of `srun -N nodes --ntasks-per-node=per_node --mpi=pmix|pmi2`, as slurmstepd sets it:
+    the PMI variables carry only rank (and size); SLURM_* carry the node's share."""
+    n = nodes * per_node
+    env = {"SLURM_JOB_ID": "777", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(n),
+           "SLURM_STEP_NUM_TASKS": str(n), "SLURM_NODEID": str(rank // per_node),
+           "SLURM_LOCALID": str(rank % per_node), "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})",
+           "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})", "SLURM_STEP_NODELIST": f"n[1-{nodes}]",
+           "SLURM_JOB_NODELIST": f"n[1-{nodes}]"}
+    env.update({"PMIX_RANK": str(rank), "PMIX_NAMESPACE": "slurm.pmix.777.0"} if pmi == "pmix"
+               else {"PMI_RANK": str(rank), "PMI_SIZE": str(n), "PMI_FD": "5"})
+    return env
+
+
+@pytest.mark.parametrize("pmi", ["pmix", "pmi2"])
+@pytest.mark.parametrize("nodes, per_node", [(2, 4), (3, 2), (1, 4)])
+def test_srun_with_pmi_knows_the_local_share(pmi, nodes, per_node):
+    for rank in range(nodes * per_node):
+        env = detect(srun_pmi_task(rank, nodes, per_node, pmi))
+        assert (env.launcher, env.rank, env.world_size) == ("mpi", rank, nodes * per_node)
+        assert (env.local_rank, env.local_world_size, env.node_rank) == (rank % per_node, per_node, rank // per_node)
+        assert env.master_addr == "n1"
+
+
+def test_srun_with_pmi_uneven_nodes():
+    # srun -n 5 over 2 nodes: 3 + 2 tasks
+    env = detect({**srun_pmi_task(4, 2, 3, "pmix"), "SLURM_STEP_NUM_TASKS": "5", "SLURM_NTASKS": "5",
+                  "SLURM_STEP_TASKS_PER_NODE": "3,2", "SLURM_NODEID": "1", "SLURM_LOCALID": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (4, 5, 1, 2)

@@ -38,3 +38,11 @@ def test_scaling_submitter_validates_before_submitting():
     assert run().returncode == 2
     assert "UDEAN_DATA" in run("1", "2").stderr
     assert run("x", UDEAN_DATA="/d").returncode == 2
+
+
+@pytest.mark.parametrize("args, message", [(["--gpu", "--cpu"], "choose one"), (["--bogus"], "unknown option")])
+def test_install_rejects_bad_options_before_any_work(args, message, tmp_path):
+    out = subprocess.run(["bash", str(REPO / "install.sh"), *args], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "UDEAN_VENV": str(tmp_path / "venv")}, timeout=30)
+    assert out.returncode == 2 and message in out.stderr
+    assert not (tmp_path / "venv").exists()

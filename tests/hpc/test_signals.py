@@ -25,3 +25,44 @@ def test_signal_sets_flag_and_name():
 
 def test_requeue_code_is_not_a_signal_or_timeout_code():
     assert REQUEUE_EXIT_CODE not in (0, 1, 2, 124, 137, 143) and REQUEUE_EXIT_CODE < 128
+
+
+def _loader_through_sigterm(worker_init_fn) -> list[int]:
+    """Iterate a 2-worker DataLoader; halfway, SIGTERM every worker (what slurmstepd does to all
+    processes of the step on scancel / preemption); return what the main process got."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            time.sleep(0.01)
+            return i
+
+    got = []
+    it = iter(DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=worker_init_fn))
+    for batch in it:
+        got += batch.tolist()
+        if len(got) == 10:
+            for w in it._workers:
+                os.kill(w.pid, signal.SIGTERM)
+            time.sleep(0.5)  # let the signal land before the next fetch
+    return got
+
+
+def test_loader_workers_survive_the_preemption_signal():
+    from hpc.signals import ignore_in_worker
+
+    assert _loader_through_sigterm(ignore_in_worker) == list(range(40))
+
+
+def test_without_it_torch_workers_die_on_sigterm():
+    """What ignore_in_worker is for: torch's own worker handler exits on SIGTERM."""
+    import pytest
+
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        _loader_through_sigterm(None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc.submit import UdeanJob, build_parser, make_executor, parse_time, split_argv
+from hpc.submit import DEFAULTS, UdeanJob, build_parser, make_executor, parse_time, run_child, split_argv
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tests" / "hpc" / "jobs" / "preemptible.py"
@@ -56,6 +56,60 @@ def test_local_executor_parameters(tmp_path):
     assert ntasks == 2 and executor.cluster == "local"
     with pytest.raises(ValueError, match="--nodes"):
         make_executor(build_parser().parse_args(["train", "--local", "--nodes", "2", "--job-dir", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("command", ["train", "preprocess", "regenerate", "bench"])
+def test_help_per_job_shows_its_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    usage, text = " ".join(capsys.readouterr().out.split()).split("options:")
+    assert usage.startswith(f"usage: python -m hpc.submit {command}")
+    gpus, cpus = DEFAULTS[command]["gpus_per_node"], DEFAULTS[command]["cpus_per_task"]
+    assert f"(default: {gpus})" in text.split("--gpus-per-node GPUS_PER_NODE")[1].split("--tasks")[0]
+    assert f"(default: {cpus})" in text.split("--cpus-per-task CPUS_PER_TASK")[1].split("--mem-gb")[0]
+    assert ("--srun-mpi" in text) == (command in ("preprocess", "regenerate"))
+
+
+def test_train_defaults_follow_the_sbatch_script():
+    # slurm/train_udean.sh: one task per GPU, 4 GPUs and 8 CPUs per task
+    script = (REPO / "slurm" / "train_udean.sh").read_text()
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --cpus-per-task=8" in script
+    a = build_parser().parse_args(["train"])
+    assert (a.gpus_per_node, a.cpus_per_task, a.tasks_per_node) == (4, 8, None)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("sbatch"), reason="needs sbatch on PATH (CI installs SLURM)")
+def test_srun_gets_cpus_per_task(tmp_path):
+    """srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05) and submitit's srun line
+    does not carry it: the job gives it to both."""
+    executor, _ = make_executor(build_parser().parse_args(
+        ["train", "--cpus-per-task", "6", "--gpus-per-node", "2", "--job-dir", str(tmp_path)]))
+    params = executor._executor.parameters
+    assert params["cpus_per_task"] == 6 and "--cpus-per-task=6" in params["srun_args"]
+    executor, _ = make_executor(build_parser().parse_args(
+        ["preprocess", "--srun-mpi", "pmix", "--job-dir", str(tmp_path)]))
+    assert executor._executor.parameters["srun_args"] == ["--cpus-per-task=1", "--mpi=pmix"]
+
+
+def test_run_child_forwards_signals_and_returns_the_exit_code(tmp_path):
+    ready = tmp_path / "ready"
+    child = ("import pathlib, signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); "
+             f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+
+    def signal_when_ready():
+        deadline = time.time() + 30
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    before = signal.getsignal(signal.SIGUSR1)
+    sender = __import__("threading").Thread(target=signal_when_ready)
+    sender.start()
+    start = time.time()
+    assert run_child([sys.executable, "-c", child], forward=(signal.SIGUSR1,)) == 75
+    sender.join()
+    assert time.time() - start < 30 and signal.getsignal(signal.SIGUSR1) == before
+    assert run_child([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"]) == 128 + 9
 
 
 def test_local_job_preempted_requeued_resumed(tmp_path):
