@@ -7,6 +7,7 @@ setup(
     description="UDEAN: unsupervised degradation-adaptation 3D MRI super-resolution on HPC clusters",
     python_requires=">=3.10",
     packages=find_packages(include=["udean", "udean.*", "preprocessing", "preprocessing.*", "hpc", "hpc.*"]),
+    package_data={"udean": ["configs/*.yaml"]},  # --config paper|demo|tiny after any install
     install_requires=[
         # torch: on a machine without CUDA install the CPU wheel first (see install.sh);
         # an open range here would pull a multi-GB CUDA build.

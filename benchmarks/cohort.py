@@ -12,21 +12,18 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core, before numpy/scipy load
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import scipy
 
-from hpc.atomic import atomic_write_bytes
-from preprocessing.synthetic import nifti_gz_bytes, synth_subject
-
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, provenance, write_json  # noqa: E402
+from hpc.atomic import atomic_write_bytes  # noqa: E402
+from preprocessing.cohort import nifti_gz_bytes  # noqa: E402
+from preprocessing.synthetic import synth_subject  # noqa: E402
 
 
 def _timed(fn):
@@ -59,16 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "synthetic cohort: seconds per subject",
         "shape": list(shape), "voxel_mm": 0.7, "per_seed": rows, "mean": mean,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                    "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "provenance": provenance(argv),
         "note": "wall and process-CPU seconds; on a shared machine wall > CPU when cores are contended",
     }
-    out = Path(args.out)
-    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+    out = write_json(args.out, result)
 
     import matplotlib
 

@@ -1,12 +1,15 @@
 """What every benchmark writes besides its figures: provenance, the JSON file and a bar chart.
 
-    from benchmarks.common import RESULTS, provenance, write_json, bar_chart
+    from benchmarks.common import RESULTS, provenance, relative, write_json, bar_chart
 
 `provenance()` is the machine (CPU, cores, GPU, CUDA / cuDNN), package versions, git commit, date,
-command line and load average; a benchmark puts it under "provenance" in its JSON, so a figure
-is never separated from where and how it was measured. JSON is written atomically (temp file +
-rename: a benchmark killed mid-write leaves the previous result, not half a file). PNGs use
-matplotlib's Agg backend; without matplotlib the chart is skipped and said so, once.
+command line and load average; every benchmark puts it under "provenance" in its JSON, so a
+figure is never separated from where and how it was measured. Paths in results (the command's,
+data folders, figures) are written by `relative`: relative to the repository when inside it, so
+committed results do not carry the checkout location of the machine that made them. JSON is
+written atomically (temp file + rename: a benchmark killed mid-write leaves the previous result,
+not half a file). PNGs use matplotlib's Agg backend; without matplotlib the chart is skipped and
+said so, once.
 """
 from __future__ import annotations
 
@@ -23,12 +26,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # scripts run as `python benchmarks/x.py` import the project
-    sys.path.insert(0, str(REPO))
-
 RESULTS = REPO / "benchmarks" / "results"
 
-PACKAGES = ("torch", "deepspeed", "numpy", "h5py", "mpi4py", "scipy", "nibabel", "matplotlib")
+PACKAGES = ("torch", "deepspeed", "numpy", "h5py", "mpi4py", "scipy", "nibabel", "matplotlib", "SimpleITK")
+
+
+def relative(path: str | os.PathLike | None) -> str | None:
+    """`path` relative to the repository when it lies inside it (`key=/abs/path` too), else as given."""
+    if path is None:
+        return None
+    key, eq, value = str(path).rpartition("=")  # no "=": key and eq are empty
+    if Path(value).is_absolute():
+        try:
+            value = Path(os.path.abspath(value)).relative_to(REPO).as_posix()
+        except ValueError:
+            pass
+    return f"{key}{eq}{value}"
 
 
 def _cpu_name() -> str:
@@ -57,7 +70,9 @@ def _gpu() -> dict[str, Any] | None:
 
 
 def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Machine, versions, git commit, date, command and load: what every result JSON carries."""
+    """Machine, versions, git commit, date, command and load: what every result JSON carries.
+    argv: the benchmark's arguments when its main(argv) was called with some (the script is then
+    the caller's file); default: this process's command line. Paths are written `relative`."""
     import importlib.metadata as md
 
     versions: dict[str, Any] = {"python": platform.python_version()}
@@ -73,7 +88,7 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    argv = list(sys.argv if argv is None else argv)
+    argv = list(sys.argv) if argv is None else [sys._getframe(1).f_code.co_filename, *argv]
     threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(k)}
     return {
         "machine": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu": _cpu_name(),
@@ -82,7 +97,7 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "versions": versions,
         "git_commit": commit, "git_dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *argv]),
+        "command": shlex.join(relative(a) for a in [sys.executable, *argv]),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 

@@ -6,9 +6,10 @@ switched off at a time, each scored by `udean evaluate` beside tricubic and the 
     python benchmarks/demo_ablation.py --only demo no_warmup --jobs 1
 
 A variant is `udean train --config <demo>/config.yaml train.out=<work>/<name> KEY=VALUE ...`
-(the demo's exact config and data, plus the variant's overrides), then `udean evaluate` of its
-best checkpoint (highest val PSNR) on the demo's test subjects. `--jobs N` trains N variants at
-once with OMP_NUM_THREADS = cores / N. A variant whose results.json exists in <work> is reused.
+(the demo's exact config and data, plus the variant's overrides), then `udean.evaluate.evaluate`
+(what `udean evaluate` runs) of its best checkpoint (highest val PSNR) on the demo's test
+subjects. `--jobs N` trains N variants at once with OMP_NUM_THREADS = cores / N. A variant whose
+results.json exists in <work> is reused.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, bar_chart, provenance, write_json  # noqa: E402
+from benchmarks.common import RESULTS, bar_chart, provenance, relative, write_json  # noqa: E402
 
 # name -> (what it changes, overrides on top of the demo's config)
 VARIANTS = {
@@ -36,22 +37,26 @@ VARIANTS = {
 
 
 def run_variant(name: str, demo: Path, work: Path, threads: int) -> dict:
+    from rich.console import Console
+
+    from udean.commands import environment, executable
+    from udean.config import load
+    from udean.evaluate import evaluate
+
     out = work / name
     results = out / "eval" / "results.json"
     what, overrides = VARIANTS[name]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    udean = str(Path(sys.executable).parent / "udean")
     seconds = None
     if not results.exists():
         out.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        for cmd in ([udean, "train", "--config", str(demo / "config.yaml"), f"train.out={out / 'run'}", *overrides],
-                    [udean, "evaluate", "--config", str(demo / "config.yaml"), "--checkpoint", str(out / "run"),
-                     "--data", str(demo / "data"), "--out", str(out / "eval"), "--figures", "0"]):
-            with open(out / "log.txt", "a") as log:
-                rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        cmd = [executable("udean"), "train", "--config", str(demo / "config.yaml"), f"train.out={out / 'run'}", *overrides]
+        with open(out / "log.txt", "a") as log:
+            rc = subprocess.call(cmd, env=environment(threads, override=True), stdout=log, stderr=subprocess.STDOUT)
             if rc != 0:
-                raise RuntimeError(f"variant {name}: {' '.join(cmd[:2])} failed ({rc}); log: {out / 'log.txt'}")
+                raise RuntimeError(f"variant {name}: udean train failed ({rc}); log: {out / 'log.txt'}")
+            evaluate(load(demo / "config.yaml"), out / "run", demo / "data", out / "eval", figures=0,
+                     console=Console(file=log, width=120))
         seconds = round(time.perf_counter() - t, 1)
         (out / "seconds.txt").write_text(str(seconds))
     elif (out / "seconds.txt").exists():
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         ours = r["methods"]["UDEAN (ours)"]
         print(f"{r['name']:24s} {ours['psnr_mean']:.2f} dB {ours['ssim_mean']:.4f}", flush=True)
-    doc = {"provenance": provenance(argv), "demo": str(demo), "variants": rows}
+    doc = {"provenance": provenance(argv), "demo": relative(demo), "variants": rows}
     stem = RESULTS / f"demo_ablation_{args.tag}"
     write_json(stem.with_suffix(".json"), doc)
     from hpc.atomic import atomic_write_text

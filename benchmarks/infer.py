@@ -1,6 +1,7 @@
 """Whole-volume inference speed: a 160x160x128 LR volume -> 320x320x256 SR volume through
-`udean.infer.sliding_window` (the blended tiles `udean infer` and validation run) with the SR
-network (LR encoder + SR decoder) of the paper's configuration, thin-slab and 3D.
+`udean.infer.Inferer` (the sliding window `udean infer`, `udean evaluate` and validation run,
+configured by the `infer:` section) with the SR network (LR encoder + SR decoder) of the
+paper's configuration, thin-slab and 3D.
 
     # a GPU node (one GPU, a few minutes)
     python benchmarks/infer.py
@@ -36,11 +37,10 @@ PAPER_LR_SHAPE = (160, 160, 128)  # HCP 320x320x256 at 0.7 mm, x2 down: slice ax
 
 def sr_net(cfg, device: torch.device, bf16_weights: bool):
     """The inference network of the paper's configuration, random weights, eval mode."""
-    from udean.models.udean import SRNet, build
+    from udean.models.udean import build_sr
 
     torch.manual_seed(0)
-    gen, _ = build(cfg.model, slab=cfg.data.patches.slab)
-    net = SRNet(gen.lr_encoder, gen.sr_decoder, gen.image_skip).to(device).eval()
+    net = build_sr(cfg.model, slab=cfg.data.patches.slab).to(device).eval()
     if not bf16_weights:
         return net
     net = net.to(torch.bfloat16)
@@ -59,15 +59,16 @@ def tile_flops(cfg, device: torch.device) -> int:
 
 
 def run_point(cfg, lr: np.ndarray, device: torch.device, setup: str, tile_batch: int, repeats: int) -> dict[str, Any]:
-    from udean.infer import sliding_window, tile_count
+    from dataclasses import replace
+
+    from udean.infer import Inferer
 
     set_fp32_precision("tf32" if setup == "tf32" else "ieee")
     model = sr_net(cfg, device, bf16_weights=setup == "bf16_weights")
-    p = cfg.data.patches
-    kw = dict(slab=p.slab, patch=tuple(p.lr_size), overlap=0.25, slab_overlap=None, batch_size=tile_batch,
-              device=device, amp=setup == "bf16_autocast")
+    inferer = replace(Inferer.from_config(cfg.infer, cfg.data.patches, device), batch_size=tile_batch,
+                      amp=setup == "bf16_autocast")
     t = time.perf_counter()
-    sr = sliding_window(lr, model, **kw)
+    sr = inferer(lr, model)
     sync(device)
     first = time.perf_counter() - t
     if device.type == "cuda":
@@ -75,10 +76,10 @@ def run_point(cfg, lr: np.ndarray, device: torch.device, setup: str, tile_batch:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        sr = sliding_window(lr, model, **kw)
+        sr = inferer(lr, model)
         sync(device)
         times.append(time.perf_counter() - t)
-    tiles = tile_count(lr.shape, p.slab, tuple(p.lr_size), 0.25)
+    tiles = inferer.tiles(lr.shape)
     row = {"setup": setup, "tile_batch": tile_batch, "status": "ok", "first_call_s": first,
            "seconds_median": statistics.median(times), "seconds_min": min(times), "repeats": repeats,
            "tiles": tiles, "sr_shape": list(sr.shape), "sr_finite": bool(np.isfinite(sr).all())}
@@ -121,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     out = Path(args.out) if args.out else RESULTS / f"infer_{'gpu' if device.type == 'cuda' else 'cpu'}.json"
     lr = np.random.default_rng(0).random(args.lr_shape, dtype=np.float32)
+    window = load("paper").infer
     result: dict[str, Any] = {
-        "benchmark": "infer", "provenance": provenance(argv if argv is not None else sys.argv),
+        "benchmark": "infer", "provenance": provenance(argv),
         "settings": {"smoke": args.smoke, "lr_shape": list(args.lr_shape), "device": str(device),
-                     "tile_batches": args.tile_batches, "repeats": args.repeats, "overlap": 0.25,
-                     "slab_overlap": "slab - 1 (the inference default)",
+                     "tile_batches": args.tile_batches, "repeats": args.repeats, "overlap": window.overlap,
+                     "slab_overlap": window.slab_overlap if window.slab_overlap is not None else "slab - 1 (the default)",
                      "overrides": SMOKE_OVERRIDES if args.smoke else [], "config": "paper"},
         "runs": []}
     if args.smoke:

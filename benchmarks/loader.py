@@ -1,6 +1,6 @@
 """Data-loading speed: (source HR, target LR) patch pairs per second out of HDF5 shards, read by
-the training loop's own DataLoader (UnpairedPatches + UnpairedSampler, as udean/train.py builds
-it) with N workers, against what the training step consumes.
+the training loop's own DataLoader (`udean.train.patch_data` + `data_loader`, what training
+builds) with N workers, against what the training step consumes.
 
     # a GPU node: synthetic paper-size shards in $TMPDIR (or --data DIR with a manifest.json)
     python benchmarks/loader.py --workers 0 1 2 4 8 16 --step-json benchmarks/results/train_step_gpu.json
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, bar_chart, provenance, write_json  # noqa: E402
+from benchmarks.common import RESULTS, bar_chart, provenance, relative, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -55,18 +55,14 @@ def write_synthetic_shards(root: Path, n_shards: int, per_shard: int, slab: int,
     return paths["source"], paths["target"]
 
 
-def measure(source_paths, target_paths, batch: int, workers: int, batches: int, pin: bool,
-            seed: int = 0) -> dict[str, Any]:
+def measure(source_paths, target_paths, batch: int, workers: int, batches: int, device: torch.device) -> dict[str, Any]:
     """Pairs/s of the training DataLoader over `batches` batches after the first (startup apart)."""
-    from torch.utils.data import DataLoader
+    from udean.config import load
+    from udean.train import data_loader, patch_data
 
-    from udean.data.sampler import UnpairedSampler
-    from udean.data.shards import PatchShards, UnpairedPatches
-
-    source, target = PatchShards(source_paths), PatchShards(target_paths)
-    sampler = UnpairedSampler(len(source), len(target), batch, batches + 1, seed)
-    loader = DataLoader(UnpairedPatches(source, target), batch_size=batch, sampler=sampler, num_workers=workers,
-                        pin_memory=pin, drop_last=False, generator=torch.Generator().manual_seed(seed))
+    train = load("paper", [f"train.batch_size={batch}", f"train.num_workers={workers}", "train.seed=0"]).train
+    dataset, sampler = patch_data(source_paths, target_paths, train, steps_per_epoch=batches + 1)
+    loader = data_loader(dataset, sampler, train, device)
     t0 = time.perf_counter()
     it = iter(loader)
     y_s, x_t = next(it)
@@ -79,11 +75,11 @@ def measure(source_paths, target_paths, batch: int, workers: int, batches: int, 
         t = now
     total = sum(times)
     del it, loader
-    source.close()
-    target.close()
+    dataset.source.close()
+    dataset.target.close()
     return {"workers": workers, "batch": batch, "batches": len(times), "first_batch_s": first,
             "pairs_per_s": len(times) * batch / total, "batch_s_median": statistics.median(times),
-            "hr_shape": list(y_s.shape[1:]), "lr_shape": list(x_t.shape[1:]), "pinned": pin}
+            "hr_shape": list(y_s.shape[1:]), "lr_shape": list(x_t.shape[1:]), "pinned": device.type == "cuda"}
 
 
 def step_consumption(path: Path | None, batch: int) -> dict[str, float]:
@@ -128,15 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     # the step that consumes patches of the same size: the GPU run, or the smoke run for --smoke
     step_json = Path(args.step_json) if args.step_json else \
         RESULTS / ("train_step_cpu_smoke.json" if args.smoke else "train_step_gpu.json")
-    result: dict[str, Any] = {"benchmark": "loader", "provenance": provenance(argv if argv is not None else sys.argv),
-                              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "points": []}
+    result: dict[str, Any] = {"benchmark": "loader", "provenance": provenance(argv),
+                              "settings": {k: relative(v) if k in ("data", "step_json") else v
+                                           for k, v in vars(args).items() if k != "out"}, "points": []}
     with tempfile.TemporaryDirectory(prefix="udean-loader-") as tmp:
         if args.data:
             from preprocessing.manifest import load_manifest
 
             m = load_manifest(args.data)
             source_paths, target_paths = m.shard_paths("source"), m.shard_paths("target")
-            result["data"] = {"kind": "preprocessed", "path": str(args.data)}
+            result["data"] = {"kind": "preprocessed", "path": relative(args.data)}
         else:
             t = time.perf_counter()
             source_paths, target_paths = write_synthetic_shards(Path(tmp), args.shards, args.per_shard, slab, lr_size,
@@ -147,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                               "bytes": sum(p.stat().st_size for p in [*source_paths, *target_paths]),
                               "write_s": time.perf_counter() - t}
         for w in args.workers:
-            point = measure(source_paths, target_paths, args.batch, w, args.batches, pin=cuda)
+            point = measure(source_paths, target_paths, args.batch, w, args.batches,
+                            torch.device("cuda" if cuda else "cpu"))
             result["points"].append(point)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in point.items()}, flush=True)
     consumption = step_consumption(step_json, args.batch)
     if args.consumption:
         consumption["given"] = args.consumption
     best = max(p["pairs_per_s"] for p in result["points"])
-    result["consumption"] = {"source": str(step_json) if step_json.is_file() else None, "batch": args.batch,
+    result["consumption"] = {"source": relative(step_json) if step_json.is_file() else None, "batch": args.batch,
                              "step_patches_per_s": consumption,
                              "keeps_up": {k: best >= v for k, v in consumption.items()},
                              "best_loader_pairs_per_s": best}

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -20,11 +18,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from preprocessing.config import DataConfig
-from preprocessing.discover import HCP_T1W, Subject
-from preprocessing.subject import process
-
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, provenance, write_json  # noqa: E402
+from preprocessing.config import DataConfig  # noqa: E402
+from preprocessing.discover import HCP_T1W, Subject  # noqa: E402
+from preprocessing.subject import process  # noqa: E402
+from udean.commands import environment, executable, mpirun  # noqa: E402
 
 
 def head(shape, seed=0) -> np.ndarray:
@@ -75,24 +74,22 @@ def bench_stages(root: Path, shape, out: Path) -> dict:
         cfg = DataConfig(root=str(root), out=str(out), mode=mode)
         sub = Subject("100000", str(root / HCP_T1W.format(subject="100000")), group)
         r = process(sub, cfg, out)
-        assert r["row"]["status"] == "ok", r["row"]["error"]
-        res[f"{group}/{mode}"] = {"total_s": r["row"]["seconds"], **{k: round(v, 3) for k, v in r["timings"].items()},
-                                  "n_patches": r["row"]["patches"]}
+        assert r.row.status == "ok", r.row.error
+        res[f"{group}/{mode}"] = {"total_s": r.row.seconds, **{k: round(v, 3) for k, v in r.timings.items()},
+                                  "n_patches": r.row.patches}
     return res
 
 
 def bench_rate(root: Path, work: Path, n: int) -> dict:
     res = {}
-    bin_ = Path(sys.executable).parent
     for ranks in (1, 2):
         out = work / f"rate{ranks}"
-        cmd = [str(bin_ / "udean"), "preprocess", "--data-root", str(root), "--out", str(out), "--no-progress",
+        cmd = [executable("udean"), "preprocess", "--data-root", str(root), "--out", str(out), "--no-progress",
                "data.split.preset=counts", f"data.split.counts=[0,{n},0,0]"]
         if ranks > 1:
-            cmd = [str(bin_ / "mpirun"), "--oversubscribe", "-n", str(ranks), "-x", "OMP_NUM_THREADS=1", *cmd]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+            cmd = [*mpirun(ranks), "-x", "OMP_NUM_THREADS=1", *cmd]
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, capture_output=True)
+        subprocess.run(cmd, check=True, env=environment(1, override=True), capture_output=True)
         dt = time.perf_counter() - t
         res[str(ranks)] = {"seconds": round(dt, 2), "subjects": n, "subjects_per_min": round(n / dt * 60, 2)}
     return res
@@ -109,8 +106,7 @@ def main() -> None:
         big = tmp / "big"
         path = write_subject(big, "100000", tuple(args.shape), 0)
         result = {
-            "machine": {"node": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                        "numpy": np.__version__, "platform": platform.platform()},
+            "provenance": provenance(),
             "shape": list(args.shape),
             "gzip": bench_gzip(path),
             "stages": bench_stages(big, tuple(args.shape), tmp / "stages"),
@@ -121,8 +117,7 @@ def main() -> None:
             write_subject(small, str(100000 + i), rate_shape, i)
         result["rate_shape"] = list(rate_shape)
         result["rate"] = bench_rate(small, tmp, args.subjects)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "preprocess.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(RESULTS / "preprocess.json", result)
     try:
         import matplotlib
 

@@ -12,26 +12,23 @@ checkpoints, baseline weights are cached under <out>/runs/<hash of config + budg
                 (`preprocessing.driver.preprocess`): unpaired, misaligned (same target / val /
                 test subjects, II-C) and "realistic" (unpaired, target LR with partial Fourier,
                 elliptical k-space and noise: the acquisition effects truncation misses)
-  2. train      UDEAN (`udean train`, DeepSpeed) on each data set; the baselines of
-                udean/baselines with the same budget (optimiser steps x batch, Adam, cosine LR)
-  3. evaluate   `udean.evaluate.evaluate_volumes` on the test volumes (the evaluator of
+  2. train      every method by `udean.baselines.methods.train_methods` (the registry: what
+                trains on what, seeded, cached): UDEAN (`udean train`, DeepSpeed) on each data set,
+                the baselines of udean/baselines with the same budget (optimiser steps x batch,
+                Adam, cosine LR)
+  3. evaluate   `udean.evaluate.Evaluator` on the test volumes (the evaluator of
                 `udean evaluate`), tricubic from there too; figures by `udean.figures`
   4. report     Table I, Table II and the shift study as Markdown + JSON with the paper's
                 numbers beside ours; Fig. 3 / 4-style PNGs with error maps
 
 Outputs: <results>/quality_<tag>.{md,json} and quality_<tag>_fig3.png / _fig4.png, with the
-machine, date and command in the JSON and the Markdown.
+provenance (machine, versions, date, command; benchmarks.common) in the JSON and the Markdown.
+The sliding window is the config's `infer:` section (e.g. `infer.batch_size=32`).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
-import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,9 +36,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, provenance, relative  # noqa: E402
 
 # the paper's Tables I and II: (SSIM mean, std, PSNR mean, std)
 PAPER = {
@@ -112,28 +109,6 @@ PROTOCOLS = {
 
 
 # --------------------------------------------------------------------------- helpers
-def machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import SimpleITK as sitk
-
-        info["simpleitk"] = sitk.Version_VersionString()
-    except ImportError:  # pragma: no cover
-        pass
-    return info
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
 class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -155,18 +130,15 @@ def make_data(args, proto: Protocol, out: Path, console) -> dict:
     base = list(proto.overrides) + list(args.overrides)
     first = load(proto.config, base)
     if proto.shape is not None and not args.root:
-        from preprocessing.synthetic import write_cohort
+        from preprocessing.cohort import cohort_ready, write_cohort
 
         shape = tuple(args.shape or proto.shape)
         n = sum(first.data.split.counts) if first.data.split.preset == "counts" else None
         if n is None:
             raise ValueError("a synthetic cohort needs data.split.preset=counts")
-        files = sorted(root.glob("*/unprocessed/3T/T1w_MPR1/*.nii.gz"))
-        marker = root / "shape.json"
-        if len(files) != n or not marker.is_file() or json.loads(marker.read_text()) != list(shape):
+        if not cohort_ready(root, n, shape):
             console.print(f"cohort: {n} synthetic subjects {shape} -> {root}")
             write_cohort(root, n, shape, seed=first.data.split.seed, progress=False)
-            marker.write_text(json.dumps(list(shape)))
     elif not args.root:
         raise ValueError(f"--protocol {args.protocol} needs --root (the HCP folder)")
     # 0.7 mm (HCP); a flat root is read as it is
@@ -178,11 +150,11 @@ def make_data(args, proto: Protocol, out: Path, console) -> dict:
             continue
         t = time.perf_counter()
         summary = preprocess(cfg.data, progress=False)
-        if summary["failed"]:
+        if summary.failed:
             from preprocessing.manifest import load_manifest
 
             bad = load_manifest(cfg.data.out).failed()
-            raise RuntimeError(f"preprocessing {name}: {len(bad)} subject(s) failed: {bad[0]['error']}")
+            raise RuntimeError(f"preprocessing {name}: {len(bad)} subject(s) failed: {bad[0].error}")
         console.print(f"data {name}: {cfg.data.out} ({time.perf_counter() - t:.1f} s)", highlight=False)
         Path(cfg.data.out).mkdir(parents=True, exist_ok=True)
         save(cfg, Path(cfg.data.out) / "quality_config.yaml")
@@ -190,166 +162,35 @@ def make_data(args, proto: Protocol, out: Path, console) -> dict:
     return cfgs
 
 
-# --------------------------------------------------------------------------- stage 2: train
-def budget_of(cfg, steps: int, device: torch.device):
-    from preprocessing.manifest import load_manifest
-    from udean.baselines.loop import Budget
-
-    t = cfg.train
-    if steps <= 0:  # the paper: epochs x one pass over the target LR patches
-        n = sum(s["patches"] for s in load_manifest(cfg.data.out).shards if s["group"] == "target")
-        steps = t.epochs * max(1, n // t.batch_size)
-    return Budget(steps=steps, batch_size=t.batch_size, lr=t.lr, lr_min=t.lr_min, betas=tuple(t.betas), eps=t.eps,
-                  seed=t.seed, device=str(device))
-
-
-def runs_dir(out: Path, cfg, budget, proto: Protocol) -> Path:
-    """<out>/runs/<hash>: trained weights are reused only for the same config, budget and protocol."""
-    key = {"config": cfg.to_dict(), "budget": budget.__dict__, "registration": proto.registration_iterations}
-    return out / "runs" / hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def train_udean(cfg, run: Path, budget, console) -> Path:
-    """`udean train` in a subprocess (DeepSpeed, one process) into `run`, with the shared budget."""
-    from udean.config import save
-
-    run.mkdir(parents=True, exist_ok=True)
-    conf = run.parent / f"{run.name}.yaml"
-    save(cfg, conf)
-    cmd = [str(Path(sys.executable).parent / "udean"), "train", "--config", str(conf), f"train.out={run}", "train.epochs=1",
-           f"train.steps_per_epoch={budget.steps}", f"train.checkpoint_every={budget.steps}", "train.val_every=1",
-           "train.val_subjects=1"]
-    console.print(f"[dim]$ {shlex.join(cmd)}[/]", highlight=False)
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    (run.parent / f"{run.name}.log").write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        raise RuntimeError(f"udean train failed ({res.returncode}); log: {run.parent / f'{run.name}.log'}\n"
-                           + (res.stdout + res.stderr)[-3000:])
-    return run
-
-
-def cached(path: Path, module: torch.nn.Module, train: Callable[[], list], device, info: dict) -> torch.nn.Module:
-    """Train `module` unless `path` holds its weights; `info` (filled by `train` and here: time,
-    first / last losses) is saved beside the weights and restored with them. Returns the module
-    in eval mode on `device`."""
-    side = path.with_suffix(".json")
-    if path.is_file() and side.is_file():
-        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-        info.update(json.loads(side.read_text()), cached=True)
-        return module.to(device).eval()
-    t = time.perf_counter()
-    history = train()
-    info.update(train_seconds=round(time.perf_counter() - t, 2), first=history[0], last=history[-1], steps=len(history))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": module.state_dict()}, path)
-    side.write_text(json.dumps(info, indent=1))
-    return module.to(device).eval()
-
-
-def train_all(cfgs: dict, budget, proto: Protocol, out: Path, device, console, progress) -> tuple[dict, dict]:
-    """Every method trained -> ({key: SR network (LR tiles -> SR tiles)}, {key: info})."""
-    from preprocessing.config import DegradationConfig
-    from preprocessing.manifest import load_manifest
-    from udean.baselines import pairs
-    from udean.baselines.cyclegan import CycleGANSR
-    from udean.baselines.dasr import DASR
-    from udean.baselines.supervised import SupervisedTSRCAN
-    from udean.infer import load_sr_model
-
-    unp, mis = cfgs["unpaired"], cfgs["misaligned"]
-    m_unp, m_mis = load_manifest(unp.data.out), load_manifest(mis.data.out)
-    slab, model, loss = unp.data.patches.slab, unp.model, unp.loss
-    runs = runs_dir(out, unp, budget, proto)
-    nets: dict = {}
-    info: dict = {}
-
-    def fresh(cls, *a, **k):
-        torch.manual_seed(budget.seed)  # every method starts from the same seeded initialisation
-        return cls(model, slab, *a, alpha=loss.alpha, window=loss.ssim_window, **k)
-
-    def supervised(key: str, make_pairs: Callable[[], tuple]) -> None:
-        net = fresh(SupervisedTSRCAN)
-
-        def train():
-            lr, hr = make_pairs()
-            info.setdefault(key, {})["pairs"] = int(len(lr))
-            return net.fit(lr, hr, budget, progress=progress(key, budget.steps))
-
-        nets[key] = cached(runs / f"{key}.pt", net, train, device, info.setdefault(key, {}))
-
-    def unsupervised(key: str, cls, m) -> None:
-        net = fresh(cls)
-        lr_t, hr_s = pairs.unpaired_pools(m)
-        nets[key] = cached(runs / f"{key}.pt", net, lambda: net.fit(lr_t, hr_s, budget, progress=progress(key, budget.steps)),
-                           device, info.setdefault(key, {}))
-
-    # Table I: supervised benchmarks
-    supervised("b1", lambda: pairs.misaligned_pairs(m_mis))
-
-    def registered():
-        console.print("registering moved HR to LR (SimpleITK, Mattes MI, Euler3D)")
-        lr, hr, reports = pairs.registered_pairs(m_mis, iterations=proto.registration_iterations)
-        info.setdefault("b2", {})["registration"] = reports
-        return lr, hr
-
-    supervised("b2", registered)
-    supervised("b3", lambda: pairs.nearest_pairs(pairs.unpaired_pools(m_unp)[1]))
-    # Table II: unsupervised peers on unpaired and misaligned data
-    unsupervised("cyclegan_unp", CycleGANSR, m_unp)
-    unsupervised("dasr_unp", DASR, m_unp)
-    unsupervised("cyclegan_mis", CycleGANSR, m_mis)
-    unsupervised("dasr_mis", DASR, m_mis)
-    # UDEAN itself, the same budget
-    for key, name in (("udean_unp", "unpaired"), ("udean_mis", "misaligned"), ("udean_real", "realistic")):
-        if name not in cfgs:
-            continue
-        t = time.perf_counter()
-        run = train_udean(cfgs[name], runs / f"udean_{name}", budget, console)
-        nets[key], _ = load_sr_model(run, device)
-        info[key] = {"train_seconds": round(time.perf_counter() - t, 2), "run": str(run)}
-    # degradation-shift study: supervised on synthetic pairs made with each training degradation
-    if "realistic" in cfgs:
-        supervised("sup_kspace", lambda: pairs.degraded_pairs(m_unp, DegradationConfig(**m_unp.config["degradation"])))
-        real = load_manifest(cfgs["realistic"].data.out)
-        supervised("sup_real", lambda: pairs.degraded_pairs(m_unp, DegradationConfig(**real.config["degradation"])))
-    return nets, info
-
-
 # --------------------------------------------------------------------------- stage 3/4: evaluate, report
-def evaluate(cfgs: dict, nets: dict, budget, args, out: Path, device, console, info: dict) -> dict:
+def evaluate(cfgs: dict, nets: dict, budget, args, device, console, info: dict) -> dict:
+    """Every trained network, tricubic and ZSSR by the suite's `Evaluator` on the test volumes."""
     from preprocessing.manifest import load_manifest
-    from preprocessing.shards import read_volume
     from udean.baselines.zssr import ZSSR
-    from udean.evaluate import canonical, evaluate_volumes, tricubic
-    from udean.infer import super_resolve
+    from udean.evaluate import Evaluator, tricubic
+    from udean.infer import Inferer
 
     unp = cfgs["unpaired"]
-    patches = unp.data.patches
-    window = dict(batch_size=args.batch_size, device=device)
-
-    def network(net):
-        return lambda v: super_resolve(v["lr"], net, patches, slice_axis=int(v["slice_axis"]), **window)
-
-    zssr = ZSSR(unp.model, patches.slab, tuple(patches.lr_size), budget, unp.loss.alpha, unp.loss.ssim_window)
+    inferer = Inferer.from_config(unp.infer, unp.data.patches, device)
+    zssr = ZSSR(unp.model, budget, inferer, unp.loss.alpha, unp.loss.ssim_window)
 
     def zssr_fn(v):
         t = time.perf_counter()
-        out_ = zssr.super_resolve(v["lr"], patches, int(v["slice_axis"]), **window)
+        out_ = zssr(v)
         info.setdefault("zssr", {}).setdefault("train_seconds", 0.0)
         info["zssr"]["train_seconds"] = round(info["zssr"]["train_seconds"] + time.perf_counter() - t, 2)
-        info["zssr"].setdefault("per_volume", []).append({"subject": v["subject"], "first": zssr.histories[-1][0],
+        info["zssr"].setdefault("per_volume", []).append({"subject": v.subject, "first": zssr.histories[-1][0],
                                                           "last": zssr.histories[-1][-1]})
         return out_
 
-    methods: dict[str, Callable] = {"tricubic": lambda v: tricubic(v["lr"], v["hr"].shape)}
+    methods: dict[str, Callable] = {"tricubic": lambda v: tricubic(v.lr, v.hr.shape)}
     for key in TABLE_I + TABLE_II + ["sup_kspace", "sup_real", "udean_real"]:
         if key in nets and key not in methods:
-            methods[key] = network(nets[key])
+            methods[key] = lambda v, net=nets[key]: inferer(v.lr, net)
     methods["zssr"] = zssr_fn
 
     def volumes(cfg):
-        paths = load_manifest(cfg.data.out).volume_paths("test")
-        return [canonical(read_volume(p)) for p in paths[: args.limit or None]]
+        return load_manifest(cfg.data.out).volume_paths("test")[: args.limit or None]
 
     shown: dict = {}
 
@@ -358,12 +199,12 @@ def evaluate(cfgs: dict, nets: dict, budget, args, out: Path, device, console, i
             shown.update(vol=vol, preds=preds, scores=scores)
 
     console.print(f"evaluating {len(methods)} methods on the test volumes")
-    results = {"kspace": {r.name: r for r in evaluate_volumes(volumes(unp), methods, region=args.region,
-                                                             window=unp.loss.ssim_window, on_volume=keep_first)}}
+    window = unp.loss.ssim_window
+    results = {"kspace": {r.name: r for r in Evaluator(methods, region=args.region, window=window).run(
+        volumes(unp), on_volume=keep_first)}}
     if "realistic" in cfgs:
-        shift_methods = {k: methods[k] for k, _ in SHIFT if k in methods}
-        results["realistic"] = {r.name: r for r in evaluate_volumes(volumes(cfgs["realistic"]), shift_methods,
-                                                                    region=args.region, window=unp.loss.ssim_window)}
+        shift = Evaluator({k: methods[k] for k, _ in SHIFT if k in methods}, region=args.region, window=window)
+        results["realistic"] = {r.name: r for r in shift.run(volumes(cfgs["realistic"]))}
     return {"results": results, "shown": shown}
 
 
@@ -375,17 +216,16 @@ def row(r, key: str) -> dict:
             "paper": None if p is None else {"ssim_mean": p[0], "ssim_std": p[1], "psnr_mean": p[2], "psnr_std": p[3]}}
 
 
-def pm(m: float, s: float, digits: int) -> str:
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def markdown(doc: dict) -> str:
+    from udean.evaluate import pm
+
     meta = doc["meta"]
+    prov = meta["provenance"]
+    gpu = prov["machine"]["gpu"]
     lines = [f"# Quality benchmark: Tables I and II (`--protocol {meta['protocol']}`)", "",
-             f"- date: {meta['date']}", f"- machine: {meta['machine']['platform']}, {meta['machine']['cpus']} CPUs, "
-             f"device `{meta['machine']['device']}`" + (f" ({meta['machine']['gpu']})" if "gpu" in meta["machine"] else "")
-             + f", torch {meta['machine']['torch']}",
-             f"- command: `{meta['command']}`", f"- wall time: {meta['seconds']:.0f} s",
+             f"- date: {prov['date']}", f"- machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
+             f"device `{meta['device']}`" + (f" ({gpu['name']})" if gpu else "") + f", torch {prov['versions']['torch']}",
+             f"- command: `{prov['command']}`", f"- wall time: {meta['seconds']:.0f} s",
              f"- data: synthetic cohort {meta['shape']} voxels (0.7 mm), source/target/val/test = "
              f"{'/'.join(map(str, meta['split']))}; test subjects scored: {meta['test_subjects']}; region: {meta['region']}"
              if meta.get("shape") else f"- data: {meta['root']}",
@@ -435,21 +275,19 @@ def markdown(doc: dict) -> str:
 
 
 def figures(shown: dict, results_dir: Path, tag: str) -> list[str]:
-    from udean.figures import comparison_figure
+    from udean.figures import volume_figure
 
     if not shown:
         return []
     vol, preds, scores = shown["vol"], shown["preds"], shown["scores"]
     out = []
     for name, keys in (("fig3", ["tricubic", *TABLE_I]), ("fig4", TABLE_II)):
-        panels = {NAMES[k].replace(" with ", "\n").replace(" LR and HR", "").replace(" HR and LR", ""): preds[k]
-                  for k in keys if k in preds}
-        sc = {NAMES[k].replace(" with ", "\n").replace(" LR and HR", "").replace(" HR and LR", ""):
-              (scores[k]["psnr"], scores[k]["ssim"]) for k in keys if k in scores}
+        label = {k: NAMES[k].replace(" with ", "\n").replace(" LR and HR", "").replace(" HR and LR", "") for k in keys}
         png = results_dir / f"quality_{tag}_{name}.png"
-        comparison_figure(vol["hr"], panels, png, lr=vol["lr"], mask=vol.get("mask"), scores=sc,
-                          title=f"{vol['subject']} (test): {'Table I' if name == 'fig3' else 'Table II'} methods, x2x2x2")
-        out.append(str(png))
+        volume_figure(vol, {label[k]: preds[k] for k in keys if k in preds}, png,
+                      scores={label[k]: scores[k] for k in keys if k in scores},
+                      title=f"{vol.subject} (test): {'Table I' if name == 'fig3' else 'Table II'} methods, x2x2x2")
+        out.append(relative(png))
     return out
 
 
@@ -467,7 +305,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="score only the first N test volumes (0: all)")
     p.add_argument("--region", choices=("volume", "bbox"), default="volume")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8, help="sliding-window tiles per forward pass")
     p.add_argument("--skip-shift", action="store_true", help="no degradation-shift study")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_args(argv)
@@ -478,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hpc.atomic import atomic_write_text
+    from udean.baselines.methods import budget_of, runs_dir, train_methods
     from udean.infer import pick_device
 
     args = parse(argv)
@@ -507,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(task, completed=done, loss=" ".join(f"{k} {v:.3f}" for k, v in list(rec.items())[:3]))
             return update
 
-        nets, info = timer.run("train", lambda: train_all(cfgs, budget, proto, out, device, console, progress))
-    ev = timer.run("evaluate", lambda: evaluate(cfgs, nets, budget, args, out, device, console, info))
+        runs = runs_dir(out / "runs", unp, budget, registration=proto.registration_iterations)
+        nets, info = timer.run("train", lambda: train_methods(
+            cfgs, budget, runs, device, registration_iterations=proto.registration_iterations, progress=progress,
+            console=console))
+    ev = timer.run("evaluate", lambda: evaluate(cfgs, nets, budget, args, device, console, info))
     res = ev["results"]
 
     ks = res["kspace"]
@@ -526,12 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     doc["figures"] = figures(ev["shown"], results_dir, tag)
     timer.seconds["total"] = round(time.perf_counter() - t0, 1)
     doc["meta"] = {
-        "protocol": args.protocol, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["quality.py", *argv]),
-        "machine": machine(device), "seconds": timer.seconds["total"], "stages": timer.seconds,
-        "shape": list(args.shape or proto.shape) if proto.shape and not args.root else None, "root": args.root,
+        "protocol": args.protocol, "provenance": provenance(argv), "device": str(device),
+        "seconds": timer.seconds["total"], "stages": timer.seconds,
+        "shape": list(args.shape or proto.shape) if proto.shape and not args.root else None, "root": relative(args.root),
         "split": list(unp.data.split.counts), "test_subjects": len(next(iter(ks.values())).subjects),
-        "region": args.region, "budget": {k: v for k, v in budget.__dict__.items()},
+        "region": args.region, "budget": budget.to_dict(),
         "model": {k: v for k, v in unp.model.model_dump().items()}, "patches": unp.data.patches.model_dump(),
         "realistic_degradation": REALISTIC, "config": unp.to_dict()}
     js, md = results_dir / f"quality_{tag}.json", results_dir / f"quality_{tag}.md"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -28,24 +27,12 @@ if str(REPO) not in sys.path:
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def _mpirun(n: int) -> list[str]:
-    """mpirun for n local ranks (root-safe, oversubscribe-safe), from the venv if it has one."""
-    exe = Path(sys.executable).parent / "mpirun"
-    return [str(exe) if exe.exists() else "mpirun", "--oversubscribe", "-n", str(n)]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env.setdefault("OMP_NUM_THREADS", "1")  # one core per rank: 1 rank vs 2 ranks is 1 core vs 2
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def _run(cmd: list[str]) -> None:
+    from udean.commands import environment
+
     print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=_env(), cwd=REPO)
+    # one core per rank: 1 rank vs 2 ranks is 1 core vs 2
+    subprocess.run(cmd, check=True, env=environment(1), cwd=REPO)
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -82,6 +69,8 @@ def cmd_all(args: argparse.Namespace, rest: list[str]) -> int:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-preprocess", action="store_true")
     a = p.parse_args(rest)
+    from udean.commands import mpirun
+
     work = Path(a.work)
     py = [sys.executable, str(Path(__file__).resolve())]
     if not a.skip_train:
@@ -99,7 +88,7 @@ def cmd_all(args: argparse.Namespace, rest: list[str]) -> int:
             for mode in ("weak", "strong"):
                 for n in a.ranks:
                     out = work / "train_points" / f"r{r}"
-                    _run(_mpirun(n) + py + ["train", "--data", str(data), "--config", a.train_config, "--mode", mode,
+                    _run(mpirun(n) + py + ["train", "--data", str(data), "--config", a.train_config, "--mode", mode,
                                             "--batch", str(a.batch), "--steps", str(a.steps), "--backend", "gloo",
                                             "--out", str(out)])
                     runs.setdefault((mode, n), []).append(

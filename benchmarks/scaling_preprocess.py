@@ -28,11 +28,13 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from benchmarks.common import relative  # noqa: E402
 
 HCP_SUBJECTS = 1113
 GROUPS = ("source", "target", "val", "test")
@@ -89,7 +91,7 @@ def cohort_costs(per_group: dict[str, list[float]], counts: dict[str, int]) -> l
 
 # --------------------------------------------------------------------------- measurement
 def _cohort(a: argparse.Namespace) -> Path:
-    from preprocessing.synthetic import write_cohort
+    from preprocessing.cohort import write_cohort
 
     root = Path(a.work) / f"cohort_{a.subjects}_{'x'.join(map(str, a.shape))}"
     stamp = root / ".complete"
@@ -103,22 +105,22 @@ def _cohort(a: argparse.Namespace) -> Path:
 def _launch(a: argparse.Namespace, n: int) -> list[str]:
     if a.launcher == "srun":
         return ["srun", "--kill-on-bad-exit=1", "-n", str(n)]
-    from benchmarks.scaling import _mpirun
+    from udean.commands import mpirun
 
-    return _mpirun(n)
+    return mpirun(n)
 
 
 def run_once(a: argparse.Namespace, cohort: Path, n: int, counts: list[int]) -> dict:
-    from benchmarks.scaling import _env
+    from udean.commands import environment, executable
 
     out = Path(a.work) / f"out_n{n}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = _launch(a, n) + [str(Path(sys.executable).parent / "udean"), "preprocess", "--config", a.config,
+    cmd = _launch(a, n) + [executable("udean"), "preprocess", "--config", a.config,
                            "--data-root", str(cohort), "--out", str(out), "--no-progress",
                            "data.split.preset=counts", f"data.split.counts={json.dumps(counts, separators=(',', ':'))}"]
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=_env(), cwd=REPO)
+    subprocess.run(cmd, check=True, env=environment(1), cwd=REPO)
     wall = time.perf_counter() - t0
     load = list(os.getloadavg())
     rows = [json.loads(x) for x in (out / "logs" / "preprocess.jsonl").read_text().splitlines() if x.strip()]
@@ -135,7 +137,7 @@ def run_once(a: argparse.Namespace, cohort: Path, n: int, counts: list[int]) -> 
             "imbalance": max(busy) / (sum(busy) / n) if sum(busy) else 1.0,
             "peak_rss_mb_one_rank": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "rows": [{k: r[k] for k in ("id", "group", "rank", "seconds", "time", "timings")} for r in rows],
-            "loadavg": load, "command": " ".join(cmd)}
+            "loadavg": load, "command": " ".join(relative(c) for c in cmd)}
 
 
 def manifest_write_s(out: Path, n_rows: int, repeats: int = 3) -> float:
@@ -150,8 +152,8 @@ def manifest_write_s(out: Path, n_rows: int, repeats: int = 3) -> float:
     m = load_manifest(out)
     with tempfile.TemporaryDirectory() as d:
         big = Manifest(Path(d), m.config, m.config_hash)
-        big.subjects = [dict(m.subjects[i % len(m.subjects)], id=f"{i:06d}") for i in range(n_rows)]
-        big.shards = [dict(m.shards[i % len(m.shards)], subject=f"{i:06d}", path=f"s/{i:06d}.h5")
+        big.subjects = [replace(m.subjects[i % len(m.subjects)], id=f"{i:06d}") for i in range(n_rows)]
+        big.shards = [replace(m.shards[i % len(m.shards)], subject=f"{i:06d}", path=f"s/{i:06d}.h5")
                       for i in range(n_rows)]
         t0 = time.perf_counter()
         for _ in range(repeats):
@@ -216,7 +218,7 @@ def measure(a: argparse.Namespace) -> dict:
                          "subjects_per_s": len(costs) / max(dyn, floor)})
         projections[name] = {"counts": counts_g, "total_work_s": sum(costs), "by_cores": rows}
 
-    result = {"kind": "preprocess", "config": a.config, "cohort": str(cohort), "shape": a.shape,
+    result = {"kind": "preprocess", "config": a.config, "cohort": relative(cohort), "shape": a.shape,
               "split_counts": counts, "runs": runs, "per_group_mean_s": group_mean,
               "contention_factor": contention, "manifest_write_s_1113_rows": write_s,
               "static_mode": "computed from 1-rank per-subject seconds (the driver has only the dynamic queue)",

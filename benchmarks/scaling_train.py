@@ -5,9 +5,9 @@ Run it under any launcher, once per rank count (`benchmarks/scaling.py train` do
     mpirun -n 2 python benchmarks/scaling.py train --data DIR --config tiny --mode weak
     srun python benchmarks/scaling.py train --data data/udean --config paper --mode weak
 
-Every step goes through the project's own path: `udean.engines.build_engines` (DeepSpeed,
-Adam, the configured precision) and `udean.steps.train_step` on batches from the real shards
-(`PatchShards` + `UnpairedSampler` + DataLoader). Per step it times
+Every step goes through the project's own path: `udean.train.setup` (the real shards, sampler
+and both DeepSpeed engines with Adam and the configured precision, as `udean train` builds
+them), its `data_loader`, and `udean.steps.train_step`. Per step it times
 
 - data wait: blocked in `next(batches)`;
 - step: `train_step` (G and D forward, losses, both backwards with DeepSpeed's gradient
@@ -91,16 +91,11 @@ def _profiled_allreduce_s(events) -> float:
 
 def measure(args: argparse.Namespace) -> dict | None:
     import torch
-    from torch.utils.data import DataLoader
 
     from hpc.dist import init
-    from preprocessing.manifest import load_manifest
     from udean.config import load
-    from udean.data.sampler import UnpairedSampler
-    from udean.data.shards import PatchShards, UnpairedPatches
-    from udean.engines import build_engines
-    from udean.models.udean import build
     from udean.steps import train_step
+    from udean.train import data_loader, setup
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist = init(args.backend)
@@ -110,23 +105,17 @@ def measure(args: argparse.Namespace) -> dict | None:
         per_rank = batch if args.mode == "weak" else batch // dist.world_size
         if per_rank < 1 or (args.mode == "strong" and batch % dist.world_size):
             raise ValueError(f"strong scaling: --batch {batch} does not split evenly over {dist.world_size} ranks")
-        cfg = load(args.config, list(args.overrides) + [f"train.batch_size={per_rank}"])
-        t = cfg.train
         n_steps = args.warmup + args.steps + args.profile_steps
-
-        manifest = load_manifest(args.data)
-        source = PatchShards(manifest.shard_paths("source"))
-        target = PatchShards(manifest.shard_paths("target"))
-        sampler = UnpairedSampler(len(source), len(target), per_rank, n_steps, t.seed, dist.rank, dist.world_size)
-        batches = iter(DataLoader(UnpairedPatches(source, target), batch_size=per_rank, sampler=sampler,
-                                  num_workers=t.num_workers, pin_memory=dist.device.type == "cuda",
-                                  generator=torch.Generator().manual_seed(t.seed)))
-        torch.manual_seed(t.seed)
-        gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
-        engines = build_engines(cfg, gen, discs, n_steps, dist.device)
+        # one epoch of exactly the measured steps: the sampler's length and the LR schedule's
+        cfg = load(args.config, list(args.overrides) + [f"train.batch_size={per_rank}", f"data.out={args.data}",
+                                                        "train.epochs=1", f"train.steps_per_epoch={n_steps}"])
+        t = cfg.train
+        run = setup(cfg, dist)
+        engines = run.engines
+        batches = iter(data_loader(run.dataset, run.sampler, t, dist.device))
         comm_dtype = engines.g.communication_data_type
-        numel = {"g": sum(p.numel() for p in gen.parameters() if p.requires_grad),
-                 "d": sum(p.numel() for p in discs.parameters() if p.requires_grad)}
+        numel = {"g": sum(p.numel() for p in engines.generator.parameters() if p.requires_grad),
+                 "d": sum(p.numel() for p in engines.discriminators.parameters() if p.requires_grad)}
 
         data_s, step_s = [], []
         profiled = None
@@ -174,7 +163,7 @@ def measure(args: argparse.Namespace) -> dict | None:
             "device": str(dist.device), "launcher": dist.launcher, "config": args.config,
             "overrides": list(args.overrides), "precision": t.precision, "variant": cfg.model.variant,
             "batch_per_rank": per_rank, "global_batch": per_rank * dist.world_size,
-            "patch_lr": list(target[0].shape), "patch_hr": list(source[0].shape),
+            "patch_lr": list(run.dataset.target[0].shape), "patch_hr": list(run.dataset.source[0].shape),
             "steps": args.steps, "warmup": args.warmup,
             "params": numel, "comm_dtype": str(comm_dtype).replace("torch.", ""),
             "grad_bytes": {k: n * elem for k, n in numel.items()},

@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
 
     peak = matmul_peak(device, args.matmul_n, repeats=20 if device.type == "cuda" else 5)
-    prov = provenance(argv if argv is not None else sys.argv)
+    prov = provenance(argv)
     result: dict[str, Any] = {
         "benchmark": "train_step", "provenance": prov,
         "settings": {"smoke": args.smoke, "variants": args.variants, "batches": args.batches,

@@ -1,5 +1,5 @@
-"""Preprocessing section of the one config tree (`data:` in configs/*.yaml); see udean/config.py
-for loading, overrides and the other sections. Paper, section II-C."""
+"""Preprocessing section of the one config tree (`data:` in udean/configs/*.yaml); see
+udean/config.py for loading, overrides and the other sections. Paper, section II-C."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +7,11 @@ import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+# x2 along every axis (paper: 2 x 2 x 2): the SR network's decoder doubles every axis, so the
+# degradation must halve every axis. The one definition; `data.degradation.scale` must equal it.
+SCALE = 2
 
 
 class ConfigError(ValueError):
@@ -40,7 +45,7 @@ class DegradationConfig(Section):
     """HR -> LR for the target group. Paper: 3D k-space truncation x2 per axis."""
 
     method: Literal["kspace", "nearest"] = "kspace"
-    scale: tuple[int, int, int] = (2, 2, 2)
+    scale: tuple[int, int, int] = (SCALE, SCALE, SCALE)  # must be (2, 2, 2): see SCALE
     # acquisition effects truncation misses (paper, introduction); off in the paper protocol
     partial_fourier: float = Field(1.0, ge=0.5, le=1.0)  # fraction of k-space lines kept
     partial_fourier_axis: int = Field(1, ge=0, le=2)
@@ -49,8 +54,8 @@ class DegradationConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "DegradationConfig":
-        if any(s not in (1, 2) for s in self.scale):
-            raise ValueError("scale entries must be 1 or 2")
+        if tuple(self.scale) != (SCALE,) * 3:
+            raise ValueError(f"scale must be {[SCALE] * 3}: the SR network is x{SCALE} along every axis")
         return self
 
 

@@ -16,6 +16,11 @@ HCP_T1W = "{subject}/unprocessed/3T/T1w_MPR1/{subject}_3T_T1w_MPR1.nii.gz"
 HCP_T1W_ACPC = "{subject}/T1w/T1w_acpc_dc_restore.nii.gz"
 
 TEMPLATES = {"hcp": HCP_T1W, "hcp_acpc": HCP_T1W_ACPC}
+
+
+def hcp_files(root: str | Path, layout: str = "hcp") -> list[Path]:
+    """The T1w files present under an HCP-layout `root` (one per subject), sorted."""
+    return sorted(Path(root).glob(TEMPLATES[layout].format(subject="*")))
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 GROUPS = ("source", "target", "val", "test")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")

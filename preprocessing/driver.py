@@ -1,5 +1,5 @@
-"""`udean preprocess`: NIfTI subjects -> HDF5 shards + manifest.json, MPI-parallel (DESIGN,
-"Distributed").
+"""`udean preprocess`: NIfTI subjects -> HDF5 shards + manifest.json, MPI-parallel
+(docs/architecture.md, "Distributed").
 
 Rank 0 plans (discover, split, what a previous run already did), then hands out one subject at a
 time from a dynamic queue (subjects differ in cost) while also processing subjects itself: a
@@ -18,15 +18,16 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from hpc import mpi
 from hpc.atomic import file_mismatch
 from preprocessing.config import DataConfig
-from preprocessing.discover import plan
-from preprocessing.manifest import Manifest, load_manifest, manifest_path, write_manifest
-from preprocessing.subject import process
+from preprocessing.discover import Subject, plan
+from preprocessing.manifest import Manifest, ShardRow, SubjectRow, load_manifest, manifest_path, write_manifest
+from preprocessing.subject import SubjectResult, process
 
 TAG_RESULT, TAG_TASK, TAG_FINAL = 11, 12, 13
 POLL_S = 0.002
@@ -52,16 +53,37 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = data_config(args)
     summary = preprocess(cfg, progress=not args.no_progress)
-    return 1 if args.strict and summary["failed"] else 0
+    return 1 if args.strict and summary.failed else 0
+
+
+@dataclass
+class Summary:
+    """What a preprocessing run did (the same on every rank)."""
+
+    subjects: int = 0
+    processed: int = 0
+    reused: int = 0
+    failed: int = 0  # subjects with status "failed" in the manifest
+    seconds: float = 0.0
+    redone: list[str] = field(default_factory=list)  # `udean shards regenerate`: the subjects redone
+
+
+@dataclass
+class Task:
+    """One subject for a rank: process it, unless `expect` (its previous shard rows) still verify."""
+
+    subject: Subject
+    expect: list[ShardRow] | None = None
+    previous: SubjectRow | None = None
 
 
 # --------------------------------------------------------------------------- planning (rank 0)
-def verify_rows(out: Path, rows: Iterable[dict[str, Any]]) -> str | None:
+def verify_rows(out: Path, rows: Iterable[ShardRow]) -> str | None:
     """None when every shard row matches its file (size, sha256), else the first reason."""
     for r in rows:
-        why = file_mismatch(out / r["path"], r["bytes"], r["sha256"])
+        why = file_mismatch(out / r.path, r.bytes, r.sha256)
         if why:
-            return f"{out / r['path']}: {why}"
+            return f"{out / r.path}: {why}"
     return None
 
 
@@ -89,19 +111,19 @@ def _previous(cfg: DataConfig, out: Path) -> Manifest | None:
     return m
 
 
-def prepare(cfg: DataConfig, out: Path, only: set[str] | None = None) -> tuple[Manifest, list[dict[str, Any]]]:
+def prepare(cfg: DataConfig, out: Path, only: set[str] | None = None) -> tuple[Manifest, list[Task]]:
     """The manifest to fill (previous rows kept) and the tasks: one per subject to (re)check."""
     subjects = plan(cfg)
     prev = _previous(cfg, out)
-    prev_rows = {r["id"]: r for r in prev.subjects} if prev else {}
-    prev_shards: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    prev_rows = {r.id: r for r in prev.subjects} if prev else {}
+    prev_shards: dict[str, list[ShardRow]] = collections.defaultdict(list)
     for s in prev.shards if prev else []:
-        prev_shards[s["subject"]].append(s)
+        prev_shards[s.subject].append(s)
     m = Manifest(out, cfg.model_dump(mode="json"), cfg.hash())
     tasks = []
     for s in subjects:
         old = prev_rows.get(s.id)
-        reuse = old is not None and old["group"] == s.group and old["input"] == s.input and old["status"] == "ok"
+        reuse = old is not None and old.group == s.group and old.input == s.input and old.status == "ok"
         if only is not None and s.id not in only:
             if old is None:
                 raise ValueError(f"{manifest_path(out)}: no row for subject {s.id}; run `udean preprocess` instead")
@@ -109,25 +131,21 @@ def prepare(cfg: DataConfig, out: Path, only: set[str] | None = None) -> tuple[M
             m.shards.extend(prev_shards.get(s.id, []))
             continue
         if s.group == "unused":
-            m.subjects.append({"id": s.id, "group": s.group, "input": s.input, "status": "ok", "error": None,
-                               "shards": {}, "patches": {"lr": 0, "hr": 0}, "motion": None, "seconds": 0.0})
+            m.subjects.append(SubjectRow(s.id, s.group, s.input, status="ok"))
             continue
         expect = prev_shards.get(s.id, []) if reuse and only is None else None
-        m.subjects.append({"id": s.id, "group": s.group, "input": s.input, "status": "pending", "error": None,
-                           "shards": {}, "patches": {"lr": 0, "hr": 0}, "motion": None, "seconds": 0.0})
-        tasks.append({"subject": s, "expect": expect, "previous": old if expect is not None else None})
+        m.subjects.append(SubjectRow(s.id, s.group, s.input))
+        tasks.append(Task(s, expect, old if expect is not None else None))
     return m, tasks
 
 
 # --------------------------------------------------------------------------- one task (any rank)
-def run_task(task: dict[str, Any], cfg: DataConfig, out: Path) -> dict[str, Any]:
+def run_task(task: Task, cfg: DataConfig, out: Path) -> SubjectResult:
     """Skip the subject when its previous shards still verify, else process it."""
-    if task["expect"] is not None and task["previous"] is not None and len(task["expect"]) == len(task["previous"]["shards"]):
-        if verify_rows(out, task["expect"]) is None:
-            return {"row": task["previous"], "shards": task["expect"], "timings": {}, "reused": True}
-    res = process(task["subject"], cfg, out)
-    res["reused"] = False
-    return res
+    if task.expect is not None and task.previous is not None and len(task.expect) == len(task.previous.shards):
+        if verify_rows(out, task.expect) is None:
+            return SubjectResult(task.previous, task.expect, reused=True)
+    return process(task.subject, cfg, out)
 
 
 # --------------------------------------------------------------------------- rank 0
@@ -137,7 +155,7 @@ class _Recorder:
     def __init__(self, m: Manifest, n_tasks: int, progress: bool) -> None:
         self.m = m
         self.lock = threading.Lock()
-        self.index = {r["id"]: i for i, r in enumerate(m.subjects)}
+        self.index = {r.id: i for i, r in enumerate(m.subjects)}
         self.done = self.failed = self.reused = 0
         self.t0 = time.perf_counter()
         self.n = n_tasks
@@ -158,23 +176,23 @@ class _Recorder:
             self._task = self._bar.add_task("subjects", total=n_tasks, failed=0, rate="-")
             self._bar.start()
 
-    def record(self, res: dict[str, Any], rank: int) -> None:
-        row = res["row"]
+    def record(self, res: SubjectResult, rank: int) -> None:
+        row = res.row
         with self.lock:
-            self.m.subjects[self.index[row["id"]]] = row
-            self.m.shards = [s for s in self.m.shards if s["subject"] != row["id"]] + res["shards"]
+            self.m.subjects[self.index[row.id]] = row
+            self.m.shards = [s for s in self.m.shards if s.subject != row.id] + res.shards
             write_manifest(self.m)
             self.done += 1
-            self.reused += bool(res.get("reused"))
+            self.reused += res.reused
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9) * 60
-            if row["status"] == "failed":
+            if row.status == "failed":
                 self.failed += 1
-                self.console.print(f"[red]preprocess: subject {row['id']} failed:[/] {row['error']}",
+                self.console.print(f"[red]preprocess: subject {row.id} failed:[/] {row.error}",
                                    highlight=False, markup=True)
             with open(self.log_path, "a") as f:
-                f.write(json.dumps({"time": time.time(), "rank": rank, "id": row["id"], "group": row["group"],
-                                    "status": row["status"], "error": row["error"], "reused": bool(res.get("reused")),
-                                    "seconds": row["seconds"], "timings": res.get("timings", {}),
+                f.write(json.dumps({"time": time.time(), "rank": rank, "id": row.id, "group": row.group,
+                                    "status": row.status, "error": row.error, "reused": res.reused,
+                                    "seconds": row.seconds, "timings": res.timings,
                                     "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
             if self._bar is not None:
                 self._bar.update(self._task, advance=1, failed=self.failed, rate=f"{rate:.1f}")
@@ -214,7 +232,7 @@ def _recv_polling(comm: Any, source: int, tag: int) -> Any:
     return comm.recv(source=source, tag=tag)
 
 
-def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list, progress: bool) -> dict[str, Any]:
+def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list[Task], progress: bool) -> Summary:
     rec = _Recorder(m, len(tasks), progress)
     queue = collections.deque(tasks)
     lock = threading.Lock()
@@ -240,11 +258,11 @@ def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list, prog
         write_manifest(rec.m)
     finally:
         rec.close()
-    summary = {"subjects": len(m.subjects), "processed": rec.done - rec.reused, "reused": rec.reused,
-               "failed": sum(r["status"] == "failed" for r in m.subjects),
-               "seconds": round(time.perf_counter() - rec.t0, 3)}
-    rec.console.print(f"preprocess: {summary['processed']} processed, {summary['reused']} reused, "
-                      f"{summary['failed']} failed of {summary['subjects']} subjects -> {manifest_path(out)}",
+    summary = Summary(subjects=len(m.subjects), processed=rec.done - rec.reused, reused=rec.reused,
+                      failed=sum(r.status == "failed" for r in m.subjects),
+                      seconds=round(time.perf_counter() - rec.t0, 3))
+    rec.console.print(f"preprocess: {summary.processed} processed, {summary.reused} reused, "
+                      f"{summary.failed} failed of {summary.subjects} subjects -> {manifest_path(out)}",
                       highlight=False)
     return summary
 
@@ -259,9 +277,10 @@ def _work(comm: Any, cfg: DataConfig, out: Path) -> None:
         res = run_task(task, cfg, out)
 
 
-def preprocess(cfg: DataConfig, comm: Any = None, only: set[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) preprocessing on every rank of `comm`; returns rank 0's summary on all ranks.
-    `only`: redo exactly these subject ids (regenerate), keeping the other rows."""
+def preprocess(cfg: DataConfig, comm: Any = None, only: set[str] | None = None, progress: bool = True) -> Summary:
+    """Run (or resume) preprocessing of `cfg` (the `data:` section) on every rank of `comm`
+    (default: the MPI world, or one rank without a launcher); returns rank 0's summary on all
+    ranks. `only`: redo exactly these subject ids (regenerate), keeping the other rows."""
     comm = comm if comm is not None else mpi.world()
     out = Path(cfg.out)
     err = payload = None

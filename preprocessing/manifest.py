@@ -1,15 +1,16 @@
-"""`<out>/manifest.json`: the one index of a preprocessed data set (DESIGN, "Data on disk").
+"""`<out>/manifest.json`: the one index of a preprocessed data set (docs/data-format.md).
 
     {"schema_version": 1, "config": <DataConfig as JSON>, "config_hash": DataConfig.hash(),
-     "subjects": [{"id", "group", "input", "status", "error", "shards", "patches", "motion",
-                   "seconds"}, ...]   (sorted by id),
-     "shards": [{"path", "group", "subject", "kind", "sha256", "patches", "bytes"}, ...]
-                   (sorted by path)}
+     "subjects": [SubjectRow, ...]   (sorted by id),
+     "shards": [ShardRow, ...]       (sorted by path)}
 
-Only `seconds` differs between two runs of the same config. Written atomically by rank 0.
+`SubjectRow` and `ShardRow` are the schema: their fields, in order, are the JSON keys of a row.
+Loading checks every row against them (a missing or unknown key is an error naming the file and
+the row). Only `seconds` differs between two runs of the same config. Written atomically by rank 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,39 +28,93 @@ def manifest_path(out: str | os.PathLike) -> Path:
     return Path(out) / MANIFEST
 
 
+class _Row:
+    """JSON <-> row dataclass, strict about keys."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str):
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        unknown = sorted(set(d) - set(names))
+        missing = [k for k in required if k not in d]
+        if unknown or missing:
+            raise ValueError(f"{where}: " + "; ".join(
+                ([f"unknown keys {unknown}"] if unknown else []) + ([f"missing keys {missing}"] if missing else []))
+                + f" (a {cls.__name__} has {names})")
+        return cls(**d)
+
+
+@dataclass
+class ShardRow(_Row):
+    """One file of the data set: a patch shard (kind lr / hr) or a val/test volume (kind volume)."""
+
+    path: str  # relative to the data folder (a moved folder still resolves)
+    group: str  # source | target | val | test
+    subject: str
+    kind: str  # lr | hr | volume
+    sha256: str
+    patches: int  # 0 for a volume
+    bytes: int
+
+
+@dataclass
+class SubjectRow(_Row):
+    """One subject: its group, its input, and what preprocessing made of it."""
+
+    id: str
+    group: str  # source | target | val | test | unused
+    input: str  # the NIfTI it was read from
+    status: str = "pending"  # ok | failed | pending (a run was interrupted)
+    error: str | None = None  # why it failed
+    shards: dict[str, str] = field(default_factory=dict)  # source / target / volume -> shard path
+    patches: dict[str, int] = field(default_factory=lambda: {"lr": 0, "hr": 0})
+    motion: dict[str, float] | None = None  # misaligned mode: the drawn motion (preprocessing.motion)
+    seconds: float = 0.0
+
+
 @dataclass
 class Manifest:
     out: Path
     config: dict[str, Any]
     config_hash: str
-    subjects: list[dict[str, Any]] = field(default_factory=list)
-    shards: list[dict[str, Any]] = field(default_factory=list)
+    subjects: list[SubjectRow] = field(default_factory=list)
+    shards: list[ShardRow] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def shard_paths(self, group: str) -> list[Path]:
         """Patch shards of `group` ("source": HR patches, "target": LR patches), sorted."""
         if group not in ("source", "target"):
             raise ValueError(f"shard group {group!r}: allowed source, target (val/test: volume_paths)")
-        return [self.out / s["path"] for s in self.shards if s["group"] == group and s["kind"] != "volume"]
+        return [self.out / s.path for s in self.shards if s.group == group and s.kind != "volume"]
 
     def volume_paths(self, group: str) -> list[Path]:
         """Whole-volume files of `group` ("val" / "test"), sorted."""
         if group not in ("val", "test"):
             raise ValueError(f"volume group {group!r}: allowed val, test")
-        return [self.out / s["path"] for s in self.shards if s["group"] == group and s["kind"] == "volume"]
+        return [self.out / s.path for s in self.shards if s.group == group and s.kind == "volume"]
 
-    def subject(self, sid: str) -> dict[str, Any]:
+    def patch_count(self, group: str) -> int:
+        """Patches in the shards of `group`, from the manifest (no file is opened)."""
+        return sum(s.patches for s in self.shards if s.group == group and s.kind != "volume")
+
+    def subject(self, sid: str) -> SubjectRow:
         for row in self.subjects:
-            if row["id"] == sid:
+            if row.id == sid:
                 return row
         raise KeyError(sid)
 
-    def failed(self) -> list[dict[str, Any]]:
-        return [r for r in self.subjects if r["status"] == "failed"]
+    def failed(self) -> list[SubjectRow]:
+        return [r for r in self.subjects if r.status == "failed"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "config": self.config, "config_hash": self.config_hash,
-                "subjects": self.subjects, "shards": self.shards}
+                "subjects": [r.to_dict() for r in self.subjects], "shards": [r.to_dict() for r in self.shards]}
 
 
 def load_manifest(out: str | os.PathLike) -> Manifest:
@@ -77,17 +132,19 @@ def load_manifest(out: str | os.PathLike) -> Manifest:
     missing = [k for k in ("config", "config_hash", "subjects", "shards") if k not in d]
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
-    return Manifest(Path(out), d["config"], d["config_hash"], d["subjects"], d["shards"], d["schema_version"])
+    subjects = [SubjectRow.from_dict(r, f"{path}: subjects[{i}]") for i, r in enumerate(d["subjects"])]
+    shards = [ShardRow.from_dict(r, f"{path}: shards[{i}]") for i, r in enumerate(d["shards"])]
+    return Manifest(Path(out), d["config"], d["config_hash"], subjects, shards, d["schema_version"])
 
 
 def write_manifest(m: Manifest) -> None:
-    m.subjects = sorted(m.subjects, key=lambda r: r["id"])
-    m.shards = sorted(m.shards, key=lambda r: r["path"])
+    m.subjects = sorted(m.subjects, key=lambda r: r.id)
+    m.shards = sorted(m.shards, key=lambda r: r.path)
     atomic_write_text(manifest_path(m.out), json.dumps(m.to_dict(), indent=1, sort_keys=False) + "\n")
 
 
 def without_timing(d: dict[str, Any]) -> dict[str, Any]:
-    """The manifest with timing fields removed: equal for equal config and inputs."""
+    """The manifest (as JSON) with timing fields removed: equal for equal config and inputs."""
     d = json.loads(json.dumps(d))
     for row in d.get("subjects", []):
         for k in TIMING_FIELDS:

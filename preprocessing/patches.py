@@ -1,6 +1,7 @@
 """Thin-slab patches (paper, II-C): LR `slab x H x W` (3x64x64), HR `2slab x 2H x 2W`
 (6x128x128), slices first. Volumes here are already in stored order: canonical with
-`data.patches.slice_axis` moved to axis 0. LR patch k at LR origin (z, y, x) covers the field of
+`data.patches.slice_axis` moved to axis 0. `to_stored` / `from_stored` and `stored_affine` /
+`canonical_affine` are the one definition of that layout (docs/architecture.md, "Layouts"). LR patch k at LR origin (z, y, x) covers the field of
 view of HR patch k at (2z, 2y, 2x)."""
 from __future__ import annotations
 
@@ -9,17 +10,34 @@ import numpy as np
 from preprocessing.config import PatchConfig
 
 
+def _order(slice_axis: int) -> list[int]:
+    """Stored axis i is canonical axis _order(slice_axis)[i]."""
+    return [slice_axis] + [a for a in range(3) if a != slice_axis]
+
+
 def to_stored(vol: np.ndarray, slice_axis: int) -> np.ndarray:
     """Canonical (X, Y, Z) -> slices first (S, A, B)."""
     return np.ascontiguousarray(np.moveaxis(vol, slice_axis, 0))
 
 
+def from_stored(vol: np.ndarray, slice_axis: int) -> np.ndarray:
+    """Slices first (S, A, B) -> canonical (X, Y, Z): the inverse of `to_stored`."""
+    return np.ascontiguousarray(np.moveaxis(vol, 0, slice_axis))
+
+
 def stored_affine(affine: np.ndarray, slice_axis: int) -> np.ndarray:
     """Voxel -> world affine of `to_stored(vol)` given the canonical one (columns permuted)."""
-    perm = [slice_axis] + [a for a in range(3) if a != slice_axis]
     out = np.eye(4)
-    out[:3, :3] = affine[:3, :3][:, perm]
-    out[:3, 3] = affine[:3, 3]
+    out[:3, :3] = np.asarray(affine)[:3, :3][:, _order(slice_axis)]
+    out[:3, 3] = np.asarray(affine)[:3, 3]
+    return out
+
+
+def canonical_affine(affine: np.ndarray, slice_axis: int) -> np.ndarray:
+    """The canonical affine given the stored one: the inverse of `stored_affine`."""
+    out = np.eye(4)
+    out[:3, _order(slice_axis)] = np.asarray(affine, dtype=np.float64)[:3, :3]
+    out[:3, 3] = np.asarray(affine)[:3, 3]
     return out
 
 

@@ -4,7 +4,7 @@ Patch shard `shards/<group>/<subject>.h5`:
     patches (N, C, h, w) float16 | uint16, chunks (1, C, h, w); attrs kind (lr|hr), subject,
             group, scale (multiply stored values by it: 1.0 for float16, 1/65535 for uint16)
     origins (N, 3) int32 corner of each patch in its volume (stored order, slab axis first)
-Volume file `volumes/<group>/<subject>.h5` (val/test):
+Volume file `volumes/<group>/<subject>.h5` (val/test), one `VolumePair`:
     hr (S, A, B) float32, lr (S/2, A/2, B/2) float32, mask (S, A, B) uint8;
     attrs hr_affine, lr_affine (4x4 float64, of the stored arrays), subject, group, slice_axis
 Byte-identical for identical content: fixed libver, no timestamps, deterministic attr order.
@@ -12,8 +12,10 @@ Byte-identical for identical content: fixed libver, no timestamps, deterministic
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import hdf5plugin  # noqa: F401  registers LZ4 / Zstd so readers open compressed shards
@@ -21,6 +23,7 @@ import numpy as np
 
 from hpc.atomic import atomic_path
 from preprocessing.config import StorageConfig
+from preprocessing.patches import canonical_affine, from_stored
 
 LIBVER = ("v110", "v110")
 UINT16_SCALE = 1.0 / 65535.0
@@ -58,20 +61,58 @@ def write_patches(path: str | os.PathLike, patches: np.ndarray, origins: np.ndar
             f.create_dataset("origins", data=np.asarray(origins, dtype=np.int32).reshape(-1, 3), track_times=False)
 
 
-def write_volume(path: str | os.PathLike, *, hr: np.ndarray, lr: np.ndarray, mask: np.ndarray,
-                 hr_affine: np.ndarray, lr_affine: np.ndarray, subject: str, group: str,
-                 slice_axis: int, storage: StorageConfig) -> None:
+class Canonical(NamedTuple):
+    """A `VolumePair` in canonical (RAS+) voxel order (X, Y, Z), for NIfTI files and figures."""
+
+    hr: np.ndarray
+    lr: np.ndarray
+    mask: np.ndarray
+    hr_affine: np.ndarray
+    lr_affine: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class VolumePair:
+    """One paired val/test volume in the stored layout, slices first (`patches.to_stored`):
+    the layout the inferer tiles and the evaluator scores (SSIM slices along axis 0).
+
+    hr: (S, A, B) float32 in [0, 1]; lr: (S/2, A/2, B/2) float32; mask: (S, A, B) uint8 head
+    mask; hr_affine, lr_affine: (4, 4) voxel -> RAS mm of these arrays;
+    slice_axis: the canonical axis that is axis 0 here. `canonical` is the (X, Y, Z) view,
+    derived once; `to_canonical` turns any stored-layout array (a prediction) the same way."""
+
+    hr: np.ndarray
+    lr: np.ndarray
+    mask: np.ndarray
+    hr_affine: np.ndarray
+    lr_affine: np.ndarray
+    subject: str
+    group: str
+    slice_axis: int = 0
+
+    def to_canonical(self, a: np.ndarray) -> np.ndarray:
+        return from_stored(a, self.slice_axis)
+
+    @cached_property
+    def canonical(self) -> Canonical:
+        ax = self.slice_axis
+        return Canonical(from_stored(self.hr, ax), from_stored(self.lr, ax), from_stored(self.mask, ax),
+                         canonical_affine(self.hr_affine, ax), canonical_affine(self.lr_affine, ax))
+
+
+def write_volume(path: str | os.PathLike, vol: VolumePair, storage: StorageConfig) -> None:
     comp = _compression(storage)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver=LIBVER) as f:
-            for name, arr in (("hr", hr.astype(np.float32)), ("lr", lr.astype(np.float32)), ("mask", mask.astype(np.uint8))):
+            for name, arr in (("hr", vol.hr.astype(np.float32)), ("lr", vol.lr.astype(np.float32)),
+                              ("mask", vol.mask.astype(np.uint8))):
                 kw = dict(chunks=(1, *arr.shape[1:]), **comp) if comp else {}
                 f.create_dataset(name, data=arr, track_times=False, **kw)
-            f.attrs["hr_affine"] = np.asarray(hr_affine, dtype=np.float64)
-            f.attrs["lr_affine"] = np.asarray(lr_affine, dtype=np.float64)
-            f.attrs["subject"] = subject
-            f.attrs["group"] = group
-            f.attrs["slice_axis"] = np.int64(slice_axis)
+            f.attrs["hr_affine"] = np.asarray(vol.hr_affine, dtype=np.float64)
+            f.attrs["lr_affine"] = np.asarray(vol.lr_affine, dtype=np.float64)
+            f.attrs["subject"] = vol.subject
+            f.attrs["group"] = vol.group
+            f.attrs["slice_axis"] = np.int64(vol.slice_axis)
 
 
 # --------------------------------------------------------------------------- readers
@@ -106,15 +147,17 @@ def patch_count(path: str | os.PathLike) -> int:
         return int(f["patches"].shape[0])
 
 
-def read_volume(path: str | os.PathLike) -> dict[str, Any]:
-    """{hr, lr: float32, mask: uint8, hr_affine, lr_affine: (4, 4), subject, group, slice_axis}."""
-    with h5py.File(path, "r") as f:
-        return {
-            "hr": f["hr"][()], "lr": f["lr"][()], "mask": f["mask"][()],
-            "hr_affine": np.asarray(f.attrs["hr_affine"]), "lr_affine": np.asarray(f.attrs["lr_affine"]),
-            "subject": str(f.attrs["subject"]), "group": str(f.attrs["group"]),
-            "slice_axis": int(f.attrs["slice_axis"]),
-        }
+def read_volume(path: str | os.PathLike) -> VolumePair:
+    """A volume file -> its `VolumePair`; ValueError naming the file if it cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            return VolumePair(
+                hr=f["hr"][()], lr=f["lr"][()], mask=f["mask"][()],
+                hr_affine=np.asarray(f.attrs["hr_affine"]), lr_affine=np.asarray(f.attrs["lr_affine"]),
+                subject=str(f.attrs["subject"]), group=str(f.attrs["group"]),
+                slice_axis=int(f.attrs["slice_axis"]))
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"{path}: not a readable volume file ({type(exc).__name__}: {exc})") from None
 
 
 def check_file(path: str | os.PathLike, kind: str, expected_count: int | None = None) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -18,7 +18,8 @@ from preprocessing import kspace, motion, nifti, patches
 from preprocessing.config import DataConfig
 from preprocessing.discover import Subject
 from hpc.atomic import sha256_file
-from preprocessing.shards import relpath, write_patches, write_volume
+from preprocessing.manifest import ShardRow, SubjectRow
+from preprocessing.shards import VolumePair, relpath, write_patches, write_volume
 
 # independent random streams per subject
 STREAM_MOTION, STREAM_NOISE, STREAM_PATCHES = 1, 2, 3
@@ -53,12 +54,21 @@ def stored_scale(cfg: DataConfig) -> tuple[int, int, int]:
     return (s[ax],) + tuple(s[a] for a in range(3) if a != ax)  # type: ignore[return-value]
 
 
-def _shard_row(out: Path, path: Path, group: str, sid: str, kind: str, n: int) -> dict[str, Any]:
-    return {"path": relpath(out, path), "group": group, "subject": sid, "kind": kind,
-            "sha256": sha256_file(path), "patches": int(n), "bytes": path.stat().st_size}
+@dataclass
+class SubjectResult:
+    """What processing one subject gives rank 0: its manifest row, its shard rows, stage seconds."""
+
+    row: SubjectRow
+    shards: list[ShardRow] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    reused: bool = False  # the previous run's shards verified; nothing was redone
 
 
-def _write_hr_patches(out: Path, sid: str, hr_s: np.ndarray, origins: np.ndarray, cfg: DataConfig) -> dict[str, Any]:
+def _shard_row(out: Path, path: Path, group: str, sid: str, kind: str, n: int) -> ShardRow:
+    return ShardRow(relpath(out, path), group, sid, kind, sha256_file(path), int(n), path.stat().st_size)
+
+
+def _write_hr_patches(out: Path, sid: str, hr_s: np.ndarray, origins: np.ndarray, cfg: DataConfig) -> ShardRow:
     sc = np.asarray(stored_scale(cfg))
     size = tuple(int(v) for v in np.asarray(patches.lr_size(cfg.patches)) * sc)
     hr_p = patches.extract(hr_s, origins * sc, size)
@@ -67,15 +77,15 @@ def _write_hr_patches(out: Path, sid: str, hr_s: np.ndarray, origins: np.ndarray
     return _shard_row(out, path, "source", sid, "hr", len(hr_p))
 
 
-def _write_lr_patches(out: Path, sid: str, lr_s: np.ndarray, origins: np.ndarray, cfg: DataConfig) -> dict[str, Any]:
+def _write_lr_patches(out: Path, sid: str, lr_s: np.ndarray, origins: np.ndarray, cfg: DataConfig) -> ShardRow:
     lr_p = patches.extract(lr_s, origins, patches.lr_size(cfg.patches))
     path = shard_file(out, "target", sid)
     write_patches(path, lr_p, origins, kind="lr", subject=sid, group="target", storage=cfg.storage)
     return _shard_row(out, path, "target", sid, "lr", len(lr_p))
 
 
-def build(subject: Subject, cfg: DataConfig, out: Path, timings: dict[str, float]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Do the work; returns (row fields: shards, patches, motion) and shard rows. Raises
+def build(subject: Subject, cfg: DataConfig, out: Path, row: SubjectRow, timings: dict[str, float]) -> list[ShardRow]:
+    """Do the work: fill `row` (shards, patches, motion) and return the shard rows. Raises
     ValueError for a bad input."""
     sid, group = subject.id, subject.group
     if os.environ.get(CRASH_ENV) == sid:
@@ -93,8 +103,7 @@ def build(subject: Subject, cfg: DataConfig, out: Path, timings: dict[str, float
         raise ValueError(f"{subject.input}: shape {vol.data.shape} is smaller than one HR patch "
                          f"{tuple(int(v) for v in min_shape)} (slices first)")
 
-    shards: list[dict[str, Any]] = []
-    fields: dict[str, Any] = {"shards": {}, "patches": {"lr": 0, "hr": 0}, "motion": None}
+    shards: list[ShardRow] = []
     patch_rng = subject_rng(cfg.seed, sid, STREAM_PATCHES)
     if group == "source":  # unpaired: HR patches of an independent subject
         hr_s = patches.to_stored(hr, ax)
@@ -105,9 +114,8 @@ def build(subject: Subject, cfg: DataConfig, out: Path, timings: dict[str, float
         t = time.perf_counter()
         shards.append(_write_hr_patches(out, sid, hr_s, origins, cfg))
         timings["write"] = time.perf_counter() - t
-        fields["shards"]["source"] = shards[-1]["path"]
-        fields["patches"]["hr"] = shards[-1]["patches"]
-        return fields, shards
+        row.shards["source"], row.patches["hr"] = shards[-1].path, shards[-1].patches
+        return shards
 
     t = time.perf_counter()
     lr = kspace.degrade(hr, cfg.degradation, subject_rng(cfg.seed, sid, STREAM_NOISE), ax)
@@ -122,18 +130,16 @@ def build(subject: Subject, cfg: DataConfig, out: Path, timings: dict[str, float
             params = motion.draw(cfg.motion, subject_rng(cfg.seed, sid, STREAM_MOTION))
             moved = motion.apply(hr, params)
             timings["motion"] = time.perf_counter() - t
-            fields["motion"] = params
+            row.motion = params
             t = time.perf_counter()
             shards.append(_write_hr_patches(out, sid, patches.to_stored(moved, ax), origins, cfg))
-            fields["shards"]["source"] = shards[-1]["path"]
-            fields["patches"]["hr"] = shards[-1]["patches"]
+            row.shards["source"], row.patches["hr"] = shards[-1].path, shards[-1].patches
         else:
             t = time.perf_counter()
         shards.append(_write_lr_patches(out, sid, lr_s, origins, cfg))
         timings["write"] = time.perf_counter() - t
-        fields["shards"]["target"] = shards[-1]["path"]
-        fields["patches"]["lr"] = shards[-1]["patches"]
-        return fields, shards
+        row.shards["target"], row.patches["lr"] = shards[-1].path, shards[-1].patches
+        return shards
 
     # val / test: whole paired volumes for evaluation
     t = time.perf_counter()
@@ -142,33 +148,28 @@ def build(subject: Subject, cfg: DataConfig, out: Path, timings: dict[str, float
     hr_aff = patches.stored_affine(vol.affine, ax)
     lr_aff = hr_aff @ np.diag([*stored_scale(cfg), 1]).astype(np.float64)
     path = shard_file(out, group, sid)
-    write_volume(path, hr=hr_s, lr=lr_s, mask=mask, hr_affine=hr_aff, lr_affine=lr_aff, subject=sid,
-                 group=group, slice_axis=ax, storage=cfg.storage)
+    write_volume(path, VolumePair(hr=hr_s, lr=lr_s, mask=mask, hr_affine=hr_aff, lr_affine=lr_aff, subject=sid,
+                                  group=group, slice_axis=ax), cfg.storage)
     shards.append(_shard_row(out, path, group, sid, "volume", 0))
     timings["write"] = time.perf_counter() - t
-    fields["shards"]["volume"] = shards[-1]["path"]
-    return fields, shards
+    row.shards["volume"] = shards[-1].path
+    return shards
 
 
-def process(subject: Subject, cfg: DataConfig, out: str | os.PathLike) -> dict[str, Any]:
-    """{"row": manifest subject row, "shards": [shard rows], "timings": {stage: s}}.
-    A bad input gives status "failed" with the error; any other exception propagates (a bug:
-    the driver aborts the job)."""
+def process(subject: Subject, cfg: DataConfig, out: str | os.PathLike) -> SubjectResult:
+    """Process one subject. A bad input gives status "failed" with the error; any other
+    exception propagates (a bug: the driver aborts the job)."""
     out = Path(out)
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"id": subject.id, "group": subject.group, "input": subject.input, "status": "ok",
-                           "error": None, "shards": {}, "patches": {"lr": 0, "hr": 0}, "motion": None}
-    timings: dict[str, float] = {}
-    shards: list[dict[str, Any]] = []
+    res = SubjectResult(SubjectRow(subject.id, subject.group, subject.input, status="ok"))
     if subject.group != "unused":
         try:
-            fields, shards = build(subject, cfg, out, timings)
-            row.update(fields)
+            res.shards = build(subject, cfg, out, res.row, res.timings)
         except (ValueError, OSError, EOFError) as exc:
             msg = str(exc)
             if subject.input not in msg:
                 msg = f"{subject.input}: {msg}"
-            row.update(status="failed", error=msg)
-            shards = []
-    row["seconds"] = round(time.perf_counter() - t0, 4)
-    return {"row": row, "shards": shards, "timings": timings}
+            res.row = SubjectRow(subject.id, subject.group, subject.input, status="failed", error=msg)
+            res.shards = []
+    res.row.seconds = round(time.perf_counter() - t0, 4)
+    return res

@@ -1,8 +1,8 @@
 """Synthetic HCP-like T1w cohort: brain-like 0.7 mm volumes, so the suite runs without HCP data.
 
-`synth_subject` is a pure function (seed -> int16 volume + affine [+ tissue labels]);
-`write_cohort` lays subjects out as HCP does (`HCP_T1W`), byte-identical for the same seed;
-`preview` draws three orthogonal mid slices. CLI: `udean cohort`.
+`synth_subject` is a pure function (seed -> int16 volume + affine [+ tissue labels]); the files
+(`write_cohort`, byte-identical for the same seed), the preview and `udean cohort` are in
+preprocessing/cohort.py.
 
 Anatomy, outside in: scalp (skin, bright subcutaneous fat, muscle; soft tissue of the neck),
 skull (dark, faint diploe), CSF, folded cortical grey matter over white matter (sulci are the
@@ -15,14 +15,10 @@ are taken at full resolution, so edges stay sharp (partial volume over about one
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-
-from preprocessing.discover import HCP_T1W
 
 # Tissue label codes of `synth_subject(..., return_labels=True)`.
 BACKGROUND = 0
@@ -155,7 +151,7 @@ def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _check_shape(shape) -> tuple[int, int, int]:
+def check_shape(shape) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < MIN_DIM:
         raise ValueError(f"shape must be 3 sizes of at least {MIN_DIM} voxels, got {shape}")
@@ -169,35 +165,52 @@ def affine_for(shape, voxel_mm: float = VOXEL_MM) -> np.ndarray:
     return aff
 
 
-def synth_subject(seed: int, shape=DEFAULT_SHAPE, voxel_mm: float = VOXEL_MM,
-                  return_labels: bool = False):
-    """One synthetic T1w head. Pure: same arguments -> identical arrays.
+@dataclass
+class _Anatomy:
+    """One subject's draw (all of it first, so the fields below never shift it), in anatomical
+    reference mm, and the grid it is made on."""
 
-    Returns `(vol, affine)` or, with `return_labels`, `(vol, affine, labels)`:
-    vol `shape` int16 (WM about 800-1200), affine (4, 4) float64, labels `shape` uint8 with the
-    module's codes (BACKGROUND ... VENTRICLES). The head is scaled to fit the field of view, so
-    small test shapes still hold a whole brain; below ~160 voxels the cortex, sulci and folia are
-    thickened (in voxels) so they stay resolvable.
-    """
-    shape = _check_shape(shape)
-    if not voxel_mm > 0:
-        raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
-    rng = np.random.default_rng(seed)
-    f32 = np.float32
+    shape: tuple[int, int, int]
+    voxel_mm: float
+    s: float  # mm of this grid per reference mm (the head is fitted to the field of view)
+    fine: float  # microstructure thickening on tiny grids
+    size: float
+    stretch: np.ndarray
+    rot: np.ndarray
+    shift: np.ndarray
+    cer_semi: np.ndarray
+    csf_mm: float
+    skull_mm: float
+    scalp_mm: float
+    t_gm: float  # cortical thickness
+    fold_sigma: float  # noise smoothing: sulcal spacing ~ 4.4 sigma
+    sulc_w: float  # sulcal CSF width
+    sulc_depth: float
+    vent_scale: float
+    wm_level: float
+    contrast: dict[str, float]
+    noise_frac: float
+    bias_coef: np.ndarray
 
-    # ---- per-subject parameters (drawn first, so fields below never shift them)
+    @property
+    def pv(self) -> float:
+        """Partial-volume width ~ one voxel, in reference mm."""
+        return 0.7 * self.voxel_mm / (self.s * self.size)
+
+
+def _draw(rng: np.random.Generator, shape: tuple[int, int, int], voxel_mm: float) -> _Anatomy:
     half = [(n - 1) / 2.0 * voxel_mm for n in shape]
-    s = min(h / r for h, r in zip(half, _REF_HALF_FOV))  # mm of this grid per reference mm
-    fine = max(1.0, 0.5 / s)  # thicken microstructure on tiny grids (reference mm)
+    s = min(h / r for h, r in zip(half, _REF_HALF_FOV))
+    fine = max(1.0, 0.5 / s)
     size = rng.uniform(0.9, 1.0)
     stretch = rng.uniform(0.95, 1.05, 3)
     rot = _rotation(rng, 4.0)
     shift = rng.uniform(-3, 3, 3)
     cer_semi = np.array([66.0, 84.0, 58.0]) * stretch
     csf_mm, skull_mm, scalp_mm = rng.uniform(2.0, 3.5), rng.uniform(5.5, 7.5), rng.uniform(5.0, 7.0)
-    t_gm = rng.uniform(2.4, 3.0) * fine  # cortical thickness
-    fold_sigma = rng.uniform(2.8, 3.3) * fine  # noise smoothing: sulcal spacing ~ 4.4 sigma
-    sulc_w = rng.uniform(0.5, 0.9) * fine  # sulcal CSF width
+    t_gm = rng.uniform(2.4, 3.0) * fine
+    fold_sigma = rng.uniform(2.8, 3.3) * fine
+    sulc_w = rng.uniform(0.5, 0.9) * fine
     sulc_depth = rng.uniform(14.0, 20.0)
     vent_scale = rng.uniform(0.75, 1.35)
     wm_level = rng.uniform(800.0, 1200.0)
@@ -208,40 +221,64 @@ def synth_subject(seed: int, shape=DEFAULT_SHAPE, voxel_mm: float = VOXEL_MM,
     }
     noise_frac = rng.uniform(0.018, 0.03)
     bias_coef = rng.uniform(-0.12, 0.12, (3, 3))
+    return _Anatomy(shape, voxel_mm, s, fine, size, stretch, rot, shift, cer_semi, csf_mm, skull_mm, scalp_mm, t_gm,
+                    fold_sigma, sulc_w, sulc_depth, vent_scale, wm_level, contrast, noise_frac, bias_coef)
 
-    # ---- coarse grid (every second voxel) in anatomical reference mm
+
+@dataclass
+class _Coarse:
+    """Signed distances (mm, < 0 inside) on the coarse grid (every second voxel)."""
+
+    shape: tuple[int, ...]
+    u: tuple[np.ndarray, ...]  # coarse voxel -> anatomical reference mm (sparse, broadcasting)
+    cvox: float  # coarse spacing in reference mm
+    sd_cer: np.ndarray  # cerebrum
+    sd_cb: np.ndarray  # cerebellum
+    sd_stem: np.ndarray  # brainstem
+    sd_ic: np.ndarray  # intracranial space
+    sd_head: np.ndarray
+
+
+def _coarse(rng: np.random.Generator, a: _Anatomy) -> _Coarse:
+    f32 = np.float32
+    shape, voxel_mm, stretch = a.shape, a.voxel_mm, a.stretch
     cshape = tuple(n // 2 + 1 for n in shape)
     cx = [((2 * np.arange(c) - (n - 1) / 2.0) * voxel_mm).astype(f32) for c, n in zip(cshape, shape)]
     g = np.meshgrid(*cx, indexing="ij", sparse=True)
     # scanner mm -> anatomical reference mm: rotate, undo the fit-to-FOV scale and head size
-    k = 1.0 / (s * size)
-    u = tuple(((rot[0, i] * g[0] + rot[1, i] * g[1] + rot[2, i] * g[2]) * k - shift[i]).astype(f32)
+    k = 1.0 / (a.s * a.size)
+    rot = a.rot
+    u = tuple(((rot[0, i] * g[0] + rot[1, i] * g[1] + rot[2, i] * g[2]) * k - a.shift[i]).astype(f32)
               for i in range(3))
-    cvox = 2 * voxel_mm * k  # coarse spacing in reference mm
+    cvox = 2 * voxel_mm * k
 
     pial_pert = _smooth_noise(rng, cshape, 10.0 / cvox) * f32(1.5)
-    sd_cer = _ellipsoid_sd(u, (0.0, 0.0, 12.0), cer_semi) - pial_pert
+    sd_cer = _ellipsoid_sd(u, (0.0, 0.0, 12.0), a.cer_semi) - pial_pert
     sd_cb = _ellipsoid_sd(u, (0.0, -46.0, -34.0), (50.0 * stretch[0], 30.0, 21.0))
     stem_cyl = (np.sqrt((u[0] / 11.0) ** 2 + ((u[1] + 22.0 + 0.25 * u[2]) / 13.0) ** 2) - 1.0) * 12.0
     sd_stem = np.maximum(stem_cyl, u[2] + 2.0).astype(f32)
     sd_ic = _smin(_smin(sd_cer + pial_pert * f32(0.5), sd_cb, 8.0), sd_stem, 6.0)
     neck = (np.sqrt((u[0] / 52.0) ** 2 + ((u[1] + 12.0) / 62.0) ** 2) - 1.0) * 55.0
     neck = np.maximum(neck, u[2] + 30.0)
-    layers = csf_mm + skull_mm + scalp_mm
+    layers = a.csf_mm + a.skull_mm + a.scalp_mm
     sd_head = _smin(sd_ic - f32(layers), neck.astype(f32), 20.0)
+    return _Coarse(cshape, u, cvox, sd_cer, sd_cb, sd_stem, sd_ic, sd_head)
 
-    # ---- head: full-grid layers, as 1-D intensity profiles of two signed distances
-    full = tuple(slice(0, n) for n in shape)
-    pv = 0.7 * voxel_mm / (s * size)  # partial-volume width ~ one voxel, in reference mm
-    skin = 1.2 * fine
-    depth_head = _box_up(-sd_head, full)
-    img = _profile(depth_head, (0.0, skin, skin + 0.6 * scalp_mm),
+
+def _head(a: _Anatomy, c: _Coarse) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scalp, skull and CSF on the full grid, as 1-D intensity profiles of two signed distances
+    -> (image, labels, full-grid intracranial signed distance)."""
+    full = tuple(slice(0, n) for n in a.shape)
+    pv, contrast = a.pv, a.contrast
+    skin = 1.2 * a.fine
+    depth_head = _box_up(-c.sd_head, full)
+    img = _profile(depth_head, (0.0, skin, skin + 0.6 * a.scalp_mm),
                    (0.0, contrast["skin"], contrast["fat"], contrast["muscle"]), pv)
     labels = (depth_head > 0).astype(np.uint8)  # SCALP == 1
     del depth_head
-    t = _box_up(sd_ic, full)
-    c1, c2 = csf_mm, csf_mm + skull_mm
-    inner = _profile(-t, (-c2, -(c1 + 0.72 * skull_mm), -(c1 + 0.28 * skull_mm), -c1, 0.0),
+    t = _box_up(c.sd_ic, full)
+    c1, c2 = a.csf_mm, a.csf_mm + a.skull_mm
+    inner = _profile(-t, (-c2, -(c1 + 0.72 * a.skull_mm), -(c1 + 0.28 * a.skull_mm), -c1, 0.0),
                      (contrast["skull"], contrast["skull"], contrast["diploe"], contrast["skull"],
                       contrast["csf"], contrast["gm"]), pv)
     inner -= img
@@ -251,85 +288,98 @@ def synth_subject(seed: int, shape=DEFAULT_SHAPE, voxel_mm: float = VOXEL_MM,
     labels[t < c2] = SKULL
     labels[t < c1] = CSF
     labels[t < 0] = GM  # brain; refined below
+    return img, labels, t
 
-    # ---- cerebrum, restricted to the brain's bounding box
-    box = _fine_box(sd_ic < 2.0, shape)
+
+def _cerebrum(rng: np.random.Generator, a: _Anatomy, c: _Coarse, img: np.ndarray, labels: np.ndarray,
+              t: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Folded cortex over white matter, in the brain's bounding box (painted in place)
+    -> (coarse fold field, the box on the coarse grid)."""
+    from scipy.ndimage import map_coordinates
+
+    f32 = np.float32
+    u, cvox, sd_cer, pv = c.u, c.cvox, c.sd_cer, a.pv
+    box = _fine_box(c.sd_ic < 2.0, a.shape)
     img_b, lab_b = img[box], labels[box]
     ba = _ramp(-t[box], pv)
-    hbox = _fine_box(np.minimum(sd_cb, sd_stem) < 2.0, shape)  # hindbrain: cerebellum, stem
-    pre_img, pre_lab = img[hbox].copy(), labels[hbox].copy()
     d = _box_up(-sd_cer, box)  # depth below the pial surface
     # interhemispheric fissure, stopped by a midline core: corpus callosum (arch) and
     # diencephalon/midbrain
-    midline = _smooth_noise(rng, cshape, 12.0 / cvox) * f32(0.6)
+    midline = _smooth_noise(rng, c.shape, 12.0 / cvox) * f32(0.6)
     cc_arch = (u[0], u[1], u[2] + 0.007 * (u[1] + 4.0) ** 2)
     core_sd = np.minimum(_ellipsoid_sd(cc_arch, (0.0, -4.0, 27.0), (30.0, 37.0, 6.0)),
                          _ellipsoid_sd(u, (0.0, -12.0, 4.0), (30.0, 17.0, 15.0)))
     del cc_arch
     fiss = np.abs(_box_up((u[0] - midline).astype(f32), box))
-    fiss -= f32(sulc_w)
+    fiss -= f32(a.sulc_w)
     fiss += _box_up(np.maximum(-core_sd, 0.0) * f32(3.0), box)
     # fold noise sampled along rays from the cerebrum centre (mostly constant in depth), so
     # sulci are walls running inward from the surface, not a random maze
-    from scipy.ndimage import map_coordinates
-
     half_ref = 100.0
-    fold_n = _smooth_noise(rng, (int(2 * half_ref / cvox) + 2,) * 3, fold_sigma / cvox)
+    fold_n = _smooth_noise(rng, (int(2 * half_ref / cvox) + 2,) * 3, a.fold_sigma / cvox)
     cb = tuple(slice(sl.start // 2, sl.stop // 2 + 1) for sl in box)
     ub = [np.broadcast_to(ui, sd_cer.shape)[cb] for ui in u]
     cen = (0.0, 0.0, 12.0)
-    rho = np.sqrt(sum(((ui - c) / a) ** 2 for ui, c, a in zip(ub, cen, cer_semi)))
+    rho = np.sqrt(sum(((ui - ce) / ax) ** 2 for ui, ce, ax in zip(ub, cen, a.cer_semi)))
     gain = 0.45 + 0.55 / np.maximum(rho, 0.35)  # < 1/rho: sulci bend a little with depth
     fold_c = np.zeros(sd_cer.shape, f32)
-    fold_c[cb] = map_coordinates(fold_n, [((ui - c) * gain + c + half_ref) / cvox for ui, c in zip(ub, cen)],
+    fold_c[cb] = map_coordinates(fold_n, [((ui - ce) * gain + ce + half_ref) / cvox for ui, ce in zip(ub, cen)],
                                  order=1, mode="grid-wrap")
     del rho, gain, ub, fold_n
     sheet = np.abs(_box_up(fold_c, box))
-    sheet *= f32(1.8 * fold_sigma)  # ~ distance (mm) to the nearest sulcal sheet, fold = 0
+    sheet *= f32(1.8 * a.fold_sigma)  # ~ distance (mm) to the nearest sulcal sheet, fold = 0
     d_eff = np.minimum(d, fiss)
-    d_eff -= f32(t_gm)  # depth below the GM ribbon (outer surface or fissure wall)
-    depth_var = _box_up((sulc_depth * (1.0 + 0.25 * _smooth_noise(rng, cshape, 15.0 / cvox))).astype(f32), box)
+    d_eff -= f32(a.t_gm)  # depth below the GM ribbon (outer surface or fissure wall)
+    depth_var = _box_up((a.sulc_depth * (1.0 + 0.25 * _smooth_noise(rng, c.shape, 15.0 / cvox))).astype(f32), box)
     d -= depth_var  # > 0: below the sulcal fundi
     # sulci: CSF sheets from the outer surface down to depth_var, lined by a GM ribbon t_gm
     # thick; WM below the ribbon, except in the lined sulci (so gyri have WM cores)
-    wm_a = _ramp(d_eff, pv) * np.maximum(_ramp(sheet - f32(sulc_w + t_gm), pv), _ramp(d - f32(t_gm), pv))
+    wm_a = _ramp(d_eff, pv) * np.maximum(_ramp(sheet - f32(a.sulc_w + a.t_gm), pv), _ramp(d - f32(a.t_gm), pv))
     wm_a *= ba
-    sulc_a = np.maximum(_ramp(f32(sulc_w) - sheet, pv) * _ramp(-d, pv), _ramp(-fiss, pv))
+    sulc_a = np.maximum(_ramp(f32(a.sulc_w) - sheet, pv) * _ramp(-d, pv), _ramp(-fiss, pv))
     sulc_a *= ba
     del sheet, depth_var, d, d_eff, fiss, ba
     _paint(img_b, wm_a, 1.0)
     lab_b[wm_a > 0.5] = WM
-    _paint(img_b, sulc_a, contrast["csf"])
+    _paint(img_b, sulc_a, a.contrast["csf"])
     lab_b[sulc_a > 0.5] = CSF
-    del wm_a, sulc_a
+    return fold_c, cb
 
-    # ---- hindbrain: cerebellum (folia as lamellae parallel to its surface, WM core), brainstem
-    dh = _box_up(-sd_cer, hbox)
-    dcb = _box_up(-sd_cb, hbox)
-    dstem = _box_up(-sd_stem, hbox)
+
+def _hindbrain(a: _Anatomy, c: _Coarse, img: np.ndarray, labels: np.ndarray, t: np.ndarray,
+               hbox: tuple[slice, ...], pre_img: np.ndarray, pre_lab: np.ndarray, fold_c: np.ndarray) -> None:
+    """Cerebellum (folia as lamellae parallel to its surface, WM core) and brainstem, painted on
+    `pre_img` / `pre_lab` (the hindbrain box before the cerebrum was painted), then merged where
+    the cerebrum is not the nearest compartment."""
+    f32, pv, fine = np.float32, a.pv, a.fine
+    dh = _box_up(-c.sd_cer, hbox)
+    dcb = _box_up(-c.sd_cb, hbox)
+    dstem = _box_up(-c.sd_stem, hbox)
     bah = _ramp(-t[hbox], pv)
     fh = np.abs(_box_up(fold_c, hbox))
     lam = np.cos(dcb * f32(2 * math.pi / (3.2 * fine)) + fh * f32(2.0))
     # WM: a core plus branches along the fold sheets (arbor vitae), ending below the folia
-    a = np.maximum(_ramp(dcb - 12.0, pv), _ramp(0.35 - fh, 0.15) * _ramp(dcb - 3.5, pv)) * bah
-    _paint(pre_img, a, 1.0)
-    pre_lab[a > 0.5] = WM
-    a = _ramp(lam - 0.8, 0.3) * _ramp(9.0 - dcb, pv) * bah
-    _paint(pre_img, a, contrast["csf"])
-    pre_lab[a > 0.5] = CSF
-    a = _ramp(dstem, pv) * _ramp(dstem - dh, pv) * _ramp(dstem - dcb, pv)
-    _paint(pre_img, a, contrast["stem"])
-    pre_lab[a > 0.5] = WM
+    w = np.maximum(_ramp(dcb - 12.0, pv), _ramp(0.35 - fh, 0.15) * _ramp(dcb - 3.5, pv)) * bah
+    _paint(pre_img, w, 1.0)
+    pre_lab[w > 0.5] = WM
+    w = _ramp(lam - 0.8, 0.3) * _ramp(9.0 - dcb, pv) * bah
+    _paint(pre_img, w, a.contrast["csf"])
+    pre_lab[w > 0.5] = CSF
+    w = _ramp(dstem, pv) * _ramp(dstem - dh, pv) * _ramp(dstem - dcb, pv)
+    _paint(pre_img, w, a.contrast["stem"])
+    pre_lab[w > 0.5] = WM
     cer = (dh > dcb) & (dh > dstem)  # cerebrum is the nearest compartment
     img[hbox] = np.where(cer, img[hbox], pre_img)
     labels[hbox] = np.where(cer, labels[hbox], pre_lab)
-    a = _ramp(1.2 * fine - np.abs(dh - dcb), pv) * (dh > dstem) * bah  # tentorium
-    _paint(img[hbox], a, contrast["csf"])
-    labels[hbox][a > 0.5] = CSF
-    del dh, dcb, dstem, bah, lam, fh, a, cer, pre_img, pre_lab, fold_c
+    w = _ramp(1.2 * fine - np.abs(dh - dcb), pv) * (dh > dstem) * bah  # tentorium
+    _paint(img[hbox], w, a.contrast["csf"])
+    labels[hbox][w > 0.5] = CSF
 
-    # ---- deep grey nuclei and ventricles (coarse signed distances, central sub-box)
-    ub = [np.broadcast_to(ui, sd_cer.shape)[cb] for ui in u]  # brain box only: cheaper
+
+def _deep(a: _Anatomy, c: _Coarse, img: np.ndarray, labels: np.ndarray, t: np.ndarray, cb: tuple[slice, ...]) -> None:
+    """Deep grey nuclei and ventricles (coarse signed distances, central sub-box), in place."""
+    pv, vent_scale, sd_cer = a.pv, a.vent_scale, c.sd_cer
+    ub = [np.broadcast_to(ui, sd_cer.shape)[cb] for ui in c.u]  # brain box only: cheaper
     deep = [_ellipsoid_sd(ub, (h * 9.5, -14.0, 7.0), (8.0, 14.0, 9.0)) for h in (-1, 1)]  # thalamus
     deep += [_ellipsoid_sd(ub, (h * 15.5, 11.0, 17.0), (5.0, 13.0, 8.0)) for h in (-1, 1)]  # caudate
     deep += [_ellipsoid_sd(ub, (h * 24.0, 3.0, 5.0), (5.5, 15.0, 10.0)) for h in (-1, 1)]  # putamen
@@ -339,32 +389,35 @@ def synth_subject(seed: int, shape=DEFAULT_SHAPE, voxel_mm: float = VOXEL_MM,
              for h in (-1, 1)]
     vents.append(_ellipsoid_sd(ub, (0.0, -10.0, 6.0), (1.2 * vent_scale, 13.0, 8.0)))  # third
     sd_vent = np.minimum.reduce(vents)
-    far = np.full(sd_cer.shape, 100.0, f32)
+    far = np.full(sd_cer.shape, 100.0, np.float32)
     far[cb] = sd_dgm
     sd_dgm = far
-    far = np.full(sd_cer.shape, 100.0, f32)
+    far = np.full(sd_cer.shape, 100.0, np.float32)
     far[cb] = sd_vent
     sd_vent = far
     if (np.minimum(sd_dgm, sd_vent) < 2.0).any():
-        cbox = _fine_box(np.minimum(sd_dgm, sd_vent) < 2.0, shape)
+        cbox = _fine_box(np.minimum(sd_dgm, sd_vent) < 2.0, a.shape)
         img_c, lab_c = img[cbox], labels[cbox]
         brain_c = _ramp(-t[cbox], pv)
-        a = _ramp(-_box_up(sd_dgm, cbox), pv) * brain_c
-        _paint(img_c, a, contrast["dgm"])
-        lab_c[a > 0.5] = DEEP_GM
-        a = _ramp(-_box_up(sd_vent, cbox), pv) * brain_c
-        _paint(img_c, a, contrast["csf"] * 0.9)
-        lab_c[a > 0.5] = VENTRICLES
-    del t
+        w = _ramp(-_box_up(sd_dgm, cbox), pv) * brain_c
+        _paint(img_c, w, a.contrast["dgm"])
+        lab_c[w > 0.5] = DEEP_GM
+        w = _ramp(-_box_up(sd_vent, cbox), pv) * brain_c
+        _paint(img_c, w, a.contrast["csf"] * 0.9)
+        lab_c[w > 0.5] = VENTRICLES
 
-    # ---- acquisition: smooth multiplicative bias (separable, cheap) and Rician noise
+
+def _acquire(rng: np.random.Generator, a: _Anatomy, img: np.ndarray) -> np.ndarray:
+    """A smooth multiplicative bias (separable, cheap) and Rician noise -> int16 volume."""
+    f32 = np.float32
+    shape = a.shape
     for axis, n in enumerate(shape):
         x = np.linspace(-1.0, 1.0, n)
-        prof = np.exp(bias_coef[axis, 0] * x + bias_coef[axis, 1] * (x * x - 0.33)
-                      + bias_coef[axis, 2] * 0.5 * np.sin(math.pi * x)).astype(f32)
+        prof = np.exp(a.bias_coef[axis, 0] * x + a.bias_coef[axis, 1] * (x * x - 0.33)
+                      + a.bias_coef[axis, 2] * 0.5 * np.sin(math.pi * x)).astype(f32)
         img *= prof.reshape([-1 if i == axis else 1 for i in range(3)])
-    img *= f32(wm_level)
-    sigma = f32(noise_frac * wm_level)
+    img *= f32(a.wm_level)
+    sigma = f32(a.noise_frac * a.wm_level)
     n1 = rng.standard_normal(shape, dtype=f32)
     n1 *= sigma
     img += n1
@@ -375,144 +428,34 @@ def synth_subject(seed: int, shape=DEFAULT_SHAPE, voxel_mm: float = VOXEL_MM,
     img += n1
     del n1
     np.sqrt(img, out=img)
-    vol = np.clip(np.rint(img), 0, np.iinfo(np.int16).max).astype(np.int16)
+    return np.clip(np.rint(img), 0, np.iinfo(np.int16).max).astype(np.int16)
+
+
+def synth_subject(seed: int, shape=DEFAULT_SHAPE, voxel_mm: float = VOXEL_MM,
+                  return_labels: bool = False):
+    """One synthetic T1w head. Pure: same arguments -> identical arrays.
+
+    Returns `(vol, affine)` or, with `return_labels`, `(vol, affine, labels)`:
+    vol `shape` int16 (WM about 800-1200), affine (4, 4) float64, labels `shape` uint8 with the
+    module's codes (BACKGROUND ... VENTRICLES). The head is scaled to fit the field of view, so
+    small test shapes still hold a whole brain; below ~160 voxels the cortex, sulci and folia are
+    thickened (in voxels) so they stay resolvable. Every random draw comes from one generator,
+    in a fixed order: the anatomy first (`_draw`), then the fields stage by stage.
+    """
+    shape = check_shape(shape)
+    if not voxel_mm > 0:
+        raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
+    rng = np.random.default_rng(seed)
+    a = _draw(rng, shape, voxel_mm)
+    c = _coarse(rng, a)
+    img, labels, t = _head(a, c)
+    hbox = _fine_box(np.minimum(c.sd_cb, c.sd_stem) < 2.0, shape)  # hindbrain: cerebellum, stem
+    pre_img, pre_lab = img[hbox].copy(), labels[hbox].copy()
+    fold_c, cb = _cerebrum(rng, a, c, img, labels, t)
+    _hindbrain(a, c, img, labels, t, hbox, pre_img, pre_lab, fold_c)
+    del pre_img, pre_lab, fold_c
+    _deep(a, c, img, labels, t, cb)
+    del t
+    vol = _acquire(rng, a, img)
     affine = affine_for(shape, voxel_mm)
     return (vol, affine, labels) if return_labels else (vol, affine)
-
-
-# ---------------------------------------------------------------------------- files
-
-def nifti_gz_bytes(vol: np.ndarray, affine: np.ndarray, level: int = 3) -> bytes:
-    """NIfTI-1 .nii.gz bytes, affine as sform and qform; deterministic gzip (mtime 0, no name)."""
-    import nibabel as nib
-    from isal import igzip
-
-    img = nib.Nifti1Image(vol, affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_data_dtype(vol.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    return igzip.compress(img.to_bytes(), compresslevel=level, mtime=0)
-
-
-def subject_ids(n: int, seed: int = 0, first_id: int | None = None) -> list[str]:
-    """n six-digit HCP-style ids; subject i's id depends only on (seed, i, first_id)."""
-    if first_id is None:
-        first_id = 100000 + (int(seed) % 800) * 1000
-    if first_id < 100000 or first_id + n - 1 > 999999:
-        raise ValueError(f"ids {first_id}..{first_id + n - 1} are not all six digits")
-    return [str(first_id + i) for i in range(n)]
-
-
-def subject_seed(seed: int, i: int) -> int:
-    """Per-subject seed derived from (cohort seed, index): independent streams, prefix-stable."""
-    return int(np.random.SeedSequence(int(seed), spawn_key=(int(i),)).generate_state(1, np.uint64)[0])
-
-
-def write_cohort(out: str | os.PathLike, n: int, shape=DEFAULT_SHAPE, seed: int = 0,
-                 first_id: int | None = None, progress: bool = True) -> list[str]:
-    """Write n subjects at `out/HCP_T1W` (atomically, overwriting); returns the file paths."""
-    from rich.progress import Progress
-
-    from hpc.atomic import atomic_write_bytes
-
-    if int(n) < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    shape = _check_shape(shape)
-    out = Path(out)
-    paths = []
-    with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task("synthetic cohort", total=n)
-        for i, sid in enumerate(subject_ids(n, seed, first_id)):
-            vol, affine = synth_subject(subject_seed(seed, i), shape)
-            path = out / HCP_T1W.format(subject=sid)
-            atomic_write_bytes(path, nifti_gz_bytes(vol, affine))
-            paths.append(str(path))
-            bar.advance(task)
-    return paths
-
-
-def _find_nifti(subject: str | os.PathLike) -> Path:
-    p = Path(subject)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        hcp = p.parent / HCP_T1W.format(subject=p.name)
-        if hcp.is_file():
-            return hcp
-        found = sorted(p.rglob("*.nii.gz")) + sorted(p.rglob("*.nii"))
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise ValueError(f"{p} holds {len(found)} NIfTI files; name one")
-    raise FileNotFoundError(f"no NIfTI subject at {p}")
-
-
-def preview(subject: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Sagittal, coronal and axial mid slices of a subject (folder or NIfTI file) as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-
-    from hpc.atomic import atomic_path
-
-    path = _find_nifti(subject)
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    vol = np.asarray(img.dataobj, dtype=np.float32)
-    if vol.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {vol.shape}")
-    zooms = img.header.get_zooms()[:3]
-    cx, cy, cz = (s // 2 for s in vol.shape)
-    # each panel: (slice, its (horizontal, vertical) voxel sizes); displayed with superior up
-    panels = [("sagittal", vol[cx, :, :], (zooms[1], zooms[2])),
-              ("coronal", vol[:, cy, :], (zooms[0], zooms[2])),
-              ("axial", vol[:, :, cz], (zooms[0], zooms[1]))]
-    vmax = float(np.percentile(vol, 99.5)) or 1.0
-    widths = [p[1].shape[0] * p[2][0] for p in panels]
-    height = max(p[1].shape[1] * p[2][1] for p in panels)
-    fig, axes = plt.subplots(1, 3, figsize=(3.2 * sum(widths) / height, 3.6), facecolor="black",
-                             gridspec_kw={"width_ratios": widths})
-    for ax, (name, sl, (dx, dy)) in zip(axes, panels):
-        ax.imshow(sl.T, cmap="gray", origin="lower", vmin=0, vmax=vmax, aspect=dy / dx,
-                  interpolation="nearest")
-        ax.set_title(name, color="white", fontsize=9)
-        ax.axis("off")
-    fig.suptitle(path.name, color="white", fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, facecolor="black")
-    plt.close(fig)
-    return out_png
-
-
-# ---------------------------------------------------------------------------- CLI
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=None, help="number of subjects to write")
-    p.add_argument("--out", default=None, help="cohort root; subjects go to OUT/" + HCP_T1W)
-    p.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"),
-                   help="volume size in voxels (0.7 mm); default: HCP's 320 320 256")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed: same seed, byte-identical files")
-    p.add_argument("--first-id", type=int, default=None, help="first six-digit subject id")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--preview", nargs=2, metavar=("SUBJECT", "PNG"), default=None,
-                   help="instead: draw mid slices of SUBJECT (folder or .nii.gz) to PNG")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.preview is not None:
-        png = preview(*args.preview)
-        print(f"preview written to {png}")
-        return 0
-    if args.n is None or args.out is None:
-        raise ValueError("--n and --out are required (or use --preview SUBJECT PNG)")
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
-    paths = write_cohort(args.out, args.n, tuple(args.shape), args.seed, args.first_id,
-                         progress=not args.no_progress)
-    print(f"{len(paths)} synthetic subjects written under {Path(args.out).resolve()} "
-          f"({HCP_T1W.format(subject='<id>')}), e.g. {paths[0]}")
-    return 0

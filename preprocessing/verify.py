@@ -15,7 +15,8 @@ from typing import Any
 from hpc import mpi
 from hpc.atomic import file_mismatch
 from preprocessing.config import DataConfig
-from preprocessing.manifest import Manifest, load_manifest
+from preprocessing.driver import Summary, preprocess
+from preprocessing.manifest import Manifest, ShardRow, load_manifest
 from preprocessing.shards import check_file
 
 
@@ -29,14 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def check_shard(out: Path, row: dict[str, Any]) -> str | None:
+def check_shard(out: Path, row: ShardRow) -> str | None:
     """None if the shard file matches its manifest row, else what is wrong."""
-    p = out / row["path"]
-    why = file_mismatch(p, row["bytes"], row["sha256"])
+    p = out / row.path
+    why = file_mismatch(p, row.bytes, row.sha256)
     if why:
         return f"{why} (manifest row)"
     try:
-        check_file(p, row["kind"], None if row["kind"] == "volume" else row["patches"])
+        check_file(p, row.kind, None if row.kind == "volume" else row.patches)
     except ValueError as exc:
         return str(exc)
     return None
@@ -47,29 +48,27 @@ def verify(out: str | Path, m: Manifest | None = None, group: str | None = None)
     out = Path(out)
     m = m or load_manifest(out)
     problems = []
-    listed = {s["path"] for s in m.shards}
+    listed = {s.path for s in m.shards}
     for row in m.shards:
-        if group and row["group"] != group:
+        if group and row.group != group:
             continue
         why = check_shard(out, row)
         if why:
-            problems.append({"subject": row["subject"], "path": row["path"], "problem": why})
+            problems.append({"subject": row.subject, "path": row.path, "problem": why})
     for sub in m.subjects:
-        if group and sub["group"] != group:
+        if group and sub.group != group:
             continue
-        if sub["status"] == "ok":
-            for path in sub["shards"].values():
+        if sub.status == "ok":
+            for path in sub.shards.values():
                 if path not in listed:
-                    problems.append({"subject": sub["id"], "path": path, "problem": "no shard row in the manifest"})
-        elif sub["status"] == "pending":
-            problems.append({"subject": sub["id"], "path": None, "problem": "pending (run interrupted)"})
+                    problems.append({"subject": sub.id, "path": path, "problem": "no shard row in the manifest"})
+        elif sub.status == "pending":
+            problems.append({"subject": sub.id, "path": None, "problem": "pending (run interrupted)"})
     return problems
 
 
-def regenerate(out: str | Path, comm: Any = None, progress: bool = True, group: str | None = None) -> dict[str, Any]:
-    """Redo the subjects `verify` flags; returns the preprocess summary plus `redone` ids."""
-    from preprocessing.driver import preprocess
-
+def regenerate(out: str | Path, comm: Any = None, progress: bool = True, group: str | None = None) -> Summary:
+    """Redo the subjects `verify` flags; returns the preprocess summary with the `redone` ids."""
     comm = comm if comm is not None else mpi.world()
     out = Path(out)
     err = payload = None
@@ -84,8 +83,8 @@ def regenerate(out: str | Path, comm: Any = None, progress: bool = True, group: 
     if err:
         raise ValueError(err)
     cfg, bad = payload
-    summary = preprocess(cfg, comm, only=set(bad), progress=progress) if bad else {"failed": 0}
-    summary["redone"] = bad
+    summary = preprocess(cfg, comm, only=set(bad), progress=progress) if bad else Summary()
+    summary.redone = bad
     return summary
 
 
@@ -106,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
     comm = mpi.world()
     summary = regenerate(args.out, comm, progress=not args.no_progress, group=args.group)
     if comm.rank == 0:
-        console.print(f"shards regenerate: redid {len(summary['redone'])} subjects {summary['redone']}",
+        console.print(f"shards regenerate: redid {len(summary.redone)} subjects {summary.redone}",
                       highlight=False)
     return 0

@@ -1,9 +1,13 @@
-"""`udean` command line: one subcommand per job; `udean CMD --help` answers for each.
+"""`udean` command line: one subcommand per job; `udean CMD --help` answers for each, with
+the defaults.
 
 Each subcommand lives in the module that implements it, which exposes
-`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their
-command runs, so `udean --help` is instant. Commands that take the config tree get
-`--config PATH` and trailing `key.sub=value` overrides; `args.cfg` is the validated config.
+`add_arguments(parser)` and `run(args) -> int`: a thin entry point over that module's typed
+library function (`udean.train.train(cfg)`, `udean.evaluate.evaluate(cfg, checkpoint, ...)`,
+`udean.infer.infer(...)`, `preprocessing.driver.preprocess(cfg.data)`; docs/architecture.md).
+Modules are imported only when their command runs, so `udean --help` is instant. Commands
+that take the config tree get `--config PATH` and trailing `key.sub=value` overrides;
+`args.cfg` is the validated config.
 """
 from __future__ import annotations
 
@@ -14,19 +18,29 @@ import sys
 
 # name -> (module, one-line help, takes the config tree)
 COMMANDS: dict[str, tuple[str, str, bool]] = {
-    "cohort": ("preprocessing.synthetic", "write a synthetic HCP-like T1w cohort, or preview a subject", False),
+    "cohort": ("preprocessing.cohort", "write a synthetic HCP-like T1w cohort, or preview a subject", False),
     "preprocess": ("preprocessing.driver", "NIfTI subjects -> HDF5 patch shards + manifest.json (MPI-parallel)", True),
     "shards": ("preprocessing.verify", "verify shards against the manifest, or regenerate missing/corrupt ones", False),
     "model-info": ("udean.model_info", "parameters and FLOPs per model component", True),
     "train": ("udean.train", "train UDEAN with DeepSpeed on preprocessed shards (resumes automatically)", True),
-    "infer": ("udean.infer", "LR NIfTI -> x2 SR NIfTI by a blended sliding window (voxel size halved, same world position)", False),
+    "infer": ("udean.infer", "LR NIfTI -> x2 SR NIfTI by a blended sliding window (voxel size halved, same world position)", True),
     "evaluate": ("udean.evaluate", "SR vs HR on the test volumes: PSNR/SSIM tables (tricubic baseline first) and figures", True),
     "demo": ("udean.demo", "end to end on CPU in minutes: cohort -> MPI preprocess -> DeepSpeed train -> evaluate", True),
 }
 
 EPILOG = """config overrides: append key.sub=value after the options, e.g.
-  udean train --config configs/demo.yaml train.lr=3e-4 model.variant=3d
+  udean train --config demo train.lr=3e-4 model.variant=3d
 shipped configs: paper (every paper hyper-parameter), demo (CPU, minutes), tiny (tests)"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default (unless its help names it already,
+    or there is none to show: None, an unset flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,11 +62,11 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"udean {name}", description=help_text,
         epilog=EPILOG if uses_config else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     if uses_config:
         p.add_argument("--config", default=None,
-                       help="YAML config (path, or a shipped name: paper, demo, tiny); default: paper values (demo for `udean demo`)")
+                       help="YAML config (path, or a shipped name: paper, demo, tiny); none: the paper's values")
     importlib.import_module(module).add_arguments(p)
     if uses_config:
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

@@ -1,8 +1,8 @@
-"""One config tree: YAML files in `configs/` -> typed, validated pydantic models.
+"""One config tree: YAML files -> typed, validated pydantic models.
 
 Every hyper-parameter of the paper (section II-B/C/D) lives here with its paper default;
-`configs/paper.yaml` spells them out, `configs/demo.yaml` and `configs/tiny.yaml` shrink them
-for a CPU. Validation happens on load, before any work: an unknown key, a wrong type or an
+the shipped configs (package data in `udean/configs/`, named by `--config paper|demo|tiny`):
+`paper.yaml` spells them out, `demo.yaml` and `tiny.yaml` shrink them for a CPU. Validation happens on load, before any work: an unknown key, a wrong type or an
 out-of-range value raises `ConfigError` naming the dotted key and what is allowed.
 
 CLI overrides are `key.sub=value`; the value is parsed as YAML (`train.lr=3e-4`,
@@ -106,11 +106,26 @@ class TrainConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- inference
+class InferConfig(Section):
+    """The sliding window (udean/infer.py `Inferer`) of `udean infer`, `udean evaluate`,
+    validation during training, the baselines and benchmarks/infer.py. The tile is the training
+    patch (`data.patches.slab` x `lr_size`, of the config the network was trained with)."""
+
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)  # in-plane overlap of neighbouring tiles, fraction of the patch
+    # LR slices shared by consecutive slabs; null: slab - 1 (stride 1, a slab centred on every slice)
+    slab_overlap: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)  # tiles per forward pass
+    amp: bool = False  # bf16 autocast of fp32 weights (GPU)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: cuda if available, else cpu
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    infer: InferConfig = InferConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -121,7 +136,7 @@ class Config(Section):
 
 
 # --------------------------------------------------------------------------- loading
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped configs: package data
 
 
 def _format_error(err: ValidationError) -> str:
@@ -190,12 +205,13 @@ def from_dict(tree: dict[str, Any], overrides: list[str] = ()) -> Config:
 
 
 def resolve_path(name: str | os.PathLike) -> Path:
-    """A config path, or a bare name looked up in the shipped `configs/` (`demo` -> demo.yaml)."""
+    """A config path, or a shipped config named by its name (`demo`, `demo.yaml`) or by its
+    location before it became package data (`configs/demo.yaml`, as scripts still write it)."""
     p = Path(name)
     if p.exists():
         return p
     shipped = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
-    if shipped.exists():
+    if shipped.exists() and (len(p.parts) == 1 or p.parent == Path("configs")):
         return shipped
     raise ConfigError(f"config file {str(name)!r} not found (shipped: {', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
 

@@ -24,9 +24,10 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from udean.commands import environment, executable
 
 # --quick: the smallest run that still passes every stage (tests/udean/test_demo.py)
 QUICK = [
@@ -57,29 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
 
 
-def _env(threads: int = 1) -> dict[str, str]:
-    """The stages' environment: `threads` OpenMP threads per process unless OMP_NUM_THREADS is
-    set (MPI ranks get 1, so ranks do not fight over cores; training gets the cores)."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # OpenMPI refuses root without both
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return env
-
-
-def _bin(name: str) -> str:
-    """An executable of this Python's environment (mpirun, torchrun, udean), else from PATH."""
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return str(here)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} not found beside {sys.executable} or on PATH")
-    return found
-
-
 class StageFailed(Exception):
     def __init__(self, what: str, rc: int):
         super().__init__(what)
@@ -87,17 +65,12 @@ class StageFailed(Exception):
 
 
 def _call(cmd: list[str], console, what: str, threads: int = 1) -> None:
+    """A stage as a child process: `threads` OpenMP threads unless OMP_NUM_THREADS is set (MPI
+    ranks get 1, so ranks do not fight over cores; training gets the cores)."""
     console.print(f"[dim]$ {' '.join(cmd)}[/]", highlight=False)
-    rc = subprocess.call(cmd, env=_env(threads))
+    rc = subprocess.call(cmd, env=environment(threads))
     if rc != 0:
         raise StageFailed(what, rc)
-
-
-def _cohort_ready(root: Path, n: int, shape: tuple[int, int, int]) -> bool:
-    import nibabel as nib
-
-    files = sorted(root.glob("*/unprocessed/3T/T1w_MPR1/*.nii.gz"))
-    return len(files) == n and all(nib.load(str(f)).shape == shape for f in files)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, console) -> int:
     from rich.table import Table
 
+    from preprocessing.cohort import cohort_ready
     from udean.config import load, save
 
     t_all = time.perf_counter()
@@ -144,29 +118,29 @@ def _run(args: argparse.Namespace, console) -> int:
     t = time.perf_counter()
     console.rule("[bold]1/4 synthetic cohort")
     root = out / "cohort"
-    if _cohort_ready(root, n_subjects, shape):
+    if cohort_ready(root, n_subjects, shape):
         console.print(f"kept {root} ({n_subjects} subjects)")
     else:
         shutil.rmtree(root, ignore_errors=True)
-        _call([_bin("udean"), "cohort", "--n", str(n_subjects), "--out", str(root), "--shape", *map(str, shape),
+        _call([executable("udean"), "cohort", "--n", str(n_subjects), "--out", str(root), "--shape", *map(str, shape),
                "--seed", str(cfg.data.split.seed)], console, "cohort")
     timings["cohort"] = time.perf_counter() - t
 
     # 2. preprocess (MPI)
     t = time.perf_counter()
     console.rule(f"[bold]2/4 preprocess (mpirun -n {args.ranks})")
-    cmd = [_bin("udean"), "preprocess", "--config", str(config)]
+    cmd = [executable("udean"), "preprocess", "--config", str(config)]
     if args.ranks > 1:
-        cmd = [_bin("mpirun"), "-n", str(args.ranks), "--oversubscribe", *cmd]
+        cmd = [executable("mpirun"), "-n", str(args.ranks), "--oversubscribe", *cmd]
     _call(cmd, console, "preprocess")
     timings["preprocess"] = time.perf_counter() - t
 
     # 3. train (DeepSpeed)
     t = time.perf_counter()
     console.rule("[bold]3/4 train UDEAN (unpaired, DeepSpeed)")
-    cmd = [_bin("udean"), "train", "--config", str(config)]
+    cmd = [executable("udean"), "train", "--config", str(config)]
     if args.train_ranks > 1:
-        cmd = [_bin("torchrun"), "--standalone", f"--nproc_per_node={args.train_ranks}", "-m", "udean",
+        cmd = [executable("torchrun"), "--standalone", f"--nproc_per_node={args.train_ranks}", "-m", "udean",
                "train", "--config", str(config)]
     _call(cmd, console, "train", threads=(os.cpu_count() or 1) // args.train_ranks)
     timings["train"] = time.perf_counter() - t
@@ -174,20 +148,17 @@ def _run(args: argparse.Namespace, console) -> int:
     # 4. evaluate (in this process: the table prints here)
     t = time.perf_counter()
     console.rule("[bold]4/4 evaluate on the held-out test subjects")
-    from udean import evaluate
+    from udean.evaluate import SKIP, evaluate
 
     eval_out = out / "eval"
-    ns = argparse.Namespace(cfg=cfg, checkpoint=str(out / "run"), data=str(out / "data"), out=str(eval_out),
-                            group="test", region="volume", limit=0, figures=1, save_volumes=False, device="auto",
-                            batch_size=8, overlap=0.25, slab_overlap=None)
-    evaluate.run(ns)
+    results = evaluate(cfg, out / "run", out / "data", eval_out, console=console)
     timings["evaluate"] = time.perf_counter() - t
     total = time.perf_counter() - t_all
 
     import json
 
-    doc = json.loads((eval_out / "results.json").read_text())
-    base, ours = doc["methods"][0], doc["methods"][-1]
+    methods = [r.to_dict() for r in results]
+    base, ours = methods[0], methods[-1]
     summary = Table(title="demo summary", title_justify="left", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
@@ -198,7 +169,7 @@ def _run(args: argparse.Namespace, console) -> int:
     summary.add_row("UDEAN - tricubic", f"{ours['psnr_mean'] - base['psnr_mean']:+.2f} dB PSNR, "
                     f"{ours['ssim_mean'] - base['ssim_mean']:+.4f} SSIM "
                     + ("[green](better on both)[/]" if better else "[yellow](not better on both)[/]"))
-    skip = next((m for m in doc["methods"] if m["method"] == evaluate.SKIP), None)
+    skip = next((m for m in methods if m["method"] == SKIP), None)
     if skip is not None:  # what training added over the model's untrained start
         summary.add_row("UDEAN - image skip alone", f"{ours['psnr_mean'] - skip['psnr_mean']:+.2f} dB PSNR, "
                         f"{ours['ssim_mean'] - skip['ssim_mean']:+.4f} SSIM")

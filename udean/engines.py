@@ -3,9 +3,11 @@
 Paper, II-D: Adam (beta1 0.9, beta2 0.99, eps 1e-8), cosine decay of the learning rate from
 1e-4 to 1e-8. Both engines get the same optimizer settings and the same schedule.
 
-The DeepSpeed config dict is derived from our config tree in one function, `deepspeed_config`;
-nothing else sets an optimizer, a precision or a ZeRO stage (the DeepSpeedExamples GAN warning
-in STYLE.md). Engines always do the stepping: `engine.backward(loss)`, `engine.step()`.
+This module is the one home of the optimizer: `adam_params` maps the `train:` section to Adam's
+arguments, for the DeepSpeed config dict (`deepspeed_config`, the one place that sets an
+optimizer, a precision or a ZeRO stage for the engines; the DeepSpeedExamples GAN warning in
+docs/architecture.md) and for the plain-PyTorch baselines (`adam`, `cosine_schedule`).
+Engines always do the stepping: `engine.backward(loss)`, `engine.step()`.
 
 Checkpoints are read with `torch.load(weights_only=True)`: DeepSpeed's own checkpoint engine
 unpickles arbitrary objects, so each engine gets `WeightsOnlyCheckpointEngine` instead.
@@ -26,6 +28,16 @@ from udean.config import Config, TrainConfig
 PRECISION_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def adam_params(train: TrainConfig) -> dict[str, Any]:
+    """The paper's Adam (II-D) from the `train:` section: lr, betas, eps, no weight decay."""
+    return {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps, "weight_decay": 0.0}
+
+
+def adam(params, train: TrainConfig) -> torch.optim.Adam:
+    """torch.optim.Adam with `adam_params` (the baselines' optimizer; the engines' is the same)."""
+    return torch.optim.Adam(params, **adam_params(train))
+
+
 def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
     """Our `train:` section -> the DeepSpeed config dict of both engines (the one place)."""
     ds: dict[str, Any] = {
@@ -35,8 +47,7 @@ def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
             "type": "Adam",
             # torch_adam: torch.optim.Adam (no JIT-built fused kernel, runs on CPU and GPU);
             # adam_w_mode off: the paper's Adam, not AdamW
-            "params": {"lr": train.lr, "betas": list(train.betas), "eps": train.eps,
-                       "weight_decay": 0.0, "torch_adam": True, "adam_w_mode": False},
+            "params": {**adam_params(train), "betas": list(train.betas), "torch_adam": True, "adam_w_mode": False},
         },
         "zero_optimization": {"stage": train.zero_stage},
         "gradient_clipping": train.grad_clip,  # 0.0: off
@@ -59,11 +70,9 @@ def cosine_lr_factor(step: int, total_steps: int, lr: float, lr_min: float) -> f
     return (lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))) / lr
 
 
-def _cosine_schedule(train: TrainConfig, total_steps: int):
-    def make(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: cosine_lr_factor(s, total_steps, train.lr, train.lr_min))
-    return make
+def cosine_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`train.lr` -> `train.lr_min` over `total_steps` optimizer steps (`cosine_lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(s, total_steps, train.lr, train.lr_min))
 
 
 def _weights_only_checkpoint_engine(ds_config: Any):
@@ -130,7 +139,7 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
         module.to(device)
         engine, *_ = deepspeed.initialize(
             args=ds_args, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-            config=ds, lr_scheduler=_cosine_schedule(cfg.train, total_steps),
+            config=ds, lr_scheduler=lambda opt: cosine_schedule(opt, cfg.train, total_steps),
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
         engines.append(engine)

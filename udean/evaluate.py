@@ -1,46 +1,65 @@
-"""`udean evaluate`: SR vs HR on the test volumes, as in the paper's Tables I / II.
+"""The one evaluator (`Evaluator`) and `udean evaluate`: SR vs HR on paired volumes, as in the
+paper's Tables I / II.
 
-For every paired volume of the group (default `test`, from the manifest):
+`Evaluator` scores methods on `VolumePair`s (stored layout, slices first) and is what
+validation during training (`udean.steps.validate`), `udean evaluate` (`evaluate`, below),
+benchmarks/quality.py, benchmarks/demo_ablation.py and the baselines all run. Volumes are split
+across ranks (`dist`) and the scores gathered on every rank. Each method maps a volume to a
+prediction on the HR grid; every prediction is scored on the same voxels:
+
+- grid: the HR voxels the LR volume covers (`score_grid`; an odd HR extent has no LR voxel
+  for its last slice), the same for every method;
+- region (`REGIONS`): `volume` scores every voxel, background included, like the paper's
+  whole-volume numbers; `bbox` the bounding box of the head mask (+ 4 voxels), which discounts
+  the empty background (lower PSNR, more telling SSIM);
+- scores (`SCORES`): PSNR (dB, data range 1) and mean per-slice SSIM (2D Gaussian window, the
+  loss's `ssim_window`, slices along the acquisition axis) from udean.metrics, the functions
+  the training loss uses.
+A new region or score is one entry in its table.
+
+`udean evaluate`, for every paired volume of the group (default `test`, from the manifest):
     tricubic   cubic B-spline interpolation of LR onto the HR grid (Table II's first row)
     skip       (models with `model.image_skip`) the untrained start: the fixed x2 resampling through
                the same tiles, so the table shows what training added
-    UDEAN      the trained SR network by the blended sliding window of `udean infer`
-scored against HR with the suite's one PSNR (data range 1) and SSIM (2D Gaussian window, per
-slice along the acquisition slice axis), from udean.metrics.
+    UDEAN      the trained SR network through the `Inferer` of `udean infer`
 
 Alignment: all methods put SR voxel i at LR continuous index i / 2, the geometry of the
 k-space degradation (preprocessing/kspace.py; udean/infer.py docstring), so a method is never
 penalised for a sub-voxel shift.
 
-Region (`--region`): `volume` (default) scores every HR voxel, background included, like the
-paper's whole-volume numbers; `bbox` scores the bounding box of the head mask, which discounts
-the empty background (lower PSNR, more telling SSIM).
-
 mean +- std: std is the sample standard deviation over subjects (ddof=1; 0 for one subject).
-Outputs under `--out` (default `<train.out>/eval`): results.json, results.md, and a figure per
-subject (`--figures N`, the first N subjects) as fig_<subject>.png.
+Outputs under `out` (default `<train.out>/eval`): results.json, results.md, and a figure per
+subject (`figures`, the first N subjects) as fig_<subject>.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from preprocessing.config import SCALE
+from preprocessing.shards import VolumePair, read_volume
+from udean.config import Config
 
 TRICUBIC = "Tricubic interpolation"
 SKIP = "Image skip alone"  # the model's untrained start: its fixed x2 resampling, tiled the same way
 UDEAN = "UDEAN (ours)"
 VOLUME_TAGS = {TRICUBIC: "tricubic", SKIP: "skip", UDEAN: "sr"}  # --save-volumes: <subject>_<tag>.nii.gz
 
+Method = Callable[[VolumePair], np.ndarray]  # volume -> prediction on its HR grid, stored layout
+Box = tuple[slice, slice, slice]
+
 
 # --------------------------------------------------------------------------- baseline
-def tricubic(lr: np.ndarray, shape: tuple[int, int, int] | None = None, scale: int = 2) -> np.ndarray:
-    """LR (X, Y, Z) -> cubic B-spline interpolation on the x`scale` grid, clipped to [0, 1].
+def tricubic(lr: np.ndarray, shape: tuple[int, int, int] | None = None, scale: int = SCALE) -> np.ndarray:
+    """LR (D, H, W) -> cubic B-spline interpolation on the x`scale` grid, clipped to [0, 1].
 
     HR voxel i samples LR continuous index i / scale (the degradation's geometry); `shape`
     defaults to scale * lr.shape. Beyond the last LR voxel the edge value is extended.
@@ -53,30 +72,16 @@ def tricubic(lr: np.ndarray, shape: tuple[int, int, int] | None = None, scale: i
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def canonical(v: dict) -> dict:
-    """A `preprocessing.shards.read_volume` dict (arrays slices first, their affines) -> the
-    same with canonical (X, Y, Z) arrays and affines: the slice axis goes back to `slice_axis`."""
-    ax = int(v.get("slice_axis", 0))
-    perm = [ax] + [a for a in range(3) if a != ax]
-    out = dict(v)
-    for k in ("hr", "lr", "mask"):
-        if v.get(k) is not None:
-            out[k] = np.ascontiguousarray(np.moveaxis(np.asarray(v[k]), 0, ax))
-    for k in ("hr_affine", "lr_affine"):
-        if v.get(k) is not None:
-            a = np.asarray(v[k], dtype=np.float64)
-            out[k] = a.copy()
-            out[k][:3, perm] = a[:3, :3]  # stored column i is canonical column perm[i]
-    return out
+# --------------------------------------------------------------------------- regions and scores
+def whole(mask: np.ndarray) -> Box:
+    """Every voxel, background included (the paper's whole-volume numbers)."""
+    return (slice(None),) * 3
 
 
-# --------------------------------------------------------------------------- scores
-def region_of(mask: np.ndarray | None, region: str, margin: int = 4) -> tuple[slice, slice, slice]:
-    """Index of the scored region: the whole volume, or the head mask's bounding box + margin."""
-    if region == "volume" or mask is None or not np.any(mask):
-        return (slice(None),) * 3
-    if region != "bbox":
-        raise ValueError(f"--region {region!r}: allowed volume, bbox")
+def bbox(mask: np.ndarray, margin: int = 4) -> Box:
+    """The head mask's bounding box + `margin` voxels (the whole volume without a mask)."""
+    if not np.any(mask):
+        return whole(mask)
     out = []
     for ax in range(3):
         hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != ax)))
@@ -84,67 +89,129 @@ def region_of(mask: np.ndarray | None, region: str, margin: int = 4) -> tuple[sl
     return tuple(out)
 
 
-def score(pred: np.ndarray, hr: np.ndarray, *, slice_axis: int = 0, window: int = 7) -> dict[str, float]:
-    """PSNR (dB, data range 1) and mean per-slice SSIM of `pred` vs `hr`, both (X, Y, Z)."""
-    from udean.metrics import psnr, ssim
+# name -> (what it is, f(head mask on the score grid) -> the scored box)
+REGIONS: dict[str, tuple[str, Callable[[np.ndarray], Box]]] = {
+    "volume": ("whole volume", whole),
+    "bbox": ("head-mask bounding box", bbox),
+}
 
-    a, b = torch.as_tensor(np.ascontiguousarray(pred, dtype=np.float32)), torch.as_tensor(np.ascontiguousarray(hr, dtype=np.float32))
-    return {"psnr": float(psnr(a, b, data_range=1.0)), "ssim": float(ssim(a, b, window=window, slice_axis=slice_axis))}
+
+def _psnr(pred: torch.Tensor, hr: torch.Tensor, window: int) -> float:
+    from udean.metrics import psnr
+
+    return float(psnr(pred, hr, data_range=1.0))
 
 
+def _ssim(pred: torch.Tensor, hr: torch.Tensor, window: int) -> float:
+    from udean.metrics import ssim
+
+    return float(ssim(pred, hr, window=window))  # (D, H, W): a stack of D slices along the slice axis
+
+
+# name -> f(prediction, HR, SSIM window) -> float, on the region's voxels, slices first
+SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor, int], float]] = {"psnr": _psnr, "ssim": _ssim}
+
+
+def score(pred: np.ndarray, hr: np.ndarray, *, window: int = 7) -> dict[str, float]:
+    """Every score of `pred` vs `hr`, both (D, H, W) slices first."""
+    a = torch.as_tensor(np.ascontiguousarray(pred, dtype=np.float32))
+    b = torch.as_tensor(np.ascontiguousarray(hr, dtype=np.float32))
+    return {name: fn(a, b, window) for name, fn in SCORES.items()}
+
+
+def score_grid(vol: VolumePair) -> Box:
+    """The HR voxels every prediction is scored on: those the LR volume covers (x2 its shape),
+    i.e. all of HR unless an HR extent is odd."""
+    return tuple(slice(0, min(SCALE * n, m)) for n, m in zip(vol.lr.shape, vol.hr.shape))
+
+
+# --------------------------------------------------------------------------- the evaluator
 @dataclass
 class MethodResult:
     name: str
-    subjects: list[dict] = field(default_factory=list)  # {"subject", "psnr", "ssim"}
+    subjects: list[dict] = field(default_factory=list)  # {"subject", "psnr", "ssim"}, in volume order
+
+    def mean(self, key: str) -> float:
+        """Mean over subjects, summed in volume order (what validation logs)."""
+        return sum((s[key] for s in self.subjects), 0.0) / max(len(self.subjects), 1)
 
     def stats(self, key: str) -> tuple[float, float]:
         v = np.array([s[key] for s in self.subjects], dtype=np.float64)
         return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
     def to_dict(self) -> dict:
-        (pm, ps), (sm, ss) = self.stats("psnr"), self.stats("ssim")
-        return {"method": self.name, "psnr_mean": pm, "psnr_std": ps, "ssim_mean": sm, "ssim_std": ss,
+        (pm_, ps), (sm, ss) = self.stats("psnr"), self.stats("ssim")
+        return {"method": self.name, "psnr_mean": pm_, "psnr_std": ps, "ssim_mean": sm, "ssim_std": ss,
                 "n": len(self.subjects), "subjects": self.subjects}
 
 
-def evaluate_volumes(volumes: Iterable[dict], methods: dict[str, Callable[[dict], np.ndarray]], *, region: str = "volume",
-                     window: int = 7, on_volume: Callable[[dict, dict[str, np.ndarray], dict[str, dict]], None] | None = None,
-                     progress: Callable[[str], None] | None = None) -> list[MethodResult]:
-    """Score every method on every volume.
+OnVolume = Callable[[VolumePair, dict[str, np.ndarray], dict[str, dict]], None]
 
-    volumes: canonical volume dicts (`canonical(read_volume(path))`): hr, lr, mask (X, Y, Z),
-    slice_axis (SSIM slices are taken along it), subject;
-    methods: name -> f(volume) -> prediction of hr's shape (the first is the table's first row);
-    on_volume(volume, predictions, scores): called per volume (figures, NIfTI output).
-    """
-    results = {name: MethodResult(name) for name in methods}
-    for vol in volumes:
-        hr = np.asarray(vol["hr"], dtype=np.float32)
-        box = region_of(vol.get("mask"), region)
+
+class Evaluator:
+    """Scores `methods` (name -> f(volume) -> prediction of the HR grid; the first is the table's
+    first row) on paired volumes: `region` (a key of REGIONS), SSIM `window`."""
+
+    def __init__(self, methods: dict[str, Method], *, region: str = "volume", window: int = 7):
+        if region not in REGIONS:
+            raise ValueError(f"region {region!r}: allowed {', '.join(REGIONS)}")
+        self.methods, self.region, self.window = dict(methods), region, window
+
+    def score_volume(self, vol: VolumePair, progress: Callable[[str], None] | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+        """Every method on one volume -> ({name: prediction}, {name: scores})."""
+        grid = score_grid(vol)
+        hr = np.asarray(vol.hr, dtype=np.float32)
+        box = REGIONS[self.region][1](vol.mask[grid])
         preds, scores = {}, {}
-        for name, fn in methods.items():
+        for name, fn in self.methods.items():
             if progress is not None:
-                progress(f"{vol['subject']}: {name}")
+                progress(f"{vol.subject}: {name}")
             pred = fn(vol)
-            if pred.shape != hr.shape:
-                raise ValueError(f"{name} on {vol['subject']}: prediction {pred.shape} != HR {hr.shape}")
-            s = score(pred[box], hr[box], slice_axis=int(vol.get("slice_axis", 0)), window=window)
-            results[name].subjects.append({"subject": vol["subject"], **s})
-            preds[name], scores[name] = pred, s
-        if on_volume is not None:
-            on_volume(vol, preds, scores)
-    return list(results.values())
+            if pred.shape not in (hr.shape, tuple(SCALE * n for n in vol.lr.shape)):
+                raise ValueError(f"{name} on {vol.subject}: prediction {pred.shape} is neither the HR grid {hr.shape} "
+                                 f"nor x{SCALE} the LR grid {vol.lr.shape}")
+            preds[name] = pred
+            scores[name] = score(pred[grid][box], hr[grid][box], window=self.window)
+        return preds, scores
+
+    def run(self, volumes: Sequence[VolumePair | str | os.PathLike], dist=None, *, on_volume: OnVolume | None = None,
+            progress: Callable[[str], None] | None = None) -> list[MethodResult]:
+        """Score every method on every volume (VolumePairs or volume files, read when scored).
+
+        dist: an hpc.dist.Dist (None: this process alone); rank r scores volumes r, r + world, ...
+        and every rank returns all rows, in volume order. on_volume(volume, predictions, scores)
+        runs on the rank that scored the volume (figures, NIfTI output)."""
+        rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
+        mine = []
+        for i in range(rank, len(volumes), world):
+            vol = volumes[i] if isinstance(volumes[i], VolumePair) else read_volume(volumes[i])
+            preds, scores = self.score_volume(vol, progress)
+            mine.append((i, vol.subject, scores))
+            if on_volume is not None:
+                on_volume(vol, preds, scores)
+        rows = mine
+        if dist is not None and world > 1:
+            gathered = dist.gather_object(mine)
+            rows = dist.broadcast_object(sorted((r for part in gathered for r in part), key=lambda r: r[0])
+                                         if dist.rank == 0 else None)
+        results = {name: MethodResult(name) for name in self.methods}
+        for _, subject, scores in rows:
+            for name, s in scores.items():
+                results[name].subjects.append({"subject": subject, **s})
+        return list(results.values())
 
 
 # --------------------------------------------------------------------------- tables
 def pm(mean: float, std: float, digits: int) -> str:
+    """`mean ± std` at `digits` decimals: every table of the suite writes numbers this way."""
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown(results: list[MethodResult], meta: dict) -> str:
     lines = [f"# UDEAN evaluation: {meta.get('group', 'test')} set, {results[0].to_dict()['n'] if results else 0} subjects",
              "", f"x2 x2 x2 super-resolution; PSNR (data range 1) and SSIM (2D Gaussian window {meta.get('ssim_window', 7)}, "
-             f"per slice) over the {'whole volume' if meta.get('region') == 'volume' else 'head-mask bounding box'}; "
+             f"per slice) over the {REGIONS[meta.get('region', 'volume')][0]}; "
              "mean ± sample std over subjects.", "",
              "| Method | SSIM | PSNR (dB) |", "|---|---|---|"]
     for r in results:
@@ -189,102 +256,104 @@ def write_results(results: list[MethodResult], meta: dict, out: str | Path) -> t
     return out / "results.json", out / "results.md"
 
 
-# --------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None,
-                   help="inference checkpoint (best/ folder, .pt file or run folder); default: <train.out>")
-    p.add_argument("--data", default=None, help="preprocessed data folder with manifest.json; default: data.out")
-    p.add_argument("--out", default=None, help="output folder; default: <train.out>/eval")
-    p.add_argument("--group", default="test", choices=("test", "val"), help="paired volumes to score")
-    p.add_argument("--region", default="volume", choices=("volume", "bbox"),
-                   help="scored voxels: the whole volume, or the head mask's bounding box")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N volumes (0: all)")
-    p.add_argument("--figures", type=int, default=1, help="comparison figures for the first N subjects")
-    p.add_argument("--save-volumes", action="store_true", help="also write SR and tricubic NIfTIs (HR affine)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
-    p.add_argument("--overlap", type=float, default=0.25, help="in-plane tile overlap, fraction of the patch")
-    p.add_argument("--slab-overlap", type=int, default=None,
-                   help="LR slices shared by consecutive slabs (default: slab - 1, a slab centred on every slice)")
+# --------------------------------------------------------------------------- udean evaluate
+def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path | None = None,
+             out: str | Path | None = None, *, group: str = "test", region: str = "volume", limit: int = 0,
+             figures: int = 1, save_volumes: bool = False, console=None) -> list[MethodResult]:
+    """Tricubic, the untrained image skip and the trained network of `checkpoint` (default
+    `cfg.train.out`) on the `group` volumes of `data` (default `cfg.data.out`); writes
+    results.json / results.md / figures under `out` (default `<train.out>/eval`), prints the table.
 
-
-def run(args: argparse.Namespace) -> int:
+    The window is `cfg.infer` with the checkpoint's training patch; SSIM uses the checkpoint's
+    `loss.ssim_window`."""
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from preprocessing.manifest import load_manifest
-    from preprocessing.shards import read_volume
-    from udean.figures import comparison_figure
-    from udean.infer import load_sr_model, pick_device, resolve_slab_overlap, super_resolve
+    from udean.figures import volume_figure
+    from udean.infer import Inferer, load_sr_model, pick_device
 
-    console = Console()
-    cfg = args.cfg
+    console = console or Console()
     t0 = time.perf_counter()
-    ckpt = Path(args.checkpoint or cfg.train.out)
-    data = Path(args.data or cfg.data.out)
-    out = Path(args.out or Path(cfg.train.out) / "eval")
-    device = pick_device(args.device)
+    ckpt = Path(checkpoint or cfg.train.out)
+    data = Path(data or cfg.data.out)
+    out = Path(out or Path(cfg.train.out) / "eval")
+    device = pick_device(cfg.infer.device)
     net, run_cfg = load_sr_model(ckpt, device)
-    patches = run_cfg.data.patches
-    paths = load_manifest(data).volume_paths(args.group)
-    if args.limit:
-        paths = paths[:args.limit]
+    inferer = Inferer.from_config(cfg.infer, run_cfg.data.patches, device)
+    paths = load_manifest(data).volume_paths(group)
+    if limit:
+        paths = paths[:limit]
     if not paths:
-        raise ValueError(f"{data}: no {args.group} volumes in the manifest")
+        raise ValueError(f"{data}: no {group} volumes in the manifest")
 
-    window = dict(overlap=args.overlap, slab_overlap=args.slab_overlap, batch_size=args.batch_size, device=device)
+    def tiled(model) -> Method:
+        return lambda v: inferer(v.lr, model)
 
-    def tiled(model):
-        return lambda v: super_resolve(v["lr"], model, patches, slice_axis=int(v["slice_axis"]), **window)
-
-    methods = {TRICUBIC: lambda v: tricubic(v["lr"], v["hr"].shape)}
+    methods: dict[str, Method] = {TRICUBIC: lambda v: tricubic(v.lr, v.hr.shape)}
     if run_cfg.model.image_skip:  # what training added: the same tiles through the bare skip
         from udean.models.layers import upsample2
 
         methods[SKIP] = tiled(upsample2)
     methods[UDEAN] = tiled(net)
-    figures: list[Path] = []
+    shown: list[Path] = []
 
-    def on_volume(vol: dict, preds: dict, scores: dict) -> None:
-        if len(figures) < args.figures:
-            figures.append(comparison_figure(
-                vol["hr"], preds, out / f"fig_{vol['subject']}.png", lr=vol["lr"], mask=vol.get("mask"),
-                title=f"{vol['subject']} ({args.group}): sagittal and axial, x2x2x2",
-                scores={k: (s["psnr"], s["ssim"]) for k, s in scores.items()}))
-        if args.save_volumes:
+    def on_volume(vol: VolumePair, preds: dict, scores: dict) -> None:
+        if len(shown) < figures:
+            shown.append(volume_figure(vol, preds, out / f"fig_{vol.subject}.png", scores=scores,
+                                       title=f"{vol.subject} ({group}): sagittal and axial, x2x2x2"))
+        if save_volumes:
             import nibabel as nib
 
+            (out / "volumes").mkdir(parents=True, exist_ok=True)
             for name, pred in preds.items():
-                tag = VOLUME_TAGS[name]
-                (out / "volumes").mkdir(parents=True, exist_ok=True)
-                nib.save(nib.Nifti1Image(pred.astype(np.float32), vol["hr_affine"]), out / "volumes" / f"{vol['subject']}_{tag}.nii.gz")
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+                nib.save(nib.Nifti1Image(vol.to_canonical(pred).astype(np.float32), vol.canonical.hr_affine),
+                         out / "volumes" / f"{vol.subject}_{VOLUME_TAGS[name]}.nii.gz")
 
     with Progress(TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("", total=len(paths) * len(methods))
-
-        def volumes():
-            for p in paths:
-                yield canonical(read_volume(p))
 
         def step(text: str) -> None:
             if bar.tasks[task].description:
                 bar.advance(task)
             bar.update(task, description=text)
 
-        results = evaluate_volumes(volumes(), methods, region=args.region, window=run_cfg.loss.ssim_window,
-                                   on_volume=on_volume, progress=step)
+        results = Evaluator(methods, region=region, window=run_cfg.loss.ssim_window).run(
+            paths, on_volume=on_volume, progress=step)
         bar.update(task, completed=len(paths) * len(methods), description="done")
 
-    meta = {"group": args.group, "region": args.region, "ssim_window": run_cfg.loss.ssim_window,
+    meta = {"group": group, "region": region, "ssim_window": run_cfg.loss.ssim_window,
             "checkpoint": str(ckpt), "data": str(data), "device": str(device),
-            "sliding_window": {"slab": patches.slab, "patch": list(patches.lr_size), "overlap": args.overlap,
-                               "slab_overlap": resolve_slab_overlap(patches.slab, args.slab_overlap)},
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "sliding_window": inferer.settings(), "seconds": round(time.perf_counter() - t0, 2)}
     js, md = write_results(results, meta, out)
-    console.print(rich_table(results, f"{args.group} set: SR vs HR ({args.region})"))
+    console.print(rich_table(results, f"{group} set: SR vs HR ({region})"))
     console.print(f"results: {js}\n         {md}")
-    for f in figures:
+    for f in shown:
         console.print(f"figure:  {f}")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from udean.infer import add_inferer_arguments
+
+    p.add_argument("--checkpoint", default=None,
+                   help="inference checkpoint (best/ folder, .pt file or run folder); default: <train.out>")
+    p.add_argument("--data", default=None, help="preprocessed data folder with manifest.json; default: data.out")
+    p.add_argument("--out", default=None, help="output folder; default: <train.out>/eval")
+    p.add_argument("--group", default="test", choices=("test", "val"), help="paired volumes to score")
+    p.add_argument("--region", default="volume", choices=tuple(REGIONS),
+                   help="scored voxels: " + ", ".join(f"{k} ({v[0]})" for k, v in REGIONS.items()))
+    p.add_argument("--limit", type=int, default=0, help="score only the first N volumes (0: all)")
+    p.add_argument("--figures", type=int, default=1, help="comparison figures for the first N subjects")
+    p.add_argument("--save-volumes", action="store_true", help="also write SR and tricubic NIfTIs (HR affine)")
+    add_inferer_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from udean.infer import inferer_config
+
+    cfg = args.cfg.model_copy(update={"infer": inferer_config(args)})
+    evaluate(cfg, args.checkpoint, args.data, args.out, group=args.group, region=args.region, limit=args.limit,
+             figures=args.figures, save_volumes=args.save_volumes)
     return 0

@@ -1,8 +1,8 @@
 """Comparison figures in the style of the paper's Fig. 3 / 4: sagittal and axial slices of LR,
 tricubic, SR and HR, with |error| maps against HR. Arrays in, PNG out (matplotlib, Agg).
 
-Volumes are canonical (RAS+, as preprocessing stores them): axis 0 runs right-left, so a
-sagittal slice fixes axis 0 and an axial slice fixes axis 2. The LR volume is shown upsampled
+Volumes are canonical (RAS+, `VolumePair.canonical`): axis 0 runs right-left, so a sagittal
+slice fixes axis 0 and an axial slice fixes axis 2. The LR volume is shown upsampled
 by nearest neighbour, so every panel has the HR grid.
 """
 from __future__ import annotations
@@ -91,3 +91,13 @@ def comparison_figure(hr: np.ndarray, panels: dict[str, np.ndarray], out_png: st
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def volume_figure(vol, preds: dict[str, np.ndarray], out_png: str | os.PathLike, *, title: str = "",
+                  scores: dict[str, dict[str, float]] | None = None) -> Path:
+    """`comparison_figure` of a `preprocessing.shards.VolumePair` and stored-layout predictions
+    (the evaluator's): everything is turned canonical here. scores: name -> {"psnr", "ssim"}."""
+    c = vol.canonical
+    return comparison_figure(c.hr, {k: vol.to_canonical(p) for k, p in preds.items()}, out_png, lr=c.lr,
+                             mask=c.mask, title=title,
+                             scores=None if scores is None else {k: (s["psnr"], s["ssim"]) for k, s in scores.items()})

@@ -1,5 +1,12 @@
 """Inference: a whole LR volume -> SR volume by a blended sliding window; `udean infer`.
 
+`Inferer` is the one sliding window of the suite, configured once from the `infer:` section
+(overlap, slab overlap, batch, autocast, device) and the training patch, and called as
+`inferer(lr, net)` (MONAI's `SlidingWindowInferer` is the model): `udean infer`, `udean
+evaluate`, validation during training, ZSSR and benchmarks/infer.py all run it. Volumes are in
+the stored layout, slices first (`preprocessing.patches.to_stored`); NIfTI files are turned
+into it and back at the edges (`infer`, below).
+
 Paper, Fig. 1: at inference only the LR encoder and the SR decoder run ("SRNet"). The network
 sees thin slabs of S LR slices with an in-plane patch of p x p voxels and returns 2S HR slices of
 2p x 2p (x2 along every axis). A volume is covered by overlapping tiles:
@@ -38,15 +45,19 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
-SCALE = 2  # x2 along every axis (paper: 2 x 2 x 2)
+from preprocessing.config import SCALE, PatchConfig
+from preprocessing.patches import from_stored, to_stored
+from udean.config import Config, InferConfig
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # (B, S, p, p) LR -> (B, 2S, 2p, 2p) HR
+Progress = Callable[[int, int], None]  # (tiles done, tiles in all)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -114,15 +125,16 @@ def sliding_window(
     *,
     slab: int,
     patch: tuple[int, int],
-    overlap: float = 0.25,
-    slab_overlap: int | None = None,
-    batch_size: int = 8,
+    overlap: float,
+    slab_overlap: int | None,
+    batch_size: int,
     device: str | torch.device = "cpu",
     amp: bool = False,
     scale: int = SCALE,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
-    """Super-resolve a whole LR volume by overlapping, blended tiles.
+    """Super-resolve a whole LR volume by overlapping, blended tiles (unclipped; `Inferer`
+    is the configured, clipping front of this).
 
     lr: (D, H, W) LR volume, slice axis first, intensities as the model was trained on.
     model: (B, slab, ph, pw) -> (B, scale*slab, scale*ph, scale*pw); called in batches.
@@ -185,11 +197,50 @@ def _grid(shape: tuple[int, ...], slab: int, patch: tuple[int, int], overlap: fl
     return [tile_starts(n, k, st) for n, k, st in zip(shape, (slab, *patch), strides)]
 
 
-def tile_count(shape: tuple[int, int, int], slab: int, patch: tuple[int, int], overlap: float = 0.25,
-               slab_overlap: int | None = None) -> int:
+def tile_count(shape: tuple[int, int, int], slab: int, patch: tuple[int, int], overlap: float,
+               slab_overlap: int | None) -> int:
     """How many tiles `sliding_window` runs for an LR volume of `shape` (for progress bars)."""
     slab_overlap = resolve_slab_overlap(slab, slab_overlap)
     return math.prod(len(a) for a in _grid(shape, slab, tuple(patch), overlap, slab_overlap))
+
+
+@dataclass(frozen=True)
+class Inferer:
+    """The sliding window, configured once: `inferer(lr, net)` super-resolves a whole volume.
+
+    lr: (D, H, W) LR volume, slices first; net: (B, slab, ph, pw) -> (B, 2 slab, 2 ph, 2 pw)
+    (an `SRNet`, or any callable: tiles arrive float32 on `device`; a network in another
+    precision casts them itself). Returns (2D, 2H, 2W) float32 clipped to [0, 1], the range of
+    the training data. `from_config` reads the `infer:` section and the training patch."""
+
+    slab: int
+    patch: tuple[int, int]
+    overlap: float
+    slab_overlap: int  # resolved: slab - 1 when infer.slab_overlap is null
+    batch_size: int
+    amp: bool = False
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_config(cls, infer: InferConfig, patches: PatchConfig, device: str | torch.device | None = None) -> "Inferer":
+        """`device` overrides `infer.device` (validation runs on the engine's device)."""
+        return cls(patches.slab, (int(patches.lr_size[0]), int(patches.lr_size[1])), infer.overlap,
+                   resolve_slab_overlap(patches.slab, infer.slab_overlap), infer.batch_size, infer.amp,
+                   pick_device(infer.device) if device is None else torch.device(device))
+
+    def __call__(self, lr: np.ndarray, net: Model, progress: Progress | None = None) -> np.ndarray:
+        y = sliding_window(lr, net, slab=self.slab, patch=self.patch, overlap=self.overlap,
+                           slab_overlap=self.slab_overlap, batch_size=self.batch_size, device=self.device,
+                           amp=self.amp, progress=progress)
+        return np.clip(y, 0.0, 1.0, out=y)
+
+    def tiles(self, shape: tuple[int, int, int]) -> int:
+        """Tiles run for an LR volume of `shape` (slices first)."""
+        return tile_count(shape, self.slab, self.patch, self.overlap, self.slab_overlap)
+
+    def settings(self) -> dict:
+        """What results files record about the window."""
+        return {"slab": self.slab, "patch": list(self.patch), "overlap": self.overlap, "slab_overlap": self.slab_overlap}
 
 
 # --------------------------------------------------------------------------- model + checkpoint
@@ -218,7 +269,7 @@ def find_checkpoint(path: str | Path) -> Path:
                             "or a training run folder with best/generator.pt)")
 
 
-def checkpoint_config(weights: Path):
+def checkpoint_config(weights: Path) -> Config:
     """The config the weights were trained with: `config` in best.json beside them, else the
     run's saved config (config.yaml in the run folder)."""
     import json
@@ -237,9 +288,9 @@ def checkpoint_config(weights: Path):
                             f"{weights.parent} or {weights.parent.parent})")
 
 
-def load_sr_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """Inference checkpoint -> (SRNet in eval mode on `device`, the Config it was trained with).
-    Weights are loaded with weights_only=True (no arbitrary unpickling)."""
+def load_sr_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """Inference checkpoint (see `find_checkpoint`) -> (SRNet in eval mode on `device`, the
+    Config it was trained with). Weights are loaded with weights_only=True (no unpickling)."""
     from udean.models.udean import load_inference
 
     weights = find_checkpoint(checkpoint)
@@ -301,56 +352,82 @@ def write_sr_nifti(sr: np.ndarray, canonical_lr_affine: np.ndarray, original, pa
     return img.affine
 
 
-def super_resolve(lr: np.ndarray, net: Model, patches, *, slice_axis: int | None = None, **window) -> np.ndarray:
-    """Canonical LR volume (X, Y, Z) -> SR (2X, 2Y, 2Z) in [0, 1]: moves `slice_axis` (default
-    `patches.slice_axis`) first, tiles with the training patch (`patches.slab`, `patches.lr_size`),
-    moves it back, clips to the [0, 1] range of the training data (as validation does).
-    `window`: keyword arguments of `sliding_window`."""
-    axis = patches.slice_axis if slice_axis is None else slice_axis
-    x = np.moveaxis(lr, axis, 0)
-    y = sliding_window(x, net, slab=patches.slab, patch=tuple(patches.lr_size), **window)
-    np.clip(y, 0.0, 1.0, out=y)
-    return np.ascontiguousarray(np.moveaxis(y, 0, axis))
+class InferResult(NamedTuple):
+    sr_path: Path
+    lr_shape: tuple[int, int, int]  # canonical (X, Y, Z)
+    sr_shape: tuple[int, int, int]
+    sr_affine: np.ndarray  # as written, in the input's orientation
+    tiles: int
+    device: torch.device
+
+
+def infer(checkpoint: str | Path, lr_path: str | Path, sr_path: str | Path, infer_cfg: InferConfig,
+          progress: Progress | None = None) -> InferResult:
+    """One LR NIfTI -> x2 SR NIfTI with the weights at `checkpoint` (what `udean infer` runs):
+    canonical volume -> slices first along the training `slice_axis` -> `Inferer` -> back."""
+    device = pick_device(infer_cfg.device)
+    net, run_cfg = load_sr_model(checkpoint, device)
+    lr, affine, original = read_lr_nifti(lr_path)
+    patches = run_cfg.data.patches
+    inferer = Inferer.from_config(infer_cfg, patches, device)
+    lr_s = to_stored(lr, patches.slice_axis)
+    check_lr_volume(lr_s, inferer.slab, inferer.patch)
+    sr = from_stored(inferer(lr_s, net, progress), patches.slice_axis)
+    out_affine = write_sr_nifti(sr, affine, original, sr_path)
+    return InferResult(Path(sr_path), tuple(lr.shape), tuple(sr.shape), out_affine, inferer.tiles(lr_s.shape), device)
 
 
 # --------------------------------------------------------------------------- CLI
+# the sliding-window flags of `udean infer` / `udean evaluate`: shortcuts for infer.* overrides
+INFER_FLAGS = (("--device", "device", str, "auto (cuda if available), cpu, cuda, cuda:N"),
+               ("--batch-size", "batch_size", int, "tiles per forward pass"),
+               ("--overlap", "overlap", float, "in-plane tile overlap, fraction of the patch"),
+               ("--slab-overlap", "slab_overlap", int, "LR slices shared by consecutive slabs (null: slab - 1, a slab "
+                                                       "centred on every slice)"))
+
+
+def add_inferer_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sliding window", "shortcuts for the infer.* config keys; unset: the config's value")
+    for flag, key, typ, text in INFER_FLAGS:
+        g.add_argument(flag, type=typ, default=argparse.SUPPRESS, dest=key,
+                       help=f"{text} (infer.{key}, default {InferConfig.model_fields[key].default})")
+    g.add_argument("--amp", action="store_true", default=argparse.SUPPRESS,
+                   help="bf16 autocast, GPU (infer.amp=true)")
+
+
+def inferer_config(args: argparse.Namespace) -> InferConfig:
+    """`args.cfg.infer` with the sliding-window flags applied (validated like any override)."""
+    import json
+
+    from udean.config import from_dict
+
+    given = [f"infer.{key}={json.dumps(getattr(args, key))}" for _, key, _, _ in INFER_FLAGS if hasattr(args, key)]
+    if hasattr(args, "amp"):
+        given.append("infer.amp=true")
+    return from_dict(args.cfg.to_dict(), given).infer if given else args.cfg.infer
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("lr", metavar="LR.nii.gz", help="LR input volume (NIfTI, any orientation)")
     p.add_argument("sr", metavar="SR.nii.gz", help="SR output volume (x2 per axis, float32 in [0, 1])")
     p.add_argument("--checkpoint", required=True,
                    help="inference checkpoint: a run's best/ folder, its file, or a training run folder")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
-    p.add_argument("--overlap", type=float, default=0.25, help="in-plane tile overlap, fraction of the patch")
-    p.add_argument("--slab-overlap", type=int, default=None,
-                   help="LR slices shared by consecutive slabs (default: slab - 1, a slab centred on every slice)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    add_inferer_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     console = Console()
     t0 = time.perf_counter()
-    device = pick_device(args.device)
-    net, cfg = load_sr_model(args.checkpoint, device)
-    lr, affine, original = read_lr_nifti(args.lr)
-    patches = cfg.data.patches
-    shape = np.moveaxis(lr, patches.slice_axis, 0).shape
-    check_lr_volume(np.moveaxis(lr, patches.slice_axis, 0), patches.slab, tuple(patches.lr_size))
-    total = tile_count(shape, patches.slab, tuple(patches.lr_size), args.overlap, args.slab_overlap)
     with Progress(TextColumn("[bold]infer[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tiles"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task(Path(args.lr).name, total=total)
-        sr = super_resolve(lr, net, patches, overlap=args.overlap, slab_overlap=args.slab_overlap,
-                           batch_size=args.batch_size, device=device, amp=args.amp,
-                           progress=lambda done, _: bar.update(task, completed=done))
-    out_affine = write_sr_nifti(sr, affine, original, args.sr)
-    zooms = np.sqrt((out_affine[:3, :3] ** 2).sum(0))
-    console.print(f"udean infer: {args.lr} {tuple(lr.shape)} -> {args.sr} {tuple(sr.shape)} canonical, "
-                  f"voxel {tuple(round(float(z), 4) for z in zooms)} mm, {total} tiles on {device}, "
+        task = bar.add_task(Path(args.lr).name, total=None)
+        res = infer(args.checkpoint, args.lr, args.sr, inferer_config(args),
+                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+    zooms = np.sqrt((res.sr_affine[:3, :3] ** 2).sum(0))
+    console.print(f"udean infer: {args.lr} {res.lr_shape} -> {args.sr} {res.sr_shape} canonical, "
+                  f"voxel {tuple(round(float(z), 4) for z in zooms)} mm, {res.tiles} tiles on {res.device}, "
                   f"{time.perf_counter() - t0:.1f} s", highlight=False)
     return 0

@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from udean.data.volumes import load_pair, sr_volume
 from udean.engines import Engines, frozen
+from udean.evaluate import Evaluator
+from udean.infer import Inferer
 from udean.losses import discriminator_loss, generator_loss
-from udean.metrics import psnr, ssim
 
 
 @dataclass
@@ -60,25 +59,17 @@ def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg,
 
 @torch.no_grad()
 def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist) -> dict[str, float]:
-    """Mean PSNR / SSIM of whole val volumes, SR by sliding window over each LR volume.
-
-    Volumes are split across ranks and the sums all-reduced; SSIM is per slice along the slice
-    axis with the loss's window, on the whole volume (background included)."""
+    """Mean PSNR / SSIM of whole val volumes: the generator's SR path through the `Inferer` of
+    `cfg.infer`, scored by the `Evaluator` of `udean evaluate` (whole volume, the loss's SSIM
+    window), the volumes split across ranks and the scores gathered on every rank."""
     gen = engines.generator
     was_training = gen.training
     gen.eval()
-    p = cfg.data.patches
-    sums = np.zeros(3)
-    for path in volumes[dist.rank::dist.world_size]:
-        lr, hr = load_pair(path)
-        sr = sr_volume(gen.sr, lr, p.lr_size, batch=cfg.train.batch_size, slab=p.slab,
-                       device=engines.g.device, dtype=engines.dtype)
-        # an odd HR extent has no LR voxel for its last slice: compare the common grid
-        common = tuple(min(a, b) for a, b in zip(sr.shape, hr.shape))
-        sr_t = torch.from_numpy(np.clip(sr[tuple(slice(0, n) for n in common)], 0.0, 1.0))
-        hr_t = torch.from_numpy(hr[tuple(slice(0, n) for n in common)])
-        sums += (float(psnr(sr_t, hr_t)), float(ssim(sr_t, hr_t, window=cfg.loss.ssim_window)), 1.0)
+    inferer = Inferer.from_config(cfg.infer, cfg.data.patches, engines.g.device)
+
+    def sr(tiles: torch.Tensor) -> torch.Tensor:  # tiles in the engine's precision
+        return gen.sr(tiles.to(engines.dtype))
+
+    (res,) = Evaluator({"sr": lambda v: inferer(v.lr, sr)}, window=cfg.loss.ssim_window).run(volumes, dist)
     gen.train(was_training)
-    total = [dist.all_reduce_sum(v) for v in sums]
-    n = max(total[2], 1.0)
-    return {"psnr": total[0] / n, "ssim": total[1] / n, "volumes": total[2]}
+    return {"psnr": res.mean("psnr"), "ssim": res.mean("ssim"), "volumes": float(len(res.subjects))}

@@ -8,7 +8,9 @@
 Every start resumes from the newest valid checkpoint in `train.out` (model, optimizers, LR
 schedules, step, sampler position, RNG). SIGTERM / SIGUSR1 finish the current step, write a
 checkpoint and exit with `hpc.signals.REQUEUE_EXIT_CODE` (75), which asks the launcher to
-requeue. The loop below is the whole training procedure, top to bottom.
+requeue. `setup` builds what the loop runs on (manifest -> shards -> sampler -> models ->
+engines; benchmarks/scaling_train.py and loader.py build theirs with it too); `data_loader` is
+the one DataLoader; `train` below is the whole training procedure, top to bottom.
 """
 from __future__ import annotations
 
@@ -16,17 +18,20 @@ import argparse
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from hpc.signals import ignore_in_worker
 from udean import checkpoint
-from udean.config import Config, save as save_config
+from udean.config import Config, TrainConfig, save as save_config
 from udean.data.sampler import UnpairedSampler
 from udean.data.shards import PatchShards, UnpairedPatches
-from udean.engines import build_engines
+from udean.engines import Engines, build_engines
 from udean.logs import Logs
 from udean.models.udean import build, inference_state_dict
 from udean.losses import adapt_scale
@@ -41,18 +46,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpc.dist import init
-    from hpc.signals import Preemption
+    return train(args.cfg)
 
-    dist = init(args.cfg.train.backend)
-    preempt = Preemption.install()
-    try:
-        code = train(args.cfg, dist, preempt)
-    finally:
-        preempt.uninstall()
-    # not on an exception: shutdown's barrier would wait forever for a rank that died
-    dist.shutdown()
-    return code
+
+# --------------------------------------------------------------------------- setup
+def patch_data(source: Sequence[str | os.PathLike], target: Sequence[str | os.PathLike], train: TrainConfig,
+               steps_per_epoch: int = 0, rank: int = 0, world_size: int = 1) -> tuple[UnpairedPatches, UnpairedSampler]:
+    """Source HR and target LR patch shards -> (dataset, this rank's sampler); `steps_per_epoch`
+    0: one pass over the target patches."""
+    src, tgt = PatchShards(source), PatchShards(target)
+    steps = steps_per_epoch or UnpairedSampler.default_steps(len(tgt), train.batch_size, world_size)
+    sampler = UnpairedSampler(len(src), len(tgt), train.batch_size, steps, train.seed, rank, world_size, train.augment)
+    return UnpairedPatches(src, tgt), sampler
+
+
+def data_loader(dataset: UnpairedPatches, sampler: UnpairedSampler, train: TrainConfig,
+                device: torch.device) -> DataLoader:
+    """The one DataLoader of training (one per epoch: the sampler sets where it starts). Its
+    workers ignore the preemption signals, so only the main process checkpoints on them."""
+    return DataLoader(dataset, batch_size=train.batch_size, sampler=sampler, num_workers=train.num_workers,
+                      pin_memory=device.type == "cuda", drop_last=False, worker_init_fn=ignore_in_worker,
+                      generator=torch.Generator().manual_seed(train.seed))  # keep the global RNG untouched
+
+
+@dataclass
+class Setup:
+    """What the training loop runs on."""
+
+    dataset: UnpairedPatches
+    sampler: UnpairedSampler
+    engines: Engines
+    val_volumes: list[str]
+    total_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+
+def setup(cfg: Config, dist) -> Setup:
+    """Seeds, data of `cfg.data.out`'s manifest sharded for this rank, the same initial models on
+    every rank (seeded; DeepSpeed also broadcasts rank 0's), both engines."""
+    from preprocessing.manifest import load_manifest
+
+    t = cfg.train
+    _seed_everything(t.seed, t.deterministic)
+    manifest = load_manifest(cfg.data.out)
+    dataset, sampler = patch_data(manifest.shard_paths("source"), manifest.shard_paths("target"), t,
+                                  t.steps_per_epoch, dist.rank, dist.world_size)
+    val_volumes = [str(p) for p in manifest.volume_paths("val")] if t.val_every else []
+    if t.val_subjects:
+        val_volumes = val_volumes[:t.val_subjects]
+    total_steps = t.epochs * sampler.steps_per_epoch
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    engines = build_engines(cfg, gen, discs, total_steps, dist.device, dist.deepspeed_args())
+    return Setup(dataset, sampler, engines, val_volumes, total_steps)
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:
@@ -65,31 +113,36 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def train(cfg: Config, dist, preempt) -> int:
-    """The training loop. `dist`: hpc.dist.Dist; `preempt`: anything with `.requested`."""
-    from hpc.signals import REQUEUE_EXIT_CODE, ignore_in_worker
-    from preprocessing.manifest import load_manifest
+def train(cfg: Config, dist=None, preempt=None) -> int:
+    """Train UDEAN on `cfg.data.out` into `cfg.train.out` (resuming); returns the exit code (0,
+    EXIT_NONFINITE, or REQUEUE_EXIT_CODE after a checkpoint on a signal).
+
+    dist: hpc.dist.Dist (None: initialised here from the launcher's environment and shut down
+    at the end); preempt: anything with `.requested` (None: SIGTERM / SIGUSR1 handlers)."""
+    from hpc.dist import init
+    from hpc.signals import Preemption
+
+    own_dist, own_preempt = dist is None, preempt is None
+    dist = init(cfg.train.backend) if own_dist else dist
+    preempt = Preemption.install() if own_preempt else preempt
+    try:
+        code = _loop(cfg, dist, preempt)
+    finally:
+        if own_preempt:
+            preempt.uninstall()
+    if own_dist:  # not on an exception: shutdown's barrier would wait forever for a rank that died
+        dist.shutdown()
+    return code
+
+
+def _loop(cfg: Config, dist, preempt) -> int:
+    from hpc.signals import REQUEUE_EXIT_CODE
 
     t = cfg.train
     out = Path(t.out)
-    _seed_everything(t.seed, t.deterministic)
-
-    # data: source HR and target LR patches, each rank its own disjoint slice per epoch
-    manifest = load_manifest(cfg.data.out)
-    source = PatchShards(manifest.shard_paths("source"))
-    target = PatchShards(manifest.shard_paths("target"))
-    val_volumes = [str(p) for p in manifest.volume_paths("val")] if t.val_every else []
-    if t.val_subjects:
-        val_volumes = val_volumes[:t.val_subjects]
-    steps_per_epoch = t.steps_per_epoch or UnpairedSampler.default_steps(len(target), t.batch_size, dist.world_size)
-    total_steps = t.epochs * steps_per_epoch
-    sampler = UnpairedSampler(len(source), len(target), t.batch_size, steps_per_epoch, t.seed,
-                              dist.rank, dist.world_size, t.augment)
-    dataset = UnpairedPatches(source, target)
-
-    # model: the same initial weights on every rank (seeded; DeepSpeed also broadcasts rank 0's)
-    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
-    engines = build_engines(cfg, gen, discs, total_steps, dist.device, dist.deepspeed_args())
+    s = setup(cfg, dist)
+    dataset, sampler, engines, val_volumes, total_steps = s.dataset, s.sampler, s.engines, s.val_volumes, s.total_steps
+    steps_per_epoch = s.steps_per_epoch
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -110,8 +163,8 @@ def train(cfg: Config, dist, preempt) -> int:
         logs.event(step, "resume")
     elif dist.is_main:
         logs.message(f"training from scratch: {total_steps} steps = {t.epochs} epochs x {steps_per_epoch}, "
-                     f"{dist.world_size} rank(s) x {t.batch_size} patches, {len(source)} source / "
-                     f"{len(target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}")
+                     f"{dist.world_size} rank(s) x {t.batch_size} patches, {len(dataset.source)} source / "
+                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}")
 
     def save(step: int, reason: str) -> None:
         epoch, batch = divmod(step, steps_per_epoch)
@@ -128,10 +181,7 @@ def train(cfg: Config, dist, preempt) -> int:
             epoch, batch = divmod(step, steps_per_epoch)
             if batches is None:  # a new epoch, or the middle of one after a resume
                 sampler.set_position(epoch, batch)
-                batches = iter(DataLoader(
-                    dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-                    pin_memory=dist.device.type == "cuda", drop_last=False, worker_init_fn=ignore_in_worker,
-                    generator=torch.Generator().manual_seed(t.seed)))  # keep the global RNG untouched
+                batches = iter(data_loader(dataset, sampler, t, dist.device))
             y_s, x_t = next(batches)
 
             result = train_step(engines, y_s, x_t, cfg.loss, dist, adapt_scale(cfg.loss, step / total_steps))

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 
 from benchmarks import common
@@ -23,7 +25,8 @@ def _run(repo, script, *args):
 def _provenance_ok(d):
     p = d["provenance"]
     assert p["machine"]["cores"] >= 1 and p["machine"]["cpu"]
-    assert p["versions"]["torch"] and p["date"] and "benchmarks/" in p["command"]
+    assert p["versions"]["torch"] and p["date"] and " benchmarks/" in p["command"]
+    assert str(common.REPO) not in p["command"]  # the script, the venv: relative to the repository
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +108,8 @@ def test_loader_smoke(repo, tmp_path):
 
 
 def test_infer_smoke(repo, tmp_path):
-    from udean.infer import tile_count
+    from udean.config import load
+    from udean.infer import Inferer
 
     out = tmp_path / "infer.json"
     _run(repo, "infer.py", "--smoke", "--lr-shape", 7, 20, 18, "--out", out)
@@ -116,9 +120,18 @@ def test_infer_smoke(repo, tmp_path):
         (v, s) for v in ("thin_slab", "3d") for s in ("fp32", "bf16_autocast", "bf16_weights")}
     for r in ok:
         assert r["sr_shape"] == [14, 40, 36] and r["sr_finite"]
-        assert r["tiles"] == tile_count((7, 20, 18), 3, (16, 16)) and r["seconds_median"] > 0
+        inferer = Inferer.from_config(load("paper").infer, SimpleNamespace(slab=3, lr_size=(16, 16)), "cpu")
+        assert r["tiles"] == inferer.tiles((7, 20, 18)) and r["seconds_median"] > 0
         assert r["tflops"] == pytest.approx(r["flops_per_tile"] * r["tiles"] / r["seconds_median"] / 1e12)
     assert all(r["reason"] for r in d["runs"] if r["status"] == "skipped")
+
+
+def test_relative_writes_repository_paths_relative_and_leaves_others():
+    assert common.relative(common.REPO / "benchmarks" / "results" / "x.json") == "benchmarks/results/x.json"
+    assert common.relative(f"--out={common.REPO}/runs") == "--out=runs"
+    assert common.relative(f"train.out={common.REPO / 'a'}") == "train.out=a"
+    assert common.relative("/tmp/scratch/data") == "/tmp/scratch/data"  # a scratch folder stays as given
+    assert common.relative("--smoke") == "--smoke" and common.relative(None) is None
 
 
 def test_write_json_is_strict_json(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from preprocessing.manifest import load_manifest, without_timing
 from preprocessing.shards import patch_count, read_patches, read_volume
-from preprocessing.synthetic import write_cohort
+from preprocessing.cohort import write_cohort
 from tests.preprocessing.test_nifti import save, smooth_volume, write_bad_inputs
 
 BIN = Path(sys.executable).parent
@@ -42,7 +42,7 @@ def test_synthetic_cohort_end_to_end(tmp_path):
     write_cohort(tmp_path / "cohort", 6, shape=SHAPE, seed=0, progress=False)
     preprocess(tmp_path / "cohort", tmp_path / "run", 2)
     m = load_manifest(tmp_path / "run/out")
-    assert all(r["status"] == "ok" for r in m.subjects) and len(m.shard_paths("target")) == 2
+    assert all(r.status == "ok" for r in m.subjects) and len(m.shard_paths("target")) == 2
 
 
 def udean(args, cwd, ranks=1, env=None, timeout=120, check=True, background=False):
@@ -88,7 +88,7 @@ def test_one_and_two_ranks_byte_identical(cohort, tmp_path, extra):
     assert files(a) == files(b) and len(files(a)) >= 6
     assert manifest(a) == manifest(b)
     m = load_manifest(a)
-    assert all(r["status"] == "ok" for r in m.subjects)
+    assert all(r.status == "ok" for r in m.subjects)
     src, tgt = m.shard_paths("source"), m.shard_paths("target")
     assert len(src) == 2 and len(tgt) == 2 and len(m.volume_paths("val")) == 1 and len(m.volume_paths("test")) == 1
     for p in tgt:
@@ -97,17 +97,17 @@ def test_one_and_two_ranks_byte_identical(cohort, tmp_path, extra):
     for p in src:
         assert read_patches(p, [0]).shape == (1, 6, 32, 32) and patch_count(p) > 0
     v = read_volume(m.volume_paths("test")[0])
-    assert v["lr"].shape == tuple(n // 2 for n in v["hr"].shape) and v["mask"].shape == v["hr"].shape
-    np.testing.assert_allclose(v["lr_affine"], v["hr_affine"] @ np.diag([2, 2, 2, 1]))
+    assert v.lr.shape == tuple(n // 2 for n in v.hr.shape) and v.mask.shape == v.hr.shape
+    np.testing.assert_allclose(v.lr_affine, v.hr_affine @ np.diag([2, 2, 2, 1]))
     if "data.mode=misaligned" in extra:
-        tgt_rows = [r for r in m.subjects if r["group"] == "target"]
-        assert all(set(r["shards"]) == {"source", "target"} and r["motion"] for r in tgt_rows)
-        assert all(abs(v) <= 2 for r in tgt_rows for v in r["motion"].values())
+        tgt_rows = [r for r in m.subjects if r.group == "target"]
+        assert all(set(r.shards) == {"source", "target"} and r.motion for r in tgt_rows)
+        assert all(abs(v) <= 2 for r in tgt_rows for v in r.motion.values())
         # paired patches: HR patch k covers LR patch k
         import h5py
 
-        with h5py.File(tmp_path / "r1/out" / tgt_rows[0]["shards"]["source"]) as fs, \
-                h5py.File(tmp_path / "r1/out" / tgt_rows[0]["shards"]["target"]) as ft:
+        with h5py.File(tmp_path / "r1/out" / tgt_rows[0].shards["source"]) as fs, \
+                h5py.File(tmp_path / "r1/out" / tgt_rows[0].shards["target"]) as ft:
             np.testing.assert_array_equal(fs["origins"][()], 2 * ft["origins"][()])
     print(f"1 vs 2 ranks {extra}: {time.perf_counter() - t:.1f}s")
 
@@ -132,17 +132,17 @@ def test_bad_inputs_fail_alone(tmp_path):
     (root / "bad_missing").mkdir()
     r = preprocess(root, tmp_path / "run", 2, ("data.split.preset=counts", "data.split.counts=[3,3,3,2]"))
     m = load_manifest(tmp_path / "run" / "out")
-    rows = {r["id"]: r for r in m.subjects}
+    rows = {r.id: r for r in m.subjects}
     assert len(rows) == 3 + len(expected)
     log = (tmp_path / "run/out/logs/preprocess.jsonl").read_text()
     for kind, text in expected.items():
         row = rows[f"bad_{kind}"]
-        assert row["status"] == "failed" and text in row["error"] and row["group"] != "unused", (kind, row)
-        assert row["input"] in row["error"] and row["error"] in r.stderr.replace("\n", "") or text in r.stderr
+        assert row.status == "failed" and text in row.error and row.group != "unused", (kind, row)
+        assert row.input in row.error and row.error in r.stderr.replace("\n", "") or text in r.stderr
         assert text in log
-        assert not row["shards"]
-    assert all(rows[s]["status"] == "ok" for s in rows if not s.startswith("bad_"))
-    assert {s["subject"] for s in m.shards} == {s for s in rows if not s.startswith("bad_") and rows[s]["group"] != "unused"}
+        assert not row.shards
+    assert all(rows[s].status == "ok" for s in rows if not s.startswith("bad_"))
+    assert {s.subject for s in m.shards} == {s for s in rows if not s.startswith("bad_") and rows[s].group != "unused"}
 
 
 def test_exception_in_a_rank_aborts_the_job(cohort, tmp_path):

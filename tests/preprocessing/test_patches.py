@@ -68,3 +68,37 @@ def test_shard_round_trip_and_byte_identity(tmp_path, dtype, tol, compression):
         np.testing.assert_allclose(read_patches(ds, slice(1, 3)), p[1:3], atol=tol)
         np.testing.assert_array_equal(f["origins"][()], o)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("ax", [0, 1, 2])
+def test_volume_pair_round_trips_and_its_canonical_view_undoes_the_stored_order(tmp_path, ax):
+    """to_stored / stored_affine and their inverses are one layout: a volume written slices
+    first reads back as the same VolumePair, and its canonical view is the canonical input, with
+    the same world position of every voxel."""
+    from preprocessing.shards import VolumePair, read_volume, write_volume
+
+    rng = np.random.default_rng(ax)
+    hr = rng.random((8, 10, 12)).astype(np.float32)
+    aff = np.eye(4)
+    aff[:3, :3] = rng.normal(size=(3, 3))
+    aff[:3, 3] = [1, 2, 3]
+    lr_aff = aff @ np.diag([2.0, 2, 2, 1])
+    vol = VolumePair(patches.to_stored(hr, ax), patches.to_stored(hr[::2, ::2, ::2], ax),
+                     patches.to_stored((hr > 0.5).astype(np.uint8), ax), patches.stored_affine(aff, ax),
+                     patches.stored_affine(lr_aff, ax), "s1", "test", ax)
+    write_volume(tmp_path / "v.h5", vol, StorageConfig())
+    back = read_volume(tmp_path / "v.h5")
+    for name in ("hr", "lr", "mask", "hr_affine", "lr_affine"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(vol, name))
+    assert (back.subject, back.group, back.slice_axis) == ("s1", "test", ax)
+    c = back.canonical
+    np.testing.assert_array_equal(c.hr, hr)
+    np.testing.assert_array_equal(c.lr, hr[::2, ::2, ::2])
+    np.testing.assert_allclose(c.hr_affine, aff)
+    np.testing.assert_allclose(c.lr_affine, lr_aff)
+    np.testing.assert_array_equal(back.to_canonical(back.hr), hr)
+    ijk = np.array([1, 2, 3])  # a canonical voxel and its stored index land on the same world point
+    stored = ijk[[ax] + [a for a in range(3) if a != ax]]
+    np.testing.assert_allclose(vol.hr_affine[:3, :3] @ stored, aff[:3, :3] @ ijk)
+    with pytest.raises(ValueError, match="not a readable volume file"):
+        read_volume(tmp_path / "missing.h5")

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from preprocessing.cohort import cohort_ready, preview, write_cohort
 from preprocessing.discover import HCP_T1W
-from preprocessing.synthetic import (CSF, DEEP_GM, GM, LABEL_NAMES, SCALP, SKULL, VENTRICLES, WM,
-                                     preview, synth_subject, write_cohort)
+from preprocessing.synthetic import CSF, DEEP_GM, GM, LABEL_NAMES, SCALP, SKULL, VENTRICLES, WM, synth_subject
 
 SMALL = (96, 96, 80)
 ODD = (65, 72, 47)
@@ -49,6 +49,9 @@ def test_cohort_files_byte_identical_for_same_seed(tmp_path):
         sid = Path(p).parents[3].name
         assert len(sid) == 6 and sid.isdigit()
         assert Path(p) == tmp_path / "a" / HCP_T1W.format(subject=sid)
+    # a rerun recognises a cohort of this size and shape (and only that)
+    assert cohort_ready(tmp_path / "a", 2, SMALL)
+    assert not cohort_ready(tmp_path / "a", 3, SMALL) and not cohort_ready(tmp_path / "a", 2, ODD)
     # a cohort's first subjects do not depend on its size
     d = write_cohort(tmp_path / "d", 1, SMALL, seed=11, progress=False)
     assert Path(d[0]).read_bytes() == Path(a[0]).read_bytes()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from preprocessing.config import StorageConfig
-from preprocessing.manifest import Manifest, load_manifest, write_manifest
-from preprocessing.shards import write_patches, write_volume
+from preprocessing.manifest import Manifest, ShardRow, SubjectRow, load_manifest, write_manifest
+from preprocessing.shards import VolumePair, write_patches, write_volume
 
-SLAB, LR = 3, 16  # configs/tiny.yaml: data.patches.slab, lr_size
+SLAB, LR = 3, 16  # udean/configs/tiny.yaml: data.patches.slab, lr_size
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -49,24 +49,21 @@ def write_tiny_shards(out: Path, n_per_shard: int = 16, nan_target_patch: int | 
         rel = f"shards/{group}/{sid}.h5"
         write_patches(out / rel, patches, np.zeros((n_per_shard, 3)), kind=kind, subject=sid, group=group,
                       storage=storage)
-        shards.append({"path": rel, "group": group, "subject": sid, "kind": kind, "sha256": "",
-                       "patches": n_per_shard, "bytes": (out / rel).stat().st_size})
-        subjects.append({"id": sid, "group": group, "status": "ok", "error": None, "shards": [rel],
-                         "patches": n_per_shard})
+        shards.append(ShardRow(rel, group, sid, kind, "", n_per_shard, (out / rel).stat().st_size))
+        subjects.append(SubjectRow(sid, group, "", "ok", shards={group: rel}, patches={kind: n_per_shard}))
     hr = _smooth(rng, val_hr_shape)
     rel = "volumes/val/v0.h5"
-    write_volume(out / rel, hr=hr, lr=_down2(hr), mask=np.ones_like(hr, dtype=np.uint8), hr_affine=np.eye(4),
-                 lr_affine=np.diag([2.0, 2, 2, 1]), subject="v0", group="val", slice_axis=0, storage=storage)
-    shards.append({"path": rel, "group": "val", "subject": "v0", "kind": "volume", "sha256": "", "patches": 0,
-                   "bytes": (out / rel).stat().st_size})
-    subjects.append({"id": "v0", "group": "val", "status": "ok", "error": None, "shards": [rel], "patches": 0})
+    write_volume(out / rel, VolumePair(hr, _down2(hr), np.ones_like(hr, dtype=np.uint8), np.eye(4),
+                                       np.diag([2.0, 2, 2, 1]), "v0", "val"), storage)
+    shards.append(ShardRow(rel, "val", "v0", "volume", "", 0, (out / rel).stat().st_size))
+    subjects.append(SubjectRow("v0", "val", "", "ok", shards={"volume": rel}))
     write_manifest(Manifest(out, {}, "", subjects, shards))
     return out
 
 
 def build_tiny_data(out: Path) -> Path:
     """The tiny data set of the training tests, built once per session by the real pipeline
-    (`udean cohort` + `udean preprocess` with configs/tiny.yaml)."""
+    (`udean cohort` + `udean preprocess` with the shipped tiny config)."""
     if (out / "manifest.json").exists():
         return out
     cohort = out.parent / "tiny_cohort"

@@ -55,6 +55,24 @@ def test_overrides_apply_with_yaml_types():
     assert cfg.model.variant == "3d" and cfg.loss.adversarial == "lsq"
 
 
+def test_x2_is_the_only_scale_and_the_infer_section_is_checked():
+    with pytest.raises(ConfigError, match=r"data.degradation.*scale must be \[2, 2, 2\]"):
+        load("demo", ["data.degradation.scale=[1,2,2]"])
+    with pytest.raises(ConfigError, match="'infer.device'"):
+        load("demo", ["infer.device=gpu"])
+    cfg = load("demo", ["infer.batch_size=16", "infer.slab_overlap=1"])
+    assert (cfg.infer.batch_size, cfg.infer.slab_overlap, cfg.infer.overlap) == (16, 1, 0.25)
+
+
+def test_shipped_configs_resolve_by_name_and_by_their_old_location(tmp_path, monkeypatch):
+    from udean.config import resolve_path
+
+    monkeypatch.chdir(tmp_path)  # anywhere: the shipped configs are package data
+    assert resolve_path("demo") == resolve_path("demo.yaml") == resolve_path("configs/demo.yaml") == CONFIG_DIR / "demo.yaml"
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_path("elsewhere/demo.yaml")
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="key.sub=value"):
         load(None, ["train.lr"])

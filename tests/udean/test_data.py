@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader
 from preprocessing.manifest import load_manifest
 from udean.data.sampler import UnpairedSampler, rank_indices
 from udean.data.shards import PatchShards, UnpairedPatches, dihedral
-from udean.data.volumes import load_pair, sr_volume
 
 
 
@@ -91,30 +90,3 @@ def test_patch_shards_read_across_files_and_in_workers(tiny_data):
     for (a_y, a_x), (b_y, b_x) in zip(one, two):
         assert torch.equal(a_y, b_y) and torch.equal(a_x, b_x)
     assert len(one) == 2 and one[0][0].shape == (2, *y.shape)
-
-
-# --------------------------------------------------------------------------- volumes
-@pytest.mark.parametrize("shape", [(12, 20, 20), (7, 17, 23)])
-def test_sr_volume_of_an_exact_upsampler_is_the_upsampled_volume(shape):
-    """Known answer: nearest x2 upsampling, tiled, equals nearest x2 of the whole volume."""
-    lr = np.random.default_rng(0).random(shape).astype(np.float32)
-
-    def up(t):  # (B, 3, h, w) -> (B, 6, 2h, 2w)
-        return t.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
-
-    sr = sr_volume(up, lr, patch=(8, 8), overlap=0.25, batch=4, slab=3)
-    want = lr.repeat(2, 0).repeat(2, 1).repeat(2, 2)
-    np.testing.assert_allclose(sr, want, atol=1e-6)
-
-
-def test_load_pair_returns_the_stored_slices_first_arrays(tiny_data):
-    """Volume files already hold the slice axis first: load_pair must not move it again (with
-    data.patches.slice_axis != 0 that used to transpose the volume)."""
-    from preprocessing.shards import read_volume
-
-    path = load_manifest(tiny_data).volume_paths("val")[0]
-    lr, hr = load_pair(path)
-    v = read_volume(path)
-    assert hr.shape == tuple(2 * s for s in lr.shape) and lr.dtype == hr.dtype == np.float32
-    np.testing.assert_array_equal(lr, v["lr"])
-    np.testing.assert_array_equal(hr, v["hr"])

@@ -50,18 +50,17 @@ def test_quick_demo_end_to_end(tmp_path):
     import nibabel as nib
 
     from preprocessing.shards import read_volume
-    from udean.evaluate import canonical
     from udean.infer import sr_affine
 
-    v = canonical(read_volume(sorted((out / "data" / "volumes" / "test").glob("*.h5"))[0]))
-    np.testing.assert_allclose(sr_affine(v["lr_affine"]), v["hr_affine"], atol=1e-9)
-    nib.save(nib.Nifti1Image(v["lr"], v["lr_affine"]), tmp_path / "lr.nii.gz")
+    v = read_volume(sorted((out / "data" / "volumes" / "test").glob("*.h5"))[0]).canonical
+    np.testing.assert_allclose(sr_affine(v.lr_affine), v.hr_affine, atol=1e-9)
+    nib.save(nib.Nifti1Image(v.lr, v.lr_affine), tmp_path / "lr.nii.gz")
     proc = subprocess.run([str(BIN / "udean"), "infer", "--checkpoint", str(out / "run"), str(tmp_path / "lr.nii.gz"),
                            str(tmp_path / "sr.nii.gz"), "--device", "cpu"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sr = nib.load(tmp_path / "sr.nii.gz")
-    assert sr.shape == v["hr"].shape
-    np.testing.assert_allclose(sr.affine, v["hr_affine"], atol=1e-5)
+    assert sr.shape == v.hr.shape
+    np.testing.assert_allclose(sr.affine, v.hr_affine, atol=1e-5)
 
     # a rerun resumes: the cohort is kept, nothing is recomputed from scratch
     proc = subprocess.run([str(BIN / "udean"), "demo", "--out", str(out), "--quick"], env=env,

@@ -1,6 +1,9 @@
-"""`udean evaluate`: baseline alignment, scores equal udean.metrics, tables, the CLI on disk."""
+"""The evaluator and `udean evaluate`: baseline alignment, scores equal udean.metrics, the score
+grid, regions, ranks, tables, the CLI on disk. (Validation during training and `udean evaluate`
+giving the same numbers on the same volume and checkpoint: tests/udean/test_train.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -11,7 +14,10 @@ from scipy import ndimage
 
 from preprocessing import kspace
 from preprocessing.config import DegradationConfig, StorageConfig
-from udean import evaluate, infer
+from preprocessing.shards import VolumePair
+from udean import evaluate
+from udean.infer import Inferer
+from udean.config import load
 from udean.metrics import psnr, ssim
 
 
@@ -30,11 +36,11 @@ def phantom(seed: int, shape=(16, 48, 40), border: bool = True) -> np.ndarray:
     return v.astype(np.float32)
 
 
-def paired(seed: int, shape=(16, 48, 40), border: bool = True) -> dict:
+def paired(seed: int, shape=(16, 48, 40), border: bool = True) -> VolumePair:
     hr = phantom(seed, shape, border)
     lr = kspace.degrade(hr, DegradationConfig(), np.random.default_rng(seed), 0)
-    return {"hr": hr, "lr": lr, "mask": (hr > 0.05).astype(np.uint8), "subject": f"s{seed:02d}", "slice_axis": 0,
-            "hr_affine": np.diag([0.7, 0.7, 0.7, 1.0]), "lr_affine": np.diag([1.4, 1.4, 1.4, 1.0])}
+    return VolumePair(hr, lr, (hr > 0.05).astype(np.uint8), np.diag([0.7, 0.7, 0.7, 1.0]),
+                      np.diag([1.4, 1.4, 1.4, 1.0]), f"s{seed:02d}", "test", 0)
 
 
 def test_tricubic_samples_lr_index_i_over_2():
@@ -49,29 +55,29 @@ def test_tricubic_samples_lr_index_i_over_2():
 
 def test_tricubic_matches_the_kspace_geometry_better_than_a_shifted_grid():
     v = paired(3, border=False)
-    aligned = evaluate.score(evaluate.tricubic(v["lr"], v["hr"].shape), v["hr"])
-    shifted = np.clip(ndimage.affine_transform(v["lr"].astype(np.float64), [0.5] * 3, offset=[-0.25] * 3,
-                                               output_shape=v["hr"].shape, order=3, mode="nearest"), 0, 1)
-    assert aligned["psnr"] > evaluate.score(shifted, v["hr"])["psnr"] + 3.0
+    aligned = evaluate.score(evaluate.tricubic(v.lr, v.hr.shape), v.hr)
+    shifted = np.clip(ndimage.affine_transform(v.lr.astype(np.float64), [0.5] * 3, offset=[-0.25] * 3,
+                                               output_shape=v.hr.shape, order=3, mode="nearest"), 0, 1)
+    assert aligned["psnr"] > evaluate.score(shifted, v.hr)["psnr"] + 3.0
 
 
 def test_scores_tables_and_files(tmp_path):
     vols = [paired(s) for s in (1, 2, 5)]
-    patches = SimpleNamespace(slab=3, lr_size=(8, 8), slice_axis=0)
+    inferer = Inferer.from_config(load("tiny").infer, SimpleNamespace(slab=3, lr_size=(8, 8)), "cpu")
     methods = {
-        evaluate.TRICUBIC: lambda v: evaluate.tricubic(v["lr"], v["hr"].shape),
-        "nearest": lambda v: infer.super_resolve(v["lr"], nearest_x2, patches),
+        evaluate.TRICUBIC: lambda v: evaluate.tricubic(v.lr, v.hr.shape),
+        "nearest": lambda v: inferer(v.lr, nearest_x2),
     }
     seen = []
-    results = evaluate.evaluate_volumes(vols, methods, on_volume=lambda v, p, s: seen.append(sorted(p)))
+    results = evaluate.Evaluator(methods).run(vols, on_volume=lambda v, p, s: seen.append(sorted(p)))
     assert [r.name for r in results] == [evaluate.TRICUBIC, "nearest"]
     assert seen == [sorted(methods)] * 3
-    near = np.stack([v["lr"].repeat(2, 0).repeat(2, 1).repeat(2, 2) for v in vols])
-    for r, preds in zip(results, ([evaluate.tricubic(v["lr"], v["hr"].shape) for v in vols], near)):
+    near = np.stack([v.lr.repeat(2, 0).repeat(2, 1).repeat(2, 2) for v in vols])
+    for r, preds in zip(results, ([evaluate.tricubic(v.lr, v.hr.shape) for v in vols], near)):
         for row, v, pred in zip(r.subjects, vols, preds):
-            assert row["subject"] == v["subject"]
-            assert row["psnr"] == pytest.approx(float(psnr(torch.as_tensor(pred), torch.as_tensor(v["hr"]), data_range=1.0)), abs=1e-4)
-            assert row["ssim"] == pytest.approx(float(ssim(torch.as_tensor(pred), torch.as_tensor(v["hr"]), slice_axis=0)), abs=1e-5)
+            assert row["subject"] == v.subject
+            assert row["psnr"] == pytest.approx(float(psnr(torch.as_tensor(pred), torch.as_tensor(v.hr), data_range=1.0)), abs=1e-4)
+            assert row["ssim"] == pytest.approx(float(ssim(torch.as_tensor(pred), torch.as_tensor(v.hr), slice_axis=0)), abs=1e-5)
     # tricubic beats nearest on smooth data: a sanity check of the whole chain
     assert results[0].stats("psnr")[0] > results[1].stats("psnr")[0]
 
@@ -92,40 +98,88 @@ def test_scores_tables_and_files(tmp_path):
 
 def test_bbox_region_scores_only_the_head():
     v = paired(4)
-    box = evaluate.region_of(v["mask"], "bbox", margin=0)
-    assert v["mask"][box].sum() == v["mask"].sum()
-    assert v["mask"][box].size < v["mask"].size
-    with pytest.raises(ValueError, match="region"):
-        evaluate.region_of(v["mask"], "brain")
+    box = evaluate.bbox(v.mask, margin=0)
+    assert v.mask[box].sum() == v.mask.sum()
+    assert v.mask[box].size < v.mask.size
+    with pytest.raises(ValueError, match="region 'brain'"):
+        evaluate.Evaluator({}, region="brain")
+    hr = v.hr.copy()
+    hr[:, :12] = hr[:, -12:] = 0  # a wide dark background beside the "head"
+    v = dataclasses.replace(v, hr=hr, mask=(hr > 0.05).astype(np.uint8))
+    whole = evaluate.Evaluator({"dim": lambda v: v.hr * 0.9}).run([v])[0].subjects[0]
+    head = evaluate.Evaluator({"dim": lambda v: v.hr * 0.9}, region="bbox").run([v])[0].subjects[0]
+    assert head["psnr"] < whole["psnr"] - 1.0  # the dark background no longer counts as perfect
 
 
-def test_canonical_undoes_the_stored_slice_order():
-    from preprocessing.patches import stored_affine, to_stored
+def test_every_method_is_scored_on_the_hr_voxels_the_lr_covers():
+    """An odd HR extent has no LR voxel for its last slice: a prediction of the HR grid and one of
+    x2 the LR grid are both scored on the common grid; any other shape is an error naming it."""
+    v = paired(6, (17, 48, 41))
+    assert v.lr.shape == (8, 24, 20)
+    grid = (slice(0, 16), slice(0, 48), slice(0, 40))
+    ev = evaluate.Evaluator({"hr grid": lambda v: evaluate.tricubic(v.lr, v.hr.shape),
+                             "x2 lr": lambda v: evaluate.tricubic(v.lr)})
+    a, b = (r.subjects[0] for r in ev.run([v]))
+    assert a == b == {"subject": v.subject, **evaluate.score(evaluate.tricubic(v.lr)[grid], v.hr[grid])}
+    with pytest.raises(ValueError, match=r"prediction \(8, 24, 20\)"):
+        evaluate.Evaluator({"lr": lambda v: v.lr}).run([v])
 
-    rng = np.random.default_rng(0)
-    vol = rng.random((6, 8, 10)).astype(np.float32)
-    aff = np.eye(4)
-    aff[:3, :3] = rng.normal(size=(3, 3))
-    aff[:3, 3] = [1, 2, 3]
-    for ax in range(3):
-        v = evaluate.canonical({"hr": to_stored(vol, ax), "hr_affine": stored_affine(aff, ax), "slice_axis": ax})
-        np.testing.assert_array_equal(v["hr"], vol)
-        np.testing.assert_allclose(v["hr_affine"], aff)
+
+RANK_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import torch.distributed as td
+from hpc.dist import Dist
+from udean.evaluate import Evaluator, tricubic
+td.init_process_group("gloo")  # torchrun's environment; hpc.dist.init would also bring up DeepSpeed
+dist = Dist(rank=td.get_rank(), world_size=td.get_world_size(), _torch_dist=td)
+scored = []
+def tri(v):
+    scored.append(v.subject)
+    return tricubic(v.lr, v.hr.shape)
+paths = sorted(Path(sys.argv[1]).glob("*.h5"))
+rows = Evaluator({"tricubic": tri}).run(paths, dist)[0].subjects
+Path(sys.argv[1], f"rank{dist.rank}.json").write_text(json.dumps({"scored": scored, "rows": rows}))
+dist.shutdown()
+"""
+
+
+def test_ranks_score_disjoint_volumes_and_every_rank_gets_all_rows(tmp_path):
+    """torchrun, 2 ranks (gloo): rank r scores volumes r, r + 2, ...; every rank returns every row,
+    in volume order, equal to one process scoring them all."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from preprocessing.shards import write_volume
+
+    vols = [paired(s, (8, 24, 20)) for s in (1, 2, 5)]
+    for v in vols:
+        write_volume(tmp_path / f"{v.subject}.h5", v, StorageConfig())
+    (tmp_path / "ranks.py").write_text(RANK_SCRIPT)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(tmp_path / "ranks.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    single = evaluate.Evaluator({"tricubic": lambda v: evaluate.tricubic(v.lr, v.hr.shape)}).run(vols)[0].subjects
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["scored"] == [v.subject for v in vols[rank::2]]
+        assert got["rows"] == single
 
 
 def _write_dataset(root, vols):
-    from preprocessing.manifest import Manifest, write_manifest
+    from preprocessing.manifest import Manifest, ShardRow, SubjectRow, write_manifest
     from preprocessing.shards import relpath, write_volume
     from preprocessing.subject import shard_file
 
     rows = []
     for v in vols:
-        path = shard_file(root, "test", v["subject"])
-        write_volume(path, hr=v["hr"], lr=v["lr"], mask=v["mask"], hr_affine=v["hr_affine"], lr_affine=v["lr_affine"],
-                     subject=v["subject"], group="test", slice_axis=0, storage=StorageConfig())
-        rows.append({"path": relpath(root, path), "group": "test", "subject": v["subject"], "kind": "volume",
-                     "sha256": "", "patches": 0, "bytes": path.stat().st_size})
-    write_manifest(Manifest(root, {}, "", [{"id": v["subject"], "group": "test", "status": "ok"} for v in vols], rows))
+        path = shard_file(root, "test", v.subject)
+        write_volume(path, v, StorageConfig())
+        rows.append(ShardRow(relpath(root, path), "test", v.subject, "volume", "", 0, path.stat().st_size))
+    write_manifest(Manifest(root, {}, "", [SubjectRow(v.subject, "test", "", "ok") for v in vols], rows))
 
 
 def _write_checkpoint(run_dir, cfg):
@@ -141,7 +195,6 @@ def _write_checkpoint(run_dir, cfg):
 
 def test_evaluate_cli_writes_json_markdown_and_figure(tmp_path):
     from udean.cli import main
-    from udean.config import load
 
     cfg = load("tiny")
     _write_dataset(tmp_path / "data", [paired(s, (16, 40, 36)) for s in (7, 8)])
@@ -169,7 +222,7 @@ def test_evaluate_cli_writes_json_markdown_and_figure(tmp_path):
 def test_evaluate_cli_missing_manifest_is_one_clear_error(tmp_path, capsys):
     from udean.cli import main
 
-    _write_checkpoint(tmp_path / "run", __import__("udean.config", fromlist=["load"]).load("tiny"))
+    _write_checkpoint(tmp_path / "run", load("tiny"))
     rc = main(["evaluate", "--config", "tiny", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "nodata"),
                "--out", str(tmp_path / "eval"), "--device", "cpu"])
     assert rc == 2

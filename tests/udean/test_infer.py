@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from udean import infer
+from udean.config import load
+
+WINDOW = dict(overlap=0.25, slab_overlap=None, batch_size=8)
 
 
 def nearest_x2(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +51,7 @@ def test_every_voxel_written_and_weights_normalised():
     # (a voxel no tile covers would be 0/0; a wrong normalisation would show as != 1)
     lr = np.zeros((8, 21, 30), np.float32)
     sr = infer.sliding_window(lr, lambda x: torch.ones(x.shape[0], 2 * x.shape[1], 2 * x.shape[2], 2 * x.shape[3]),
-                              slab=3, patch=(10, 10), overlap=0.3, slab_overlap=1)
+                              slab=3, patch=(10, 10), overlap=0.3, slab_overlap=1, batch_size=8)
     np.testing.assert_allclose(sr, 1.0, atol=1e-6)
 
 
@@ -64,6 +67,24 @@ def test_blending_is_smooth_across_tile_borders():
     sr = infer.sliding_window(lr, model, slab=3, patch=(8, 8), overlap=0.5, slab_overlap=0, batch_size=1)
     profile = sr[0, 0]
     assert np.abs(np.diff(profile)).max() < 0.5  # tile values step by 1; blended steps are smaller
+
+
+def test_inferer_is_configured_once_from_the_infer_section_and_clips_to_the_data_range():
+    cfg = load("tiny", ["infer.overlap=0.5", "infer.batch_size=3"])
+    inf = infer.Inferer.from_config(cfg.infer, cfg.data.patches, "cpu")
+    assert inf.settings() == {"slab": 3, "patch": [16, 16], "overlap": 0.5, "slab_overlap": 2}  # null: slab - 1
+    lr = np.random.default_rng(2).random((5, 20, 24), dtype=np.float32)
+    calls = []
+
+    def bright(x):  # nearest x2, then out of the [0, 1] range the network was trained on
+        calls.append(x.shape[0])
+        return 2 * nearest_x2(x) - 0.5
+
+    sr = inf(lr, bright)
+    np.testing.assert_allclose(sr, np.clip(2 * whole_volume_nearest(lr) - 0.5, 0, 1), atol=1e-6)
+    assert sum(calls) == inf.tiles(lr.shape) and max(calls) == 3
+    with pytest.raises(ValueError, match="slab_overlap must be in"):
+        infer.Inferer.from_config(load("tiny", ["infer.slab_overlap=3"]).infer, cfg.data.patches, "cpu")
 
 
 def test_tile_starts_cover_and_stay_inside():
@@ -82,19 +103,19 @@ def test_tile_starts_cover_and_stay_inside():
                                        ((3, 16), "3D")])
 def test_volume_too_small_or_not_3d(shape, msg):
     with pytest.raises(ValueError, match=msg):
-        infer.sliding_window(np.zeros(shape, np.float32), nearest_x2, slab=3, patch=(8, 8))
+        infer.sliding_window(np.zeros(shape, np.float32), nearest_x2, slab=3, patch=(8, 8), **WINDOW)
 
 
 def test_nan_volume_rejected():
     lr = np.zeros((3, 8, 8), np.float32)
     lr[1, 2, 3] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
-        infer.sliding_window(lr, nearest_x2, slab=3, patch=(8, 8))
+        infer.sliding_window(lr, nearest_x2, slab=3, patch=(8, 8), **WINDOW)
 
 
 def test_model_with_wrong_output_shape_rejected():
     with pytest.raises(ValueError, match="expected"):
-        infer.sliding_window(np.zeros((3, 8, 8), np.float32), lambda x: x, slab=3, patch=(8, 8))
+        infer.sliding_window(np.zeros((3, 8, 8), np.float32), lambda x: x, slab=3, patch=(8, 8), **WINDOW)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -211,9 +232,8 @@ def test_infer_cli_matches_the_network_and_writes_the_sr_geometry(tmp_path):
     img = nib.load(tmp_path / "sr.nii.gz")
     assert img.shape == (10, 40, 36)
     np.testing.assert_allclose(img.affine, infer.sr_affine(aff), atol=1e-5)
-    p = cfg.data.patches
-    want = infer.sliding_window((lr - lr.min()) / np.ptp(lr), gen.sr, slab=p.slab, patch=tuple(p.lr_size))
-    np.testing.assert_allclose(img.get_fdata(), np.clip(want, 0, 1), atol=1e-5)  # clipped to the data range
+    want = infer.Inferer.from_config(cfg.infer, cfg.data.patches, "cpu")((lr - lr.min()) / np.ptp(lr), gen.sr)
+    np.testing.assert_allclose(img.get_fdata(), want, atol=1e-5)
 
 
 def test_infer_cli_bad_input_is_one_clear_line(tmp_path, capsys):
@@ -245,7 +265,7 @@ def test_extrapolated_last_voxel_of_a_tile_never_reaches_the_output_inside_the_v
         y[:, -1], y[:, :, -1], y[:, :, :, -1] = 100.0, 100.0, 100.0
         return y
 
-    sr = infer.sliding_window(lr, model, slab=3, patch=(8, 8), overlap=0.25, slab_overlap=1)
+    sr = infer.sliding_window(lr, model, slab=3, patch=(8, 8), overlap=0.25, slab_overlap=1, batch_size=8)
     want = whole_volume_nearest(lr)
     np.testing.assert_allclose(sr[:-1, :-1, :-1], want[:-1, :-1, :-1], rtol=0, atol=1e-5)
     assert np.all(sr[-1] > 99.0)  # the volume's last slice: only one tile sees it

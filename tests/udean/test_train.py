@@ -81,6 +81,15 @@ def test_two_ranks_train_and_the_g_loss_falls(tiny_data, tmp_path, launcher, pre
     assert (out / "config.yaml").exists() and (out / "tb").is_dir()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000012"
     assert len(list((out / "checkpoints").glob("step_*"))) == 3  # keep_last
+    if precision == "fp32":
+        # one evaluator: `udean evaluate` of the best checkpoint on the val volume gives exactly the
+        # PSNR / SSIM validation logged for it during training (bf16 validation runs in bf16 instead)
+        best = json.loads((out / "best" / "best.json").read_text())
+        r = run_cmd([BIN / "udean", "evaluate", "--config", "tiny", "--checkpoint", out, "--data", tiny_data,
+                     "--group", "val", "--out", tmp_path / "eval", "--figures", "0", "--device", "cpu"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        ours = json.loads((tmp_path / "eval" / "results.json").read_text())["methods"][-1]
+        assert ours["n"] == 1 and (ours["psnr_mean"], ours["ssim_mean"]) == (best["psnr"], best["ssim"])
 
 
 def test_nan_batch_is_skipped_on_every_rank_and_the_run_goes_on(tmp_path):

@@ -27,7 +27,7 @@ from tests.udean.test_train import BIN, rows, run_cmd, train_cmd
 N_EPOCHS, SPE = 2, 4  # 8 steps; k in 1..7 covers mid-epoch and the epoch boundary
 COMMON = [f"train.epochs={N_EPOCHS}", f"train.steps_per_epoch={SPE}", "train.val_every=0",
           "train.deterministic=true", "train.keep_last=100", "train.log_every=1",
-          # the stateful switches of configs/demo.yaml: augmentation draws, the adaptation
+          # the stateful switches of udean/configs/demo.yaml: augmentation draws, the adaptation
           # warm-up (step-dependent) and spectral norm's power-iteration buffers must all resume
           "train.augment=true", "loss.adapt_start=0.2", "loss.adapt_ramp=0.4", "model.spectral_norm=true",
           "loss.f_cyc_stop_gradient=true"]

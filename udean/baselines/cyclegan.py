@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from udean.baselines.loop import Budget, adam, fit
+from udean.baselines.loop import Budget, fit
 from udean.baselines.pairs import sampler
 from udean.baselines.supervised import sr_loss, sr_network
-from udean.engines import frozen
+from udean.engines import adam, frozen
 from udean.losses import lsq_discriminator, adversarial, l1
 from udean.models.discriminators import VGGDiscriminator
 from udean.models.encoders import DownExtractor
@@ -112,7 +112,7 @@ class CycleGANSR(nn.Module):
 
         gen = list(self.sr.parameters()) + list(self.down.parameters())
         discs = list(self.d_lr.parameters()) + list(self.d_hr.parameters())
-        history = fit([(adam(gen, stage), g_loss), (adam(discs, stage), d_loss)], stage, progress)
+        history = fit([(adam(gen, stage.train), g_loss), (adam(discs, stage.train), d_loss)], stage, progress)
 
         def sr_step(step: int):
             _, y_s = batch(stage.steps + step)
@@ -121,7 +121,7 @@ class CycleGANSR(nn.Module):
             total, parts = sr_loss(self.sr(x), y_s, self.alpha, self.window)
             return total, {"sr.loss": total.item(), **{f"sr.{k}": v for k, v in parts.items()}}
 
-        history += fit([(adam(self.sr.parameters(), stage), sr_step)], stage,
+        history += fit([(adam(self.sr.parameters(), stage.train), sr_step)], stage,
                        None if progress is None else lambda i, r: progress(stage.steps + i, r))
         self.eval()
         return history

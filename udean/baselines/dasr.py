@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from udean.baselines.cyclegan import box_down, d_step, degradation_network, image_discriminator
-from udean.baselines.loop import Budget, adam, fit
+from udean.baselines.loop import Budget, fit
 from udean.baselines.pairs import sampler
 from udean.baselines.supervised import sr_loss, sr_network
-from udean.engines import frozen
+from udean.engines import adam, frozen
 from udean.losses import adversarial, l1
 from udean.metrics import gaussian_window
 
@@ -106,8 +106,8 @@ class DASR(nn.Module):
             loss = d_step(self.d_lr, cache["real"], cache["fake"])
             return loss, {"d_lr": loss.item()}
 
-        history = fit([(adam(self.down.parameters(), stage), down_loss),
-                       (adam(self.d_lr.parameters(), stage), d_lr_loss)], stage, progress)
+        history = fit([(adam(self.down.parameters(), stage.train), down_loss),
+                       (adam(self.d_lr.parameters(), stage.train), d_lr_loss)], stage, progress)
         self.down.eval()
         self.d_lr.eval()
 
@@ -129,8 +129,8 @@ class DASR(nn.Module):
             loss = d_step(self.d_hr, cache["real"], cache["fake"])
             return loss, {"d_hr": loss.item()}
 
-        history += fit([(adam(self.sr.parameters(), stage), sr_step),
-                        (adam(self.d_hr.parameters(), stage), d_hr_loss)], stage,
+        history += fit([(adam(self.sr.parameters(), stage.train), sr_step),
+                        (adam(self.d_hr.parameters(), stage.train), d_hr_loss)], stage,
                        None if progress is None else lambda i, r: progress(stage.steps + i, r))
         self.eval()
         return history

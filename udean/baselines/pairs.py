@@ -70,7 +70,7 @@ def misaligned_pairs(m: Manifest) -> tuple[np.ndarray, np.ndarray]:
 def load_hr(m: Manifest, sid: str) -> np.ndarray:
     """A subject's HR volume as preprocessing saw it: canonical (X, Y, Z), [0, 1], even-cropped."""
     cfg = data_config(m)
-    vol = nifti.load(m.subject(sid)["input"], cfg.voxel_size_mm, cfg.voxel_tolerance_mm)
+    vol = nifti.load(m.subject(sid).input, cfg.voxel_size_mm, cfg.voxel_tolerance_mm)
     return kspace.even_crop(vol.data, tuple(cfg.degradation.scale))
 
 
@@ -102,10 +102,10 @@ def registered_pairs(m: Manifest, progress: Callable[[str], None] | None = None,
         if progress is not None:
             progress(sid)
         row = m.subject(sid)
-        if row.get("motion") is None:
+        if row.motion is None:
             raise ValueError(f"{sid}: no motion parameters in the manifest; not a misaligned data set")
         hr = load_hr(m, sid)
-        moved = motion.apply(hr, row["motion"])
+        moved = motion.apply(hr, row.motion)
         lr = target_lr(m, sid, hr)
         registered, report = register_rigid(lr, moved, scale=tuple(cfg.degradation.scale), **register_kw)
         with h5py.File(lr_paths[sid], "r") as f:
@@ -132,7 +132,7 @@ def degraded_pairs(m: Manifest, degradation: DegradationConfig, group: str = "so
     (k-space effects need the whole spectrum), patched as preprocessing patches the target group."""
     cfg = data_config(m)
     ax = cfg.patches.slice_axis
-    sids = sorted(r["id"] for r in m.subjects if r["group"] == group and r["status"] == "ok")
+    sids = sorted(r.id for r in m.subjects if r.group == group and r.status == "ok")
     if not sids:
         raise ValueError(f"{m.out}: no {group} subjects")
     xs, ys = [], []

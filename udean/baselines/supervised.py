@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from udean.baselines.loop import Budget, adam, fit
+from udean.baselines.loop import Budget, fit
 from udean.baselines.pairs import sampler
+from udean.engines import adam
 from udean.losses import l1, ssim_loss
 from udean.metrics import ssim
 from udean.models.udean import SRNet, build_sr
@@ -79,6 +80,6 @@ class SupervisedTSRCAN(nn.Module):
             total, parts = sr_loss(self.net(x), y, self.alpha, self.window)
             return total, {"loss": total.item(), **parts}
 
-        history = fit([(adam(self.net.parameters(), budget), loss)], budget, progress)
+        history = fit([(adam(self.net.parameters(), budget.train), loss)], budget, progress)
         self.eval()
         return history

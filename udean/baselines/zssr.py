@@ -28,8 +28,10 @@ import torch
 from scipy import ndimage
 
 from preprocessing import patches as patching
+from preprocessing.shards import VolumePair
 from udean.baselines.loop import Budget
 from udean.baselines.supervised import SupervisedTSRCAN
+from udean.infer import Inferer
 
 
 def downscale(lr: np.ndarray, sigma: float = 1.0) -> np.ndarray:
@@ -53,13 +55,15 @@ def internal_pairs(lr: np.ndarray, slab: int, patch: tuple[int, int], sigma: flo
 
 
 class ZSSR:
-    """Per-volume internal learning: `fit_volume(lr)` then `net(tiles)`; a fresh network (same
-    seeded initialisation) for every volume. LR (B, S, H, W) -> SR (B, 2S, 2H, 2W)."""
+    """Per-volume internal learning, an evaluator method: `zssr(volume)` trains a fresh network
+    (same seeded initialisation) on the volume's LR alone (`fit_volume`), then super-resolves it
+    with `inferer`, the suite's sliding window. LR (B, S, H, W) -> SR (B, 2S, 2H, 2W)."""
 
-    def __init__(self, model_cfg, slab: int, patch: tuple[int, int], budget: Budget, alpha: float = 0.5,
-                 window: int = 7, sigma: float = 1.0):
-        self.model_cfg, self.slab, self.patch = model_cfg, slab, tuple(patch)
-        self.budget, self.alpha, self.window, self.sigma = budget, alpha, window, sigma
+    def __init__(self, model_cfg, budget: Budget, inferer: Inferer, alpha: float = 0.5, window: int = 7,
+                 sigma: float = 1.0):
+        self.model_cfg, self.budget, self.inferer = model_cfg, budget, inferer
+        self.slab, self.patch = inferer.slab, inferer.patch
+        self.alpha, self.window, self.sigma = alpha, window, sigma
         self.net: SupervisedTSRCAN | None = None
         self.histories: list[list[dict[str, float]]] = []
 
@@ -72,11 +76,6 @@ class ZSSR:
         self.histories.append(self.net.fit(x, y, self.budget, augment=True, progress=progress))
         return self.net
 
-    def super_resolve(self, lr_canonical: np.ndarray, patches, slice_axis: int, **window) -> np.ndarray:
-        """Canonical LR (X, Y, Z) -> SR (2X, 2Y, 2Z): internal training, then the suite's sliding
-        window (`udean.infer.super_resolve`)."""
-        from udean.infer import super_resolve
-
-        net = self.fit_volume(np.moveaxis(lr_canonical, slice_axis, 0))
-        with torch.no_grad():
-            return super_resolve(lr_canonical, net, patches, slice_axis=slice_axis, **window)
+    def __call__(self, vol: VolumePair) -> np.ndarray:
+        """SR of `vol` (stored layout, its HR grid): internal training, then the sliding window."""
+        return self.inferer(vol.lr, self.fit_volume(vol.lr))

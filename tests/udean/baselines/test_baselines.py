@@ -12,11 +12,13 @@ from preprocessing.synthetic import synth_subject
 from udean.baselines import pairs
 from udean.baselines.cyclegan import CycleGANSR
 from udean.baselines.dasr import DASR, distance_weights, lowpass
-from udean.baselines.loop import Budget, adam, fit
+from udean.baselines.loop import Budget, fit
 from udean.baselines.registration import register_rigid
 from udean.baselines.supervised import SupervisedTSRCAN, sr_loss
 from udean.baselines.zssr import ZSSR, downscale, internal_pairs
 from udean.config import load
+from udean.engines import adam
+from udean.infer import Inferer
 from udean.metrics import psnr
 
 SHAPE = (64, 64, 48)
@@ -56,7 +58,7 @@ def cfg():
 
 @pytest.fixture
 def budget():
-    return Budget(steps=60, batch_size=4, lr=2e-3, lr_min=1e-4, seed=0)
+    return Budget(60, load("tiny", ["train.batch_size=4", "train.lr=2e-3", "train.lr_min=1e-4", "train.seed=0"]).train)
 
 
 def held_out_psnr(net, cohort) -> float:
@@ -98,7 +100,8 @@ def test_unsupervised_peers_learn_from_unpaired_data(cohort, cfg, budget, cls):
 def test_zssr_learns_from_the_test_volume_alone(cohort, cfg, budget):
     vols, lrs = cohort
     lr_s, hr_s = patches.to_stored(lrs[3], 0), patches.to_stored(vols[3], 0)
-    z = ZSSR(cfg.model, SLAB, PATCH, budget)
+    z = ZSSR(cfg.model, budget, Inferer.from_config(cfg.infer, cfg.data.patches, "cpu"))
+    assert (z.slab, z.patch) == (SLAB, PATCH)
     torch.manual_seed(budget.seed)
     init = SupervisedTSRCAN(cfg.model, SLAB)  # the same seeded initialisation ZSSR starts from
     net = z.fit_volume(lr_s)
@@ -111,19 +114,22 @@ def test_zssr_learns_from_the_test_volume_alone(cohort, cfg, budget):
 
 
 # --------------------------------------------------------------------------- pieces
-def test_fit_decays_the_learning_rate_to_lr_min():
+def test_fit_decays_the_learning_rate_to_lr_min_with_the_train_sections_adam():
     w = torch.nn.Parameter(torch.tensor([3.0]))
-    opt = adam([w], Budget(steps=20, batch_size=1, lr=0.1, lr_min=1e-3))
-    hist = fit([(opt, lambda s: ((w**2).sum(), {"w": w.item()}))], Budget(steps=20, batch_size=1, lr=0.1, lr_min=1e-3))
+    b = Budget(20, load("paper", ["train.lr=0.1", "train.lr_min=1e-3", "train.batch_size=1"]).train)
+    opt = adam([w], b.train)
+    assert opt.defaults["betas"] == (0.9, 0.99) and opt.defaults["eps"] == 1e-8  # paper, II-D
+    hist = fit([(opt, lambda s: ((w**2).sum(), {"w": w.item()}))], b)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert abs(hist[-1]["w"]) < abs(hist[0]["w"])
+    assert b.split(2).steps == 10 and b.split(2).train is b.train and b.to_dict()["lr"] == 0.1
 
 
 def test_fit_refuses_a_non_finite_loss():
     w = torch.nn.Parameter(torch.tensor([1.0]))
-    b = Budget(steps=3, batch_size=1)
+    b = Budget(3, load("paper").train)
     with pytest.raises(FloatingPointError):
-        fit([(adam([w], b), lambda s: (w.sum() * float("nan"), {}))], b)
+        fit([(adam([w], b.train), lambda s: (w.sum() * float("nan"), {}))], b)
 
 
 def test_sampler_pairs_stay_paired_and_are_deterministic():
