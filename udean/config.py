@@ -43,6 +43,26 @@ class ModelConfig(Section):
     spectral_norm: bool = False
     # ours, not the paper's: decoders learn residuals over fixed x2 Lanczos resampling (models/udean.py)
     image_skip: bool = True
+    # ours, not the paper's (models/degradation.py): "decoder" is the paper's X_{s~t} =
+    # lr_decoder(f_s); "physics" is a learned blur after the fixed Lanczos decimation, no content path
+    degradation: Literal["decoder", "physics"] = "decoder"
+    blur_size: int = Field(7, ge=1)  # in-plane kernel of the physics degradation (odd)
+    blur_odd: bool = False  # ... with a point-odd imaginary kernel too: a Hermitian PSF (partial Fourier)
+    # ours: learned-sigma complex Gaussian noise on X_{s~t}, Rician magnitude; `noise_spread`
+    # also learns a spread of log sigma across samples
+    degradation_noise: bool = False
+    noise_spread: bool = False
+    # ours: the cycle Y_{s~t~s} reads X_{s~t} detached (pseudo-supervision): the SR path learns
+    # from (X_{s~t}, Y_s) pairs and cannot make the degradation hide HR detail for it to decode
+    cycle_detach: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.blur_size % 2 == 0:
+            raise ValueError("blur_size must be odd")
+        if self.noise_spread and not self.degradation_noise:
+            raise ValueError("noise_spread needs degradation_noise: true")
+        return self
 
 
 class LossConfig(Section):
@@ -61,6 +81,10 @@ class LossConfig(Section):
     # the training steps, then rise linearly to their values over `adapt_ramp` (fractions of the run)
     adapt_start: float = Field(0.0, ge=0.0, lt=1.0)
     adapt_ramp: float = Field(0.0, ge=0.0, le=1.0)
+    # ours, not the paper's: weight of a match of X_{s~t}'s 3D log power spectrum to X_t's
+    # (losses.spectrum_loss): second-order statistics of blur and noise, which the LR adversary
+    # alone did not pin down (docs/quality.md); 0: off
+    lambda_spectrum: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
