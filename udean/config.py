@@ -55,11 +55,20 @@ class ModelConfig(Section):
     # ours: the cycle Y_{s~t~s} reads X_{s~t} detached (pseudo-supervision): the SR path learns
     # from (X_{s~t}, Y_s) pairs and cannot make the degradation hide HR detail for it to decode
     cycle_detach: bool = False
+    # ours: LR voxels of real context around every source HR patch (slab axis, in-plane); the
+    # physics degradation runs on the whole patch, then X_{s~t} and Y_s are cropped to the centre,
+    # so X_{s~t} has no replicated edges (a 3-slice slab has 2 edge slices of 3). The source
+    # shards must hold patches 2 * (slab + 2 m0, size + 2 m1) HR voxels (docs/quality.md).
+    source_margin: tuple[int, int] = (0, 0)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         if self.blur_size % 2 == 0:
             raise ValueError("blur_size must be odd")
+        if any(m < 0 for m in self.source_margin):
+            raise ValueError("source_margin entries must be >= 0")
+        if any(self.source_margin) and self.degradation != "physics":
+            raise ValueError("source_margin needs degradation: physics")
         if self.noise_spread and not self.degradation_noise:
             raise ValueError("noise_spread needs degradation_noise: true")
         return self

@@ -106,6 +106,7 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
     "i_cyc.adv", ...) and "total", all scalar tensors (only `total` needs backward).
     Freeze the discriminators (requires_grad_(False)) around this in the G step.
     """
+    y_s = out.get("y_s", y_s)  # model.source_margin: the patch's centre
     t: dict[str, torch.Tensor] = {}
     t["i_cyc"] = _image_term(out["y_sts"], y_s, discs.d_hr, cfg, t, "i_cyc")  # Eq. 4
     t["f_cyc"] = l1(out["f_sts"], out["f_s"].detach() if cfg.f_cyc_stop_gradient else out["f_s"])  # Eq. 5
@@ -136,6 +137,7 @@ def discriminator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, c
     Returns (total, terms) with "d_lr", "d_lr.real", "d_lr.fake", ... and "total".
     `cfg` (LossConfig) is accepted for a uniform signature; D's loss has no weights.
     """
+    y_s = out.get("y_s", y_s)  # model.source_margin: the patch's centre
     pairs = {
         "d_lr": (discs.d_lr, x_t, [out["x_st"]]),
         "d_feat": (discs.d_feat, out["f_t"], [out["f_s"]]),

@@ -47,8 +47,9 @@ class RicianNoise(nn.Module):
 
     def __init__(self, sigma_init: float = 0.002, sigma_spread: bool = False):
         super().__init__()
-        self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma_init) / GAIN))
-        self.spread = nn.Parameter(torch.zeros(())) if sigma_spread else None
+        # shape (1,), not (): DeepSpeed's broadcast views every parameter as bytes, which a 0-d one refuses
+        self.log_sigma = nn.Parameter(torch.full((1,), math.log(sigma_init) / GAIN))
+        self.spread = nn.Parameter(torch.zeros(1)) if sigma_spread else None
 
     def sigma(self) -> torch.Tensor:
         return torch.exp(GAIN * self.log_sigma)
@@ -57,7 +58,7 @@ class RicianNoise(nn.Module):
         if not noise:
             return magnitude(x, im)
         b = x.shape[0]
-        s = self.sigma().expand(b)
+        s = self.sigma().reshape(()).expand(b)
         if self.spread is not None:
             s = s * torch.exp(GAIN * self.spread.abs() * torch.randn(b, device=x.device))
         s = s.view(b, *([1] * (x.dim() - 1))).to(x.dtype)

@@ -35,6 +35,12 @@ from udean.models.rcan import LRDecoder, SRDecoder
 INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
 
 
+def crop(t: torch.Tensor, margins: tuple[int, int, int]) -> torch.Tensor:
+    """The centre of (..., S, H, W) without `margins` voxels on each side of the last three axes."""
+    m = margins
+    return t[..., m[0]:t.shape[-3] - m[0], m[1]:t.shape[-2] - m[1], m[2]:t.shape[-1] - m[2]]
+
+
 def zero_residual(*decoders: nn.Module) -> None:
     """Zero the output conv of each decoder: with the image skip, every path starts exactly at its
     fixed resampling (measured on the demo's test volumes: a random 0.1-scaled tail started the SR
@@ -74,11 +80,12 @@ class Generator(nn.Module):
     def __init__(self, variant: str, slab: int, features: int, n_groups: int, n_rcab: int,
                  reduction: int, encoder_layers: int, image_skip: bool = False, degradation: str = "decoder",
                  blur_size: int = 7, blur_odd: bool = False, degradation_noise: bool = False,
-                 noise_spread: bool = False, cycle_detach: bool = False):
+                 noise_spread: bool = False, cycle_detach: bool = False, source_margin: tuple[int, int] = (0, 0)):
         super().__init__()
         dims = VARIANT_DIMS[variant]
         self.variant, self.slab, self.image_skip = variant, slab, image_skip
         self.cycle_detach = cycle_detach
+        self.source_margin = tuple(source_margin)
         self.down_extractor = DownExtractor(dims, slab, features, encoder_layers)
         self.lr_decoder = LRDecoder(dims, slab, features, n_groups, n_rcab, reduction)
         self.lr_encoder = LREncoder(dims, slab, features, encoder_layers)
@@ -105,10 +112,18 @@ class Generator(nn.Module):
         grid may differ from y_s's) -> dict of every tensor the losses of Eq. 4-9 need:
 
         f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
-        y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images.
+        y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images; with `source_margin`, also y_s: the centre
+        of the source patch, the Y_s every loss compares with.
         """
-        f_s = self.down_extractor(y_s)
-        x_st = self.degrade(y_s, f_s)
+        extra = {}
+        if any(self.source_margin):  # degrade with real context, then keep the centre
+            m0, m1 = self.source_margin
+            x_st = crop(self.degrade(y_s), (m0, m1, m1))
+            y_s = extra["y_s"] = crop(y_s, (2 * m0, 2 * m1, 2 * m1))
+            f_s = self.down_extractor(y_s)
+        else:
+            f_s = self.down_extractor(y_s)
+            x_st = self.degrade(y_s, f_s)
         x_in = x_st.detach() if self.cycle_detach else x_st  # pseudo-supervision: SR learns, D is not fooled for it
         f_sts = self.lr_encoder(x_in)
         y_sts = self.sr_decoder(f_sts)
@@ -119,7 +134,7 @@ class Generator(nn.Module):
             y_sts = y_sts + upsample2(x_in)
             y_hat_s = y_hat_s + upsample2(downsample2(y_s))
             x_hat_t = x_hat_t + x_t
-        return dict(f_s=f_s, x_st=x_st, f_sts=f_sts, y_sts=y_sts, y_hat_s=y_hat_s, f_t=f_t, x_hat_t=x_hat_t)
+        return dict(f_s=f_s, x_st=x_st, f_sts=f_sts, y_sts=y_sts, y_hat_s=y_hat_s, f_t=f_t, x_hat_t=x_hat_t, **extra)
 
     def sr(self, x_lr: torch.Tensor) -> torch.Tensor:
         """Inference path: LR (B, S, H, W) -> SR (B, 2S, 2H, 2W) through lr_encoder + sr_decoder."""
@@ -157,7 +172,7 @@ def build(model_cfg, slab: int = 3) -> tuple[Generator, Discriminators]:
     m = model_cfg
     gen = Generator(m.variant, slab, m.features, m.n_groups, m.n_rcab, m.reduction, m.encoder_layers,
                     m.image_skip, m.degradation, m.blur_size, m.blur_odd, m.degradation_noise, m.noise_spread,
-                    m.cycle_detach)
+                    m.cycle_detach, m.source_margin)
     discs = Discriminators(m.variant, slab, m.features, m.disc_features, m.disc_blocks, m.hr_discriminator,
                            m.spectral_norm)
     return gen, discs
