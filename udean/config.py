@@ -58,8 +58,11 @@ class ModelConfig(Section):
     # ours: LR voxels of real context around every source HR patch (slab axis, in-plane); the
     # physics degradation runs on the whole patch, then X_{s~t} and Y_s are cropped to the centre,
     # so X_{s~t} has no replicated edges (a 3-slice slab has 2 edge slices of 3). The source
-    # shards must hold patches 2 * (slab + 2 m0, size + 2 m1) HR voxels (docs/quality.md).
+    # shards must hold patches 2 * (slab + 2 m0, size + 2 m1) HR voxels (not written by preprocessing yet).
     source_margin: tuple[int, int] = (0, 0)
+    # the physics degradation's fixed x2 decimation: the image skip's Lanczos, or k-space
+    # truncation of the mirror-extended patch (layers.kspace_downsample2), closer to the data's
+    decimation: Literal["lanczos", "kspace"] = "lanczos"
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -67,8 +70,8 @@ class ModelConfig(Section):
             raise ValueError("blur_size must be odd")
         if any(m < 0 for m in self.source_margin):
             raise ValueError("source_margin entries must be >= 0")
-        if any(self.source_margin) and self.degradation != "physics":
-            raise ValueError("source_margin needs degradation: physics")
+        if (any(self.source_margin) or self.decimation != "lanczos") and self.degradation != "physics":
+            raise ValueError("source_margin and decimation need degradation: physics")
         if self.noise_spread and not self.degradation_noise:
             raise ValueError("noise_spread needs degradation_noise: true")
         return self
@@ -92,7 +95,7 @@ class LossConfig(Section):
     adapt_ramp: float = Field(0.0, ge=0.0, le=1.0)
     # ours, not the paper's: weight of a match of X_{s~t}'s 3D log power spectrum to X_t's
     # (losses.spectrum_loss): second-order statistics of blur and noise, which the LR adversary
-    # alone did not pin down (docs/quality.md); 0: off
+    # alone did not pin down (issue 19); 0: off
     lambda_spectrum: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")

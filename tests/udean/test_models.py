@@ -333,3 +333,31 @@ def test_source_margin_degrades_with_context_and_crops_both_sides():
     total, _ = generator_loss(out, big, truth, discs, LossConfig())  # the caller's Y_s is the whole patch
     d_total, _ = discriminator_loss(out, big, truth, discs)
     assert torch.isfinite(total) and torch.isfinite(d_total)
+
+
+def test_kspace_decimation_is_the_data_degradation_of_the_mirrored_patch():
+    """layers.kspace_downsample2 = preprocessing's k-space truncation of the patch's mirror
+    extension (LR voxel j = HR voxel 2j), and on a real volume's patch with context it is closer
+    to the volume's truncation than the Lanczos decimation."""
+    import numpy as np
+    from scipy import ndimage
+
+    from preprocessing.config import DegradationConfig
+    from preprocessing.kspace import kspace_degrade
+    from udean.models.layers import downsample2, kspace_downsample2
+
+    rng = np.random.default_rng(0)
+    p = rng.random((6, 12, 16)).astype(np.float32)
+    v = np.concatenate([p, p[::-1]], 0)
+    v = np.concatenate([v, v[:, ::-1]], 1)
+    v = np.concatenate([v, v[:, :, ::-1]], 2)
+    want = kspace_degrade(v, DegradationConfig(), rng)[:3, :6, :8]
+    got = kspace_downsample2(torch.from_numpy(p)[None])[0].numpy()
+    np.testing.assert_allclose(got, np.clip(want, 0, 1), atol=1e-5)
+
+    hr = ndimage.gaussian_filter(rng.random((32, 48, 48)), 0.8).astype(np.float32)
+    hr = (hr - hr.min()) / (hr.max() - hr.min())
+    lr = torch.from_numpy(kspace_degrade(hr, DegradationConfig(), rng))[None, 4:7, 4:12, 4:12]
+    big = torch.from_numpy(hr[4:18, 0:32, 0:32].copy())[None]  # 2 / 4 LR voxels of context
+    errs = [(dec(big)[:, 2:-2, 4:-4, 4:-4] - lr).abs().mean() for dec in (kspace_downsample2, downsample2)]
+    assert errs[0] < 0.8 * errs[1], errs

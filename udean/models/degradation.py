@@ -70,7 +70,7 @@ class LearnedBlur(nn.Module):
     """(B, S, H, W) LR -> (real part, imaginary part or None), same shape: a `slab_size`-tap
     kernel along the slab axis, then a `size` x `size` in-plane kernel. Each real kernel is
     delta + GAIN * (r - mean r) with r symmetrised (even in every axis), so it sums to 1 whatever
-    r (a free 7x7 kernel driven by the LR adversary wandered, docs/quality.md); edges replicated.
+    r (a free 7x7 kernel driven by the LR adversary wandered, issue 19); edges replicated.
 
     `odd`: also an in-plane point-odd kernel (h(-u) = -h(u)) for the imaginary part. The PSF of
     any real k-space weighting is Hermitian (even real part, odd imaginary part); partial Fourier

@@ -29,7 +29,7 @@ from torch import nn
 from udean.models.degradation import LearnedBlur, RicianNoise, magnitude
 from udean.models.discriminators import VGGDiscriminator
 from udean.models.encoders import DownExtractor, LREncoder
-from udean.models.layers import VARIANT_DIMS, downsample2, image_channels, upsample2
+from udean.models.layers import VARIANT_DIMS, downsample2, image_channels, kspace_downsample2, upsample2
 from udean.models.rcan import LRDecoder, SRDecoder
 
 INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
@@ -80,12 +80,14 @@ class Generator(nn.Module):
     def __init__(self, variant: str, slab: int, features: int, n_groups: int, n_rcab: int,
                  reduction: int, encoder_layers: int, image_skip: bool = False, degradation: str = "decoder",
                  blur_size: int = 7, blur_odd: bool = False, degradation_noise: bool = False,
-                 noise_spread: bool = False, cycle_detach: bool = False, source_margin: tuple[int, int] = (0, 0)):
+                 noise_spread: bool = False, cycle_detach: bool = False, source_margin: tuple[int, int] = (0, 0),
+                 decimation: str = "lanczos"):
         super().__init__()
         dims = VARIANT_DIMS[variant]
         self.variant, self.slab, self.image_skip = variant, slab, image_skip
         self.cycle_detach = cycle_detach
         self.source_margin = tuple(source_margin)
+        self.decimate = kspace_downsample2 if decimation == "kspace" else downsample2
         self.down_extractor = DownExtractor(dims, slab, features, encoder_layers)
         self.lr_decoder = LRDecoder(dims, slab, features, n_groups, n_rcab, reduction)
         self.lr_encoder = LREncoder(dims, slab, features, encoder_layers)
@@ -100,7 +102,7 @@ class Generator(nn.Module):
         """X_{s~t} of source HR (B, 2S, 2H, 2W) -> (B, S, H, W); `f_s` (the decoder's input) is
         computed when not given; `noise=False`: without the noise layer (fidelity metrics)."""
         if self.blur is not None:
-            x_st, im = self.blur(downsample2(y_s))
+            x_st, im = self.blur(self.decimate(y_s))
         else:
             x_st, im = self.lr_decoder(self.down_extractor(y_s) if f_s is None else f_s), None
             if self.image_skip:
@@ -172,7 +174,7 @@ def build(model_cfg, slab: int = 3) -> tuple[Generator, Discriminators]:
     m = model_cfg
     gen = Generator(m.variant, slab, m.features, m.n_groups, m.n_rcab, m.reduction, m.encoder_layers,
                     m.image_skip, m.degradation, m.blur_size, m.blur_odd, m.degradation_noise, m.noise_spread,
-                    m.cycle_detach, m.source_margin)
+                    m.cycle_detach, m.source_margin, m.decimation)
     discs = Discriminators(m.variant, slab, m.features, m.disc_features, m.disc_blocks, m.hr_discriminator,
                            m.spectral_norm)
     return gen, discs
