@@ -73,14 +73,19 @@ def markdown(doc: dict) -> str:
              f"- machine: {doc['provenance']['machine']['cpu']}, {doc['provenance']['machine']['cores']} cores, "
              f"GPU: {doc['provenance']['machine']['gpu'] or 'none'}; date {doc['provenance']['date']}",
              f"- command: `{doc['provenance']['command']}`",
-             f"- data: `{doc['demo']}` (the demo's cohort, shards and config); test subjects scored on the whole volume",
-             "", "| variant | changes | UDEAN PSNR | UDEAN SSIM | - tricubic PSNR | - tricubic SSIM | val PSNR / SSIM by step |",
-             "|---|---|---|---|---|---|---|"]
+             f"- data: `{doc['demo']}` (the demo's cohort, shards and config); test subjects scored on the whole volume"
+             " and, where the results have it, in the dilated head mask (udean.evaluate.head_mask)",
+             "", "| variant | changes | UDEAN PSNR | UDEAN SSIM | - tricubic PSNR | - tricubic SSIM | "
+             "- tricubic PSNR (head) | - tricubic SSIM (head) | val PSNR / SSIM by step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["variants"]:
         ours, tri = r["methods"]["UDEAN (ours)"], r["methods"]["Tricubic interpolation"]
         curve = " ".join(f"{s}: {p:.2f}/{q:.3f}" for s, p, q in r["val"][1::2])
+        head = (f"{ours['psnr_head_mean'] - tri['psnr_head_mean']:+.2f} | {ours['ssim_head_mean'] - tri['ssim_head_mean']:+.4f}"
+                if "psnr_head_mean" in ours else "- | -")  # results from before the head region
         lines.append(f"| {r['name']} | {r['changes']} | {ours['psnr_mean']:.2f} | {ours['ssim_mean']:.4f} | "
-                     f"{ours['psnr_mean'] - tri['psnr_mean']:+.2f} | {ours['ssim_mean'] - tri['ssim_mean']:+.4f} | {curve} |")
+                     f"{ours['psnr_mean'] - tri['psnr_mean']:+.2f} | {ours['ssim_mean'] - tri['ssim_mean']:+.4f} | "
+                     f"{head} | {curve} |")
     tri = doc["variants"][0]["methods"]["Tricubic interpolation"]
     lines += ["", f"Tricubic interpolation: {tri['psnr_mean']:.2f} dB / {tri['ssim_mean']:.4f}."]
     skip = doc["variants"][0]["methods"].get("Image skip alone")

@@ -200,10 +200,11 @@ def evaluate(cfgs: dict, nets: dict, budget, args, device, console, info: dict) 
 
     console.print(f"evaluating {len(methods)} methods on the test volumes")
     window = unp.loss.ssim_window
-    results = {"kspace": {r.name: r for r in Evaluator(methods, region=args.region, window=window).run(
+    regions = [] if args.region == "volume" else [args.region]  # the whole volume and the head always
+    results = {"kspace": {r.name: r for r in Evaluator(methods, regions=regions, window=window).run(
         volumes(unp), on_volume=keep_first)}}
     if "realistic" in cfgs:
-        shift = Evaluator({k: methods[k] for k, _ in SHIFT if k in methods}, region=args.region, window=window)
+        shift = Evaluator({k: methods[k] for k, _ in SHIFT if k in methods}, regions=regions, window=window)
         results["realistic"] = {r.name: r for r in shift.run(volumes(cfgs["realistic"]))}
     return {"results": results, "shown": shown}
 
@@ -211,9 +212,20 @@ def evaluate(cfgs: dict, nets: dict, budget, args, device, console, info: dict) 
 def row(r, key: str) -> dict:
     d = r.to_dict()
     p = PAPER.get(key)
-    return {"key": key, "method": NAMES[key], "ssim_mean": d["ssim_mean"], "ssim_std": d["ssim_std"],
-            "psnr_mean": d["psnr_mean"], "psnr_std": d["psnr_std"], "n": d["n"], "subjects": d["subjects"],
+    return {"key": key, "method": NAMES[key], **{k: d[k] for k in SCORED}, "n": d["n"], "subjects": d["subjects"],
             "paper": None if p is None else {"ssim_mean": p[0], "ssim_std": p[1], "psnr_mean": p[2], "psnr_std": p[3]}}
+
+
+# every table: the whole volume and the dilated head mask (udean.evaluate regions)
+SCORED = [f"{k}{r}_{s}" for r in ("", "_head") for k in ("ssim", "psnr") for s in ("mean", "std")]
+
+
+def _both(r: dict) -> str:
+    """SSIM | PSNR | SSIM (head) | PSNR (head) cells (results from before the head region: -)."""
+    from udean.evaluate import pm
+
+    return " | ".join(pm(r[f"{k}_mean"], r[f"{k}_std"], n) if f"{k}_mean" in r else "-"
+                      for k, n in (("ssim", 4), ("psnr", 2), ("ssim_head", 4), ("psnr_head", 2)))
 
 
 def markdown(doc: dict) -> str:
@@ -237,14 +249,14 @@ def markdown(doc: dict) -> str:
              "protocol) are beside ours for reference, not for a like-for-like comparison.", ""]
 
     def table(title: str, keys: list[str]) -> None:
-        lines.extend([f"## {title}", "", "| Method | SSIM | PSNR | paper SSIM | paper PSNR | train s |",
-                      "|---|---|---|---|---|---|"])
+        lines.extend([f"## {title}", "", "| Method | SSIM | PSNR | SSIM (head) | PSNR (head) | paper SSIM | paper PSNR "
+                      "| train s |", "|---|---|---|---|---|---|---|---|"])
         for r in doc["table_i" if title.startswith("Table I:") else "table_ii"]:
             if r["key"] not in keys:
                 continue
             p = r["paper"]
             secs = doc["methods"].get(r["key"], {}).get("train_seconds", "")
-            lines.append(f"| {r['method']} | {pm(r['ssim_mean'], r['ssim_std'], 4)} | {pm(r['psnr_mean'], r['psnr_std'], 2)} | "
+            lines.append(f"| {r['method']} | {_both(r)} | "
                          + (f"{pm(p['ssim_mean'], p['ssim_std'], 4)} | {pm(p['psnr_mean'], p['psnr_std'], 2)}" if p else "- | -")
                          + f" | {secs} |")
         lines.append("")
@@ -254,13 +266,11 @@ def markdown(doc: dict) -> str:
     if doc.get("shift"):
         lines.extend(["## Degradation shift: train on one LR degradation, test on both", "",
                       "realistic = partial Fourier 0.75 + elliptical k-space + complex noise sigma 0.01 (Rician magnitude).", "",
-                      "| Method | trained on | test: k-space truncation SSIM | PSNR | test: realistic SSIM | PSNR |",
-                      "|---|---|---|---|---|---|"])
+                      "| Method | trained on | test: k-space truncation SSIM | PSNR | SSIM (head) | PSNR (head) "
+                      "| test: realistic SSIM | PSNR | SSIM (head) | PSNR (head) |",
+                      "|---|---|---|---|---|---|---|---|---|---|"])
         for r in doc["shift"]:
-            a, b = r["kspace"], r["realistic"]
-            lines.append(f"| {r['method']} | {r['trained_on']} | {pm(a['ssim_mean'], a['ssim_std'], 4)} | "
-                         f"{pm(a['psnr_mean'], a['psnr_std'], 2)} | {pm(b['ssim_mean'], b['ssim_std'], 4)} | "
-                         f"{pm(b['psnr_mean'], b['psnr_std'], 2)} |")
+            lines.append(f"| {r['method']} | {r['trained_on']} | {_both(r['kspace'])} | {_both(r['realistic'])} |")
         lines.append("")
     reg = doc["methods"].get("b2", {}).get("registration")
     if reg:
@@ -303,7 +313,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="synthetic cohort size")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per method (the shared budget)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N test volumes (0: all)")
-    p.add_argument("--region", choices=("volume", "bbox"), default="volume")
+    p.add_argument("--region", choices=("volume", "bbox"), default="volume",
+                   help="a region scored besides the whole volume and the head mask (always both)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-shift", action="store_true", help="no degradation-shift study")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -361,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, trained in SHIFT:
             if key in ks and key in res["realistic"]:
                 a, b = row(ks[key], key), row(res["realistic"][key], key)
-                fields = ("ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "subjects")
+                fields = (*SCORED, "subjects")
                 doc["shift"].append({"key": key, "method": NAMES[key], "trained_on": trained,
                                      "kspace": {k: a[k] for k in fields}, "realistic": {k: b[k] for k in fields}})
     doc["figures"] = figures(ev["shown"], results_dir, tag)

@@ -6,7 +6,9 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 # x2 along every axis (paper: 2 x 2 x 2): the SR network's decoder doubles every axis, so the
@@ -41,22 +43,98 @@ class SplitConfig(Section):
         return self
 
 
+class MixedRanges(Section):
+    """Level `mixed`: every subject is its own "scanner", its effects drawn from these ranges
+    (uniform; `elliptical` with probability `elliptical_p`) from (data.seed, subject)."""
+
+    partial_fourier: tuple[float, float] = (0.625, 1.0)
+    elliptical_p: float = Field(0.5, ge=0.0, le=1.0)
+    noise_sigma: tuple[float, float] = (0.005, 0.02)
+    slice_profile_fwhm: tuple[float, float] = (0.0, 3.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MixedRanges":
+        for key, lo_min, hi_max in (("partial_fourier", 0.5, 1.0), ("noise_sigma", 0.0, 1.0),
+                                    ("slice_profile_fwhm", 0.0, 16.0)):
+            lo, hi = getattr(self, key)
+            if not lo_min <= lo <= hi <= hi_max:
+                raise ValueError(f"{key} must be a range [lo, hi] with {lo_min} <= lo <= hi <= {hi_max}")
+        return self
+
+
+# the acquisition effects of each named level (issue 19; docs/data-format.md "Degradation levels"):
+# partial Fourier fraction (zero-filled, along partial_fourier_axis), elliptical k-space, complex
+# noise sigma (of the max; Rician magnitude), Gaussian slice profile FWHM (HR voxels, slice axis)
+LEVELS: dict[str, dict[str, float | bool]] = {
+    "truncation": dict(partial_fourier=1.0, elliptical=False, noise_sigma=0.0, slice_profile_fwhm=0.0),
+    "pf": dict(partial_fourier=0.75, elliptical=True, noise_sigma=0.0, slice_profile_fwhm=0.0),
+    "pf_noise": dict(partial_fourier=0.75, elliptical=True, noise_sigma=0.01, slice_profile_fwhm=0.0),
+    "psf": dict(partial_fourier=1.0, elliptical=False, noise_sigma=0.01, slice_profile_fwhm=3.0),
+}
+EFFECTS = ("partial_fourier", "elliptical", "noise_sigma", "slice_profile_fwhm")
+
+
 class DegradationConfig(Section):
-    """HR -> LR for the target group. Paper: 3D k-space truncation x2 per axis."""
+    """HR -> LR for the target group. Paper: 3D k-space truncation x2 per axis.
+
+    `level` names a degradation (`LEVELS`; `mixed` draws one per subject from `mixed`); `custom`
+    (the default) takes the effect fields as given. A named level sets the effect fields itself,
+    so they must stay at their defaults there. `effects(rng)` is the one resolution of both."""
 
     method: Literal["kspace", "nearest"] = "kspace"
     scale: tuple[int, int, int] = (SCALE, SCALE, SCALE)  # must be (2, 2, 2): see SCALE
+    level: Literal["custom", "truncation", "pf", "pf_noise", "psf", "mixed"] = "custom"
     # acquisition effects truncation misses (paper, introduction); off in the paper protocol
     partial_fourier: float = Field(1.0, ge=0.5, le=1.0)  # fraction of k-space lines kept
     partial_fourier_axis: int = Field(1, ge=0, le=2)
     elliptical: bool = False  # keep only the k-space ellipse in the two non-slice axes
     noise_sigma: float = Field(0.0, ge=0.0, le=1.0)  # complex Gaussian, relative to max
+    # Gaussian slice profile (FWHM in HR voxels, along the slice axis) applied before truncation
+    slice_profile_fwhm: float = Field(0.0, ge=0.0, le=16.0)
+    mixed: MixedRanges = MixedRanges()  # level `mixed`: the ranges per-subject effects are drawn from
+    # also store, for every source HR patch, its noise-free true degradation (dataset `truth`
+    # in the source shard): what udean/fidelity.py compares X_{s~t} with
+    truth: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "DegradationConfig":
         if tuple(self.scale) != (SCALE,) * 3:
             raise ValueError(f"scale must be {[SCALE] * 3}: the SR network is x{SCALE} along every axis")
+        if self.level != "custom":
+            set_ = [k for k in EFFECTS if getattr(self, k) != DegradationConfig.model_fields[k].default]
+            if set_:
+                raise ValueError(f"level {self.level!r} sets {', '.join(EFFECTS)} itself; got {', '.join(set_)} "
+                                 "too: use level: custom to give the effects explicitly")
+            if self.method != "kspace":
+                raise ValueError(f"level {self.level!r} is a k-space degradation: method must be kspace")
         return self
+
+    def effects(self, rng: np.random.Generator | None = None) -> "DegradationConfig":
+        """A `custom` config with this level's effects (`mixed`: drawn with `rng`, the subject's
+        own stream; preprocessing.subject.subject_degradation); `custom` returns itself."""
+        if self.level == "custom":
+            return self
+        if self.level == "mixed":
+            if rng is None:
+                raise ValueError("level mixed draws its effects per subject: give the subject's rng")
+            m = self.mixed
+            vals = dict(partial_fourier=float(rng.uniform(*m.partial_fourier)),
+                        elliptical=bool(rng.random() < m.elliptical_p),
+                        noise_sigma=float(rng.uniform(*m.noise_sigma)),
+                        slice_profile_fwhm=float(rng.uniform(*m.slice_profile_fwhm)))
+        else:
+            vals = LEVELS[self.level]
+        return self.model_copy(update={"level": "custom", **vals})
+
+    @model_serializer(mode="wrap")
+    def _without_unset_new_keys(self, handler):
+        # data sets made before levels existed keep the manifest config and hash they always had
+        d = handler(self)
+        if isinstance(d, dict):
+            for k in ("level", "slice_profile_fwhm", "mixed", "truth"):
+                if getattr(self, k) == DegradationConfig.model_fields[k].default:
+                    d.pop(k, None)
+        return d
 
 
 class MotionConfig(Section):
@@ -79,12 +157,26 @@ class PatchConfig(Section):
     foreground_threshold: float = Field(0.05, ge=0.0, le=1.0)
     min_foreground: float = Field(0.2, ge=0.0, le=1.0)  # fraction of the patch above threshold
     max_per_subject: int = Field(0, ge=0)  # 0: keep all
+    # LR voxels of real context stored around every source HR patch (slab axis, in-plane), for
+    # model.source_margin (the two must agree): HR patches 2 (slab + 2 m0) x 2 (h + 2 m1) x
+    # 2 (w + 2 m1), cut from the volume edge-padded by 2 m voxels (past the volume's edge the
+    # margin repeats its last voxel). Origins stay those of the centre patch.
+    source_margin: tuple[int, int] = (0, 0)
 
     @model_validator(mode="after")
     def _check(self) -> "PatchConfig":
         if any(s < 4 for s in self.lr_size) or any(s < 1 for s in self.stride):
             raise ValueError("lr_size entries must be >= 4 and stride entries >= 1")
+        if any(m < 0 for m in self.source_margin):
+            raise ValueError("source_margin entries must be >= 0")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_margin(self, handler):
+        d = handler(self)  # data sets made before margins existed keep their manifest config and hash
+        if isinstance(d, dict) and not any(self.source_margin):
+            d.pop("source_margin", None)
+        return d
 
 
 class StorageConfig(Section):

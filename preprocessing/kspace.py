@@ -1,6 +1,8 @@
 """HR -> LR degradations of the target group (paper, II-C): 3D k-space truncation by 2x2x2, and
 the acquisition effects truncation misses (partial Fourier, elliptical k-space, complex noise
-so that magnitude noise is Rician); 3D nearest downsampling for Table I benchmark 3.
+so that magnitude noise is Rician, a Gaussian slice profile); 3D nearest downsampling for
+Table I benchmark 3. The named levels (`data.degradation.level`, preprocessing/config.py
+`LEVELS`) are sets of these effects.
 
 Geometry: LR voxel j sits at HR voxel scale*j (a band-limited volume sampled on every second
 voxel), so `lr_affine = hr_affine @ diag(scale, 1)`. Intensity: the LR image keeps the HR mean
@@ -73,18 +75,40 @@ def elliptical_mask(shape: tuple[int, ...], slice_axis: int) -> np.ndarray:
     return np.broadcast_to(inside.reshape(view), shape)
 
 
-def kspace_degrade(hr: np.ndarray, cfg: DegradationConfig, rng: np.random.Generator,
-                   slice_axis: int = 0) -> np.ndarray:
-    """(X, Y, Z) HR in [0, 1] -> (X/sx, Y/sy, Z/sz) LR magnitude in [0, 1], float32."""
+def slice_profile(shape: tuple[int, ...], fwhm: float, axis: int) -> np.ndarray:
+    """k-space weights of a Gaussian slice profile of `fwhm` HR voxels along `axis` (centred
+    k-space of `shape`): the spectrum of exp(-x^2 / (2 s^2)), s = fwhm / (2 sqrt(2 ln 2)), i.e.
+    exp(-2 (pi s nu)^2) at nu cycles per voxel; 1 at DC (the mean is kept). float32."""
+    n = shape[axis]
+    s = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    nu = scipy.fft.fftshift(scipy.fft.fftfreq(n))
+    view = [1, 1, 1]
+    view[axis] = n
+    return np.exp(-2.0 * (np.pi * s * nu) ** 2).astype(np.float32).reshape(view)
+
+
+def kspace_degrade(hr: np.ndarray, cfg: DegradationConfig, rng: np.random.Generator | None,
+                   slice_axis: int = 0, noise: bool = True) -> np.ndarray:
+    """(X, Y, Z) HR in [0, 1] -> (X/sx, Y/sy, Z/sz) LR magnitude in [0, 1], float32.
+
+    `cfg`: a custom or named level (`mixed` must be resolved per subject first:
+    `DegradationConfig.effects`, preprocessing.subject.subject_degradation); `noise=False`: the
+    noise-free degradation (the truth the fidelity metrics compare with)."""
+    if cfg.level == "mixed":
+        raise ValueError("level mixed is a distribution: resolve it per subject (DegradationConfig.effects) first")
+    cfg = cfg.effects()
     scale = tuple(cfg.scale)
     hr = even_crop(hr, scale)
-    k = truncate(to_kspace(np.asarray(hr, dtype=np.float32)), scale)
+    k = to_kspace(np.asarray(hr, dtype=np.float32))
+    if cfg.slice_profile_fwhm > 0:  # the excited slab's profile blurs along the slice axis, before sampling
+        k = k * slice_profile(k.shape, cfg.slice_profile_fwhm, slice_axis)
+    k = truncate(k, scale)
     if cfg.partial_fourier < 1.0:
         k = k * partial_fourier_mask(k.shape, cfg.partial_fourier, cfg.partial_fourier_axis)
     if cfg.elliptical:
         k = k * elliptical_mask(k.shape, slice_axis)
     img = to_image(k, hr.size)
-    if cfg.noise_sigma > 0:
+    if noise and cfg.noise_sigma > 0:
         # white complex Gaussian noise in k-space is white in the image; added there, its
         # magnitude below is Rician (relative to the max, 1.0 after scaling)
         noise = rng.standard_normal((2,) + img.shape, dtype=np.float32) * np.float32(cfg.noise_sigma)
@@ -100,7 +124,8 @@ def nearest_degrade(hr: np.ndarray, scale: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(hr[tuple(slice(None, None, s) for s in scale)], dtype=np.float32)
 
 
-def degrade(hr: np.ndarray, cfg: DegradationConfig, rng: np.random.Generator, slice_axis: int = 0) -> np.ndarray:
+def degrade(hr: np.ndarray, cfg: DegradationConfig, rng: np.random.Generator | None, slice_axis: int = 0,
+            noise: bool = True) -> np.ndarray:
     if cfg.method == "nearest":
         return nearest_degrade(hr, tuple(cfg.scale))
-    return kspace_degrade(hr, cfg, rng, slice_axis)
+    return kspace_degrade(hr, cfg, rng, slice_axis, noise)

@@ -4,6 +4,8 @@ Patch shard `shards/<group>/<subject>.h5`:
     patches (N, C, h, w) float16 | uint16, chunks (1, C, h, w); attrs kind (lr|hr), subject,
             group, scale (multiply stored values by it: 1.0 for float16, 1/65535 for uint16)
     origins (N, 3) int32 corner of each patch in its volume (stored order, slab axis first)
+    truth   (N, S, h', w') optional, source shards with data.degradation.truth: the noise-free
+            true degradation of each HR patch's centre (LR grid, stored like `patches`)
 Volume file `volumes/<group>/<subject>.h5` (val/test), one `VolumePair`:
     hr (S, A, B) float32, lr (S/2, A/2, B/2) float32, mask (S, A, B) uint8;
     attrs hr_affine, lr_affine (4x4 float64, of the stored arrays), subject, group, slice_axis
@@ -47,8 +49,8 @@ def encode(patches: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
 
 
 def write_patches(path: str | os.PathLike, patches: np.ndarray, origins: np.ndarray, *, kind: str,
-                  subject: str, group: str, storage: StorageConfig) -> None:
-    """patches: (N, C, h, w) float32 in [0, 1]; origins: (N, 3)."""
+                  subject: str, group: str, storage: StorageConfig, truth: np.ndarray | None = None) -> None:
+    """patches: (N, C, h, w) float32 in [0, 1]; origins: (N, 3); truth: (N, C', h', w') or None."""
     data, scale = encode(patches, storage.dtype)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver=LIBVER) as f:
@@ -59,6 +61,11 @@ def write_patches(path: str | os.PathLike, patches: np.ndarray, origins: np.ndar
             ds.attrs["group"] = group
             ds.attrs["scale"] = np.float64(scale)
             f.create_dataset("origins", data=np.asarray(origins, dtype=np.int32).reshape(-1, 3), track_times=False)
+            if truth is not None:
+                t, t_scale = encode(truth, storage.dtype)
+                ts = f.create_dataset("truth", data=t, chunks=(1, *t.shape[1:]), track_times=False,
+                                      **_compression(storage))
+                ts.attrs["scale"] = np.float64(t_scale)
 
 
 class Canonical(NamedTuple):
@@ -120,13 +127,17 @@ def _scale(ds: h5py.Dataset) -> float:
     return float(ds.attrs.get("scale", 1.0))
 
 
-def read_patches(src: str | os.PathLike | h5py.File | h5py.Dataset, indices: Any = slice(None)) -> np.ndarray:
-    """Patches `indices` (int, slice, or sorted/unsorted index list) of a shard as float32 with
-    the scale applied: (len(indices), C, h, w), or (C, h, w) for an int."""
+def read_patches(src: str | os.PathLike | h5py.File | h5py.Dataset, indices: Any = slice(None),
+                 name: str = "patches") -> np.ndarray:
+    """Patches `indices` (int, slice, or sorted/unsorted index list) of a shard's dataset `name`
+    (`patches`, or `truth`) as float32 with the scale applied: (len(indices), C, h, w), or
+    (C, h, w) for an int."""
     if isinstance(src, (str, os.PathLike)):
         with h5py.File(src, "r") as f:
-            return read_patches(f["patches"], indices)
-    ds = src["patches"] if isinstance(src, h5py.File) else src
+            if name not in f:
+                raise ValueError(f"{src}: no dataset {name!r} in this shard")
+            return read_patches(f[name], indices)
+    ds = src[name] if isinstance(src, h5py.File) else src
     if isinstance(indices, (list, tuple, np.ndarray)):
         idx = np.asarray(indices, dtype=np.int64)
         order = np.argsort(idx, kind="stable")

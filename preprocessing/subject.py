@@ -15,14 +15,14 @@ import numpy as np
 from scipy import ndimage
 
 from preprocessing import kspace, motion, nifti, patches
-from preprocessing.config import DataConfig
+from preprocessing.config import DataConfig, DegradationConfig
 from preprocessing.discover import Subject
 from hpc.atomic import sha256_file
 from preprocessing.manifest import ShardRow, SubjectRow
 from preprocessing.shards import VolumePair, relpath, write_patches, write_volume
 
 # independent random streams per subject
-STREAM_MOTION, STREAM_NOISE, STREAM_PATCHES = 1, 2, 3
+STREAM_MOTION, STREAM_NOISE, STREAM_PATCHES, STREAM_DEGRADATION = 1, 2, 3, 4
 # Fault injection for tests: a subject id whose processing raises an internal (non-input) error.
 CRASH_ENV = "UDEAN_PREPROCESS_CRASH"
 
@@ -48,6 +48,12 @@ def head_mask(hr: np.ndarray, threshold: float) -> np.ndarray:
     return ndimage.binary_fill_holes(m).astype(np.uint8)
 
 
+def subject_degradation(cfg: DataConfig, sid: str) -> DegradationConfig:
+    """The subject's degradation: the configured effects, or for level `mixed` its own draw
+    from (data.seed, subject) (its "scanner"; the same for every rank and rerun)."""
+    return cfg.degradation.effects(subject_rng(cfg.seed, sid, STREAM_DEGRADATION))
+
+
 def stored_scale(cfg: DataConfig) -> tuple[int, int, int]:
     s = tuple(cfg.degradation.scale)
     ax = cfg.patches.slice_axis
@@ -69,11 +75,23 @@ def _shard_row(out: Path, path: Path, group: str, sid: str, kind: str, n: int) -
 
 
 def _write_hr_patches(out: Path, sid: str, hr_s: np.ndarray, origins: np.ndarray, cfg: DataConfig) -> ShardRow:
+    """Source HR patches at LR `origins` (with `data.patches.source_margin` of context, from the
+    edge-padded volume) and, with `data.degradation.truth`, the noise-free true degradation of
+    each patch's centre."""
     sc = np.asarray(stored_scale(cfg))
-    size = tuple(int(v) for v in np.asarray(patches.lr_size(cfg.patches)) * sc)
-    hr_p = patches.extract(hr_s, origins * sc, size)
+    m0, m1 = cfg.patches.source_margin
+    pad = np.array([m0, m1, m1]) * sc  # HR voxels of context per side
+    size = tuple(int(v) for v in (np.asarray(patches.lr_size(cfg.patches)) * sc + 2 * pad))
+    # the padded volume's origin o * sc holds the patch that starts pad voxels before o * sc
+    vol = np.pad(hr_s, [(int(p), int(p)) for p in pad], mode="edge") if pad.any() else hr_s
+    hr_p = patches.extract(vol, origins * sc, size)
+    truth = None
+    if cfg.degradation.truth:
+        clean = kspace.degrade(patches.from_stored(hr_s, cfg.patches.slice_axis), subject_degradation(cfg, sid),
+                               None, cfg.patches.slice_axis, noise=False)
+        truth = patches.extract(patches.to_stored(clean, cfg.patches.slice_axis), origins, patches.lr_size(cfg.patches))
     path = shard_file(out, "source", sid)
-    write_patches(path, hr_p, origins * sc, kind="hr", subject=sid, group="source", storage=cfg.storage)
+    write_patches(path, hr_p, origins * sc, kind="hr", subject=sid, group="source", storage=cfg.storage, truth=truth)
     return _shard_row(out, path, "source", sid, "hr", len(hr_p))
 
 
@@ -118,7 +136,7 @@ def build(subject: Subject, cfg: DataConfig, out: Path, row: SubjectRow, timings
         return shards
 
     t = time.perf_counter()
-    lr = kspace.degrade(hr, cfg.degradation, subject_rng(cfg.seed, sid, STREAM_NOISE), ax)
+    lr = kspace.degrade(hr, subject_degradation(cfg, sid), subject_rng(cfg.seed, sid, STREAM_NOISE), ax)
     timings["fft"] = time.perf_counter() - t
     lr_s = patches.to_stored(lr, ax)
     if group == "target":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from hpc.atomic import atomic_write_text
 from preprocessing.config import ConfigError, DataConfig, Section
@@ -124,14 +124,28 @@ class TrainConfig(Section):
     keep_last: int = Field(3, ge=1)
     max_nonfinite: int = Field(10, ge=1)  # consecutive skipped steps before stopping
     seed: int = 0
-    # ours, not the paper's: a random in-plane flip / rotation (8 choices) of every patch
-    augment: bool = False
+    # ours, not the paper's: a random in-plane transform of every patch (udean/data/sampler.py):
+    # none; dihedral (8 flips / rotations; `true` in older configs); flips (4 flips, no transposes:
+    # an anisotropic target, e.g. partial Fourier along one axis, keeps its axes)
+    augment: Literal["none", "dihedral", "flips"] = "none"
+    # the source HR patches' own choice (null: `augment`), e.g. dihedral source, flips target
+    augment_source: Literal["none", "dihedral", "flips"] | None = None
     num_workers: int = Field(4, ge=0)
     log_every: int = Field(10, ge=1)
     val_every: int = Field(1, ge=0)  # epochs; 0: no validation
     val_subjects: int = Field(0, ge=0)  # 0: all val volumes
+    # udean/fidelity.py: how close X_{s~t} is to the target (and to the true degradation where
+    # the data carry it), every N steps into metrics.jsonl / TensorBoard; image summaries
+    # (Y_s, X_{s~t}, X_t, SR of X_t) every M steps; 0: off
+    fidelity_every: int = Field(0, ge=0)
+    image_every: int = Field(0, ge=0)
     deterministic: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    @field_validator("augment", "augment_source", mode="before")
+    @classmethod
+    def _augment_bool(cls, v):
+        return {True: "dihedral", False: "none"}.get(v, v) if isinstance(v, bool) else v  # older configs
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

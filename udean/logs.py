@@ -1,8 +1,9 @@
 """Training logs on rank 0: a rich progress bar, JSONL metrics and TensorBoard.
 
-`train.out/metrics.jsonl`: one JSON object per line, `{"kind": "train"|"val"|"event", "step":
-..., "epoch": ..., ...}`; train rows carry every loss term (g.*, d.*), lr and patches/s.
-`train.out/tb/`: the same scalars for TensorBoard. Other ranks get a `Logs` that does nothing,
+`train.out/metrics.jsonl`: one JSON object per line, `{"kind": "train"|"val"|"fidelity"|"event",
+"step": ..., "epoch": ..., ...}`; train rows carry every loss term (g.*, d.*), lr and patches/s;
+fidelity rows the degradation's fidelity (udean/fidelity.py). `train.out/tb/`: the same scalars
+for TensorBoard, and the fidelity image summaries. Other ranks get a `Logs` that does nothing,
 so the training loop never asks which rank it is on.
 """
 from __future__ import annotations
@@ -80,6 +81,17 @@ class Logs:
             return
         self._record("val", step, epoch, scalars)
         self.message(f"epoch {epoch} val: " + " ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+
+    def fidelity(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
+        """A fidelity row (udean/fidelity.py: X_{s~t} against the target and the truth)."""
+        if self.enabled:
+            self._record("fidelity", step, epoch, scalars)
+
+    def images(self, step: int, images: dict[str, Any]) -> None:
+        """Image summaries `images/<name>` in TensorBoard: (h, w) arrays in [0, 1]."""
+        if self.enabled and self._tb is not None:
+            for k, v in images.items():
+                self._tb.add_image(f"images/{k}", v[None], step, dataformats="CHW")
 
     def event(self, step: int, what: str, **fields: Any) -> None:
         """A one-off (checkpoint, skipped step, resume, stop): JSONL row and a console line."""

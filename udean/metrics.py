@@ -42,7 +42,8 @@ def ssim(x, y, window: int = 7, data_range: float = 1.0, reduction: str = "mean"
     slice plane (a volume (X, Y, Z) with slice_axis=0 gives slices x[i, :, :]; with slice_axis=2
     slices x[:, :, k]).
     reduction: "mean" -> scalar, the mean over all slices; "none" -> per-slice SSIM with the
-    leading shape (e.g. (B, C)).
+    leading shape (e.g. (B, C)); "map" -> the SSIM map, (..., H - window + 1, W - window + 1),
+    entry (i, j) the window centred on pixel (i + window // 2, j + window // 2) (a region's score).
     Differentiable; float32 whatever the input dtype or autocast state.
     """
     x, y = torch.as_tensor(x), torch.as_tensor(y)
@@ -55,8 +56,8 @@ def ssim(x, y, window: int = 7, data_range: float = 1.0, reduction: str = "mean"
     h, w = x.shape[-2:]
     if window % 2 == 0 or window > min(h, w):
         raise ValueError(f"ssim: window {window} must be odd and fit in the {h}x{w} slice")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"ssim: reduction must be 'mean' or 'none', got {reduction!r}")
+    if reduction not in ("mean", "none", "map"):
+        raise ValueError(f"ssim: reduction must be 'mean', 'none' or 'map', got {reduction!r}")
     lead = x.shape[:-2]
     with torch.autocast(device_type=x.device.type, enabled=False):
         a = x.reshape(-1, 1, h, w).float()
@@ -68,6 +69,8 @@ def ssim(x, y, window: int = 7, data_range: float = 1.0, reduction: str = "mean"
         s_bb = _filter(b * b, g) - mu_b**2
         s_ab = _filter(a * b, g) - mu_a * mu_b
         smap = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))
+        if reduction == "map":
+            return smap.reshape(*lead, *smap.shape[-2:])
         per_slice = smap.mean(dim=(1, 2, 3)).reshape(lead)
     return per_slice.mean() if reduction == "mean" else per_slice
 

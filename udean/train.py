@@ -30,7 +30,7 @@ from hpc.signals import ignore_in_worker
 from udean import checkpoint
 from udean.config import Config, TrainConfig, save as save_config
 from udean.data.sampler import UnpairedSampler
-from udean.data.shards import PatchShards, UnpairedPatches
+from udean.data.shards import PatchShards, UnpairedPatches, check_source_margin
 from udean.engines import Engines, build_engines
 from udean.logs import Logs
 from udean.models.udean import build, inference_state_dict
@@ -56,7 +56,8 @@ def patch_data(source: Sequence[str | os.PathLike], target: Sequence[str | os.Pa
     0: one pass over the target patches."""
     src, tgt = PatchShards(source), PatchShards(target)
     steps = steps_per_epoch or UnpairedSampler.default_steps(len(tgt), train.batch_size, world_size)
-    sampler = UnpairedSampler(len(src), len(tgt), train.batch_size, steps, train.seed, rank, world_size, train.augment)
+    sampler = UnpairedSampler(len(src), len(tgt), train.batch_size, steps, train.seed, rank, world_size, train.augment,
+                              train.augment_source)
     return UnpairedPatches(src, tgt), sampler
 
 
@@ -92,6 +93,7 @@ def setup(cfg: Config, dist) -> Setup:
     t = cfg.train
     _seed_everything(t.seed, t.deterministic)
     manifest = load_manifest(cfg.data.out)
+    check_source_margin(cfg.model.source_margin, manifest)
     dataset, sampler = patch_data(manifest.shard_paths("source"), manifest.shard_paths("target"), t,
                                   t.steps_per_epoch, dist.rank, dist.world_size)
     val_volumes = [str(p) for p in manifest.volume_paths("val")] if t.val_every else []
@@ -174,6 +176,12 @@ def _loop(cfg: Config, dist, preempt) -> int:
         path = checkpoint.save(out, step, engines, ours, dist, t.keep_last)
         logs.event(step, "checkpoint", path=str(path), reason=reason)
 
+    probe = None
+    if dist.is_main and (t.fidelity_every or t.image_every):  # udean/fidelity.py
+        from udean.fidelity import Probe
+
+        probe = Probe.from_shards(dataset.source, dataset.target, margin=cfg.model.source_margin, seed=t.seed)
+
     batches = None
     tick, tick_step = time.perf_counter(), step
     with logs:
@@ -208,6 +216,11 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 tick, tick_step = now, step
                 logs.train(step, epoch, {**result.scalars(), "lr": engines.lr(), "patches_per_s": rate,
                                          "skipped": float(result.skipped)})
+
+            if probe is not None and t.fidelity_every and (step % t.fidelity_every == 0 or step == 1):
+                logs.fidelity(step, epoch, probe.measure(engines.generator, engines.dtype))
+            if probe is not None and t.image_every and (step % t.image_every == 0 or step == 1):
+                logs.images(step, probe.images(engines.generator, engines.dtype))
 
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch:

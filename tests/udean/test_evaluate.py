@@ -15,6 +15,7 @@ from scipy import ndimage
 from preprocessing import kspace
 from preprocessing.config import DegradationConfig, StorageConfig
 from preprocessing.shards import VolumePair
+from preprocessing.subject import head_mask as head_mask_stored
 from udean import evaluate
 from udean.infer import Inferer
 from udean.config import load
@@ -81,10 +82,10 @@ def test_scores_tables_and_files(tmp_path):
     # tricubic beats nearest on smooth data: a sanity check of the whole chain
     assert results[0].stats("psnr")[0] > results[1].stats("psnr")[0]
 
-    meta = {"group": "test", "region": "volume", "ssim_window": 7, "checkpoint": "ckpt", "data": "data"}
+    meta = {"group": "test", "regions": ["volume", "head"], "ssim_window": 7, "checkpoint": "ckpt", "data": "data"}
     js, md = evaluate.write_results(results, meta, tmp_path / "eval")
     doc = json.loads(js.read_text())
-    assert doc["region"] == "volume" and doc["methods"][0]["method"] == evaluate.TRICUBIC
+    assert doc["regions"] == ["volume", "head"] and doc["methods"][0]["method"] == evaluate.TRICUBIC
     for m, r in zip(doc["methods"], results):
         vals = np.array([s["psnr"] for s in r.subjects])
         assert m["n"] == 3
@@ -102,13 +103,68 @@ def test_bbox_region_scores_only_the_head():
     assert v.mask[box].sum() == v.mask.sum()
     assert v.mask[box].size < v.mask.size
     with pytest.raises(ValueError, match="region 'brain'"):
-        evaluate.Evaluator({}, region="brain")
+        evaluate.Evaluator({}, regions=["brain"])
     hr = v.hr.copy()
     hr[:, :12] = hr[:, -12:] = 0  # a wide dark background beside the "head"
     v = dataclasses.replace(v, hr=hr, mask=(hr > 0.05).astype(np.uint8))
-    whole = evaluate.Evaluator({"dim": lambda v: v.hr * 0.9}).run([v])[0].subjects[0]
-    head = evaluate.Evaluator({"dim": lambda v: v.hr * 0.9}, region="bbox").run([v])[0].subjects[0]
-    assert head["psnr"] < whole["psnr"] - 1.0  # the dark background no longer counts as perfect
+    row = evaluate.Evaluator({"dim": lambda v: v.hr * 0.9}, regions=["bbox"]).run([v])[0].subjects[0]
+    assert row["psnr_bbox"] < row["psnr"] - 1.0  # the dark background no longer counts as perfect
+
+
+def noisy_head(shape=(24, 64, 56), sigma=0.025, seed=0):
+    """An ellipsoid 'head' (a bright shell around a dark ventricle) in a Rician-noise background
+    whose noise crosses the 0.05 threshold often: (HR, true head)."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt((z / 0.8) ** 2 + (y / 0.6) ** 2 + (x / 0.55) ** 2)
+    head = r <= 1.0
+    rng = np.random.default_rng(seed)
+    img = np.where(head, 0.6, 0.0) + np.where(r < 0.3, -0.5, 0.0) * head  # a dark hole inside
+    noise = rng.standard_normal((2, *shape)) * sigma
+    return np.abs(img + noise[0] + 1j * noise[1]).astype(np.float32), head
+
+
+def test_head_mask_covers_the_head_and_not_its_noisy_background():
+    hr, head = noisy_head()
+    assert ((hr > 0.05) & ~head).mean() > 0.1  # the raw threshold would take much of the background
+    m = evaluate.head_mask(hr)
+    assert m[head].mean() == 1.0  # the whole head, its dark hole included
+    far = ~ndimage.binary_dilation(head, iterations=6)  # beyond the smoothing's reach + the 3-voxel dilation
+    assert not m[far].any()
+    stored = head_mask_stored(hr, 0.05).astype(bool)  # preprocessing's mask: the background joins in
+    assert stored[far].mean() > 0.3
+
+
+def head_pair(seed: int) -> VolumePair:
+    hr, _ = noisy_head(seed=seed)
+    lr = kspace.degrade(hr, DegradationConfig(), None, 0)
+    return VolumePair(hr, lr, np.ones_like(hr, np.uint8), np.eye(4), np.eye(4), f"h{seed}", "test", 0)
+
+
+def test_head_region_scores_psnr_and_ssim_on_the_head_voxels_only():
+    v = head_pair(1)
+    hr = v.hr
+    # wrong everywhere beyond the reach (3 voxels) of the 7x7 SSIM windows centred in the head
+    reach = lambda v: ndimage.binary_dilation(evaluate.head_mask(v.hr), np.ones((1, 7, 7)))  # noqa: E731
+    bad_background = lambda v: np.where(reach(v), v.hr, 1.0)  # noqa: E731
+    row = evaluate.Evaluator({"m": bad_background}).run([v])[0].subjects[0]
+    assert set(row) == {"subject", "psnr", "ssim", "psnr_head", "ssim_head"}
+    assert row["psnr_head"] == float("inf") and row["ssim_head"] == pytest.approx(1.0, abs=1e-6)
+    assert row["psnr"] < 10 and row["ssim"] < 0.9  # the whole volume sees the ruined background
+    m = evaluate.head_mask(hr)
+    noisy = hr + 0.1 * m
+    got = evaluate.score(noisy, hr, voxels=m)
+    assert got["psnr"] == pytest.approx(20.0, abs=1e-3)  # MSE 0.01 on the head voxels
+
+
+def test_tables_report_both_regions(tmp_path):
+    vols = [head_pair(s) for s in (1, 2)]
+    results = evaluate.Evaluator({evaluate.TRICUBIC: lambda v: evaluate.tricubic(v.lr, v.hr.shape)}).run(vols)
+    js, md = evaluate.write_results(results, {"regions": ["volume", "head"]}, tmp_path)
+    m = json.loads(js.read_text())["methods"][0]
+    assert {"psnr_mean", "ssim_mean", "psnr_head_mean", "ssim_head_mean", "psnr_head_std"} <= set(m)
+    assert m["psnr_head_mean"] != m["psnr_mean"]
+    header = next(ln for ln in md.read_text().splitlines() if ln.startswith("| Method"))
+    assert header == "| Method | SSIM | PSNR (dB) | SSIM (head) | PSNR (head) (dB) |"
 
 
 def test_every_method_is_scored_on_the_hr_voxels_the_lr_covers():
@@ -120,7 +176,8 @@ def test_every_method_is_scored_on_the_hr_voxels_the_lr_covers():
     ev = evaluate.Evaluator({"hr grid": lambda v: evaluate.tricubic(v.lr, v.hr.shape),
                              "x2 lr": lambda v: evaluate.tricubic(v.lr)})
     a, b = (r.subjects[0] for r in ev.run([v]))
-    assert a == b == {"subject": v.subject, **evaluate.score(evaluate.tricubic(v.lr)[grid], v.hr[grid])}
+    assert a == b
+    assert {k: a[k] for k in ("psnr", "ssim")} == evaluate.score(evaluate.tricubic(v.lr)[grid], v.hr[grid])
     with pytest.raises(ValueError, match=r"prediction \(8, 24, 20\)"):
         evaluate.Evaluator({"lr": lambda v: v.lr}).run([v])
 

@@ -10,7 +10,8 @@ Arrays are float32 in the public layout: LR (N, S, h, w), HR (N, 2S, 2h, 2w), st
   moved HR volume rigidly registered back to the LR volume (benchmark 2; `registration.py`).
 - `synthetic_pairs`: HR patches with LR from 3D nearest downsampling (benchmark 3), or from any
   `preprocessing.kspace.degrade` config at volume level (`degraded_pairs`, the shift study).
-- `unpaired_pools`: source HR and target LR patches, drawn independently (unsupervised methods).
+- `unpaired_pools`: source HR and target LR patches, drawn independently (unsupervised methods);
+  source HR without the context margins a data set may store (`source_hr`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from preprocessing import kspace, motion, nifti, patches
 from preprocessing.config import DataConfig, DegradationConfig
 from preprocessing.manifest import Manifest
 from preprocessing.shards import read_patches
-from preprocessing.subject import STREAM_NOISE, STREAM_PATCHES, stored_scale, subject_rng
+from preprocessing.subject import STREAM_NOISE, STREAM_PATCHES, stored_scale, subject_degradation, subject_rng
 from udean.data.shards import dihedral
 
 Batch = Callable[[int], tuple[torch.Tensor, ...]]
@@ -41,9 +42,22 @@ def read_shards(paths: list[Path]) -> np.ndarray:
     return np.concatenate([read_patches(p) for p in paths])
 
 
+def without_margin(hr: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Source HR patches (N, 2S + 4 m0, ...) -> (N, 2S, 2h, 2w): the centre, without the context
+    margins a data set may store for model.source_margin (`data.patches.source_margin`)."""
+    m0, m1 = cfg.patches.source_margin
+    a, b = (s * m for s, m in zip(stored_scale(cfg)[:2], (m0, m1)))
+    return np.ascontiguousarray(hr[:, a:hr.shape[1] - a, b:hr.shape[2] - b, b:hr.shape[3] - b])
+
+
+def source_hr(m: Manifest) -> np.ndarray:
+    """Every source HR patch, without margins: (N, 2S, 2h, 2w)."""
+    return without_margin(read_shards(m.shard_paths("source")), data_config(m))
+
+
 def unpaired_pools(m: Manifest) -> tuple[np.ndarray, np.ndarray]:
     """(target LR patches, source HR patches): the unsupervised methods' training data."""
-    return read_shards(m.shard_paths("target")), read_shards(m.shard_paths("source"))
+    return read_shards(m.shard_paths("target")), source_hr(m)
 
 
 def _by_subject(m: Manifest, group: str) -> dict[str, Path]:
@@ -59,7 +73,7 @@ def misaligned_pairs(m: Manifest) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{m.out}: source and target subjects differ; not a misaligned data set")
     xs, ys = [], []
     for sid in sorted(lr):
-        x, y = read_patches(lr[sid]), read_patches(hr[sid])
+        x, y = read_patches(lr[sid]), without_margin(read_patches(hr[sid]), data_config(m))
         if len(x) != len(y):
             raise ValueError(f"{sid}: {len(x)} LR patches but {len(y)} HR patches")
         xs.append(x)
@@ -77,7 +91,8 @@ def load_hr(m: Manifest, sid: str) -> np.ndarray:
 def target_lr(m: Manifest, sid: str, hr: np.ndarray) -> np.ndarray:
     """The subject's target LR volume, canonical: the same draw preprocessing made."""
     cfg = data_config(m)
-    return kspace.degrade(hr, cfg.degradation, subject_rng(cfg.seed, sid, STREAM_NOISE), cfg.patches.slice_axis)
+    return kspace.degrade(hr, subject_degradation(cfg, sid), subject_rng(cfg.seed, sid, STREAM_NOISE),
+                          cfg.patches.slice_axis)
 
 
 def _hr_patches(hr_canonical: np.ndarray, lr_origins: np.ndarray, cfg: DataConfig) -> np.ndarray:
@@ -129,8 +144,10 @@ def nearest_pairs(hr: np.ndarray, scale: tuple[int, int, int] = (2, 2, 2)) -> tu
 def degraded_pairs(m: Manifest, degradation: DegradationConfig, group: str = "source",
                    seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic (LR, HR) pairs from `group`'s HR volumes, LR = `degradation` of the whole volume
-    (k-space effects need the whole spectrum), patched as preprocessing patches the target group."""
+    (k-space effects need the whole spectrum), patched as preprocessing patches the target group.
+    Level `mixed`: each subject's own draw (`subject_degradation`, the data set's seed)."""
     cfg = data_config(m)
+    own = cfg.model_copy(update={"degradation": degradation})
     ax = cfg.patches.slice_axis
     sids = sorted(r.id for r in m.subjects if r.group == group and r.status == "ok")
     if not sids:
@@ -138,7 +155,7 @@ def degraded_pairs(m: Manifest, degradation: DegradationConfig, group: str = "so
     xs, ys = [], []
     for sid in sids:
         hr = load_hr(m, sid)
-        lr = kspace.degrade(hr, degradation, subject_rng(seed, sid, STREAM_NOISE), ax)
+        lr = kspace.degrade(hr, subject_degradation(own, sid), subject_rng(seed, sid, STREAM_NOISE), ax)
         lr_s = patches.to_stored(lr, ax)
         origins = patches.select_origins(lr_s, cfg.patches, subject_rng(seed, sid, STREAM_PATCHES))
         xs.append(patches.extract(lr_s, origins, patches.lr_size(cfg.patches)))

@@ -8,6 +8,11 @@ seeded by (seed, epoch, stream, k), so an epoch longer than a group just starts 
 Rank r takes every `world`-th element of each stream starting at r: within one pass over a
 group, ranks see disjoint patches.
 
+Augmentation (`train.augment`, `train.augment_source`): each patch's in-plane transform k
+(`udean.data.shards.dihedral`) comes from one draw per epoch and rank, masked per group:
+`dihedral` keeps all 8 (k in 0..7), `flips` only the 4 flips (k & 3: no transpose, so an
+anisotropic target such as partial Fourier along one axis keeps its axes), `none` 0.
+
 State: (epoch, position), position = samples already consumed by this rank in this epoch.
 """
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 from torch.utils.data import Sampler
 
 SOURCE, TARGET, AUGMENT = 0, 1, 2
+# augmentation choice -> mask of the dihedral index k (bit 4: the transpose)
+AUGMENT_MASK = {"none": 0, "dihedral": 7, "flips": 3}
 
 
 def _stream(n: int, count: int, seed: int, epoch: int, which: int) -> np.ndarray:
@@ -35,15 +42,25 @@ def rank_indices(n: int, per_rank: int, seed: int, epoch: int, which: int, rank:
 class UnpairedSampler(Sampler):
     """Yields (i_source, i_target, k_source, k_target) for this rank: `batch_size *
     steps_per_epoch` per epoch. k_*: the in-plane flip / rotation of each patch (0..7, see
-    `udean.data.shards.dihedral`), random with `augment`, else 0."""
+    `udean.data.shards.dihedral`) allowed by `augment` (target; `augment_source` for the source,
+    None: the same; a bool is none / dihedral), else 0."""
 
     def __init__(self, n_source: int, n_target: int, batch_size: int, steps_per_epoch: int,
-                 seed: int, rank: int = 0, world_size: int = 1, augment: bool = False):
+                 seed: int, rank: int = 0, world_size: int = 1, augment: str | bool = "none",
+                 augment_source: str | bool | None = None):
         if n_source < 1 or n_target < 1:
             raise ValueError(f"need patches in both groups, got source={n_source} target={n_target}")
         self.n_source, self.n_target = n_source, n_target
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
-        self.seed, self.rank, self.world_size, self.augment = seed, rank, world_size, augment
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+        def mask(choice: str | bool) -> int:
+            choice = {True: "dihedral", False: "none"}.get(choice, choice) if isinstance(choice, bool) else choice
+            if choice not in AUGMENT_MASK:
+                raise ValueError(f"augment {choice!r}: allowed {', '.join(AUGMENT_MASK)}")
+            return AUGMENT_MASK[choice]
+
+        self.masks = (mask(augment if augment_source is None else augment_source), mask(augment))
         self.epoch, self.position = 0, 0
 
     @staticmethod
@@ -68,8 +85,9 @@ class UnpairedSampler(Sampler):
         src = rank_indices(self.n_source, per_rank, self.seed, epoch, SOURCE, self.rank, self.world_size)
         tgt = rank_indices(self.n_target, per_rank, self.seed, epoch, TARGET, self.rank, self.world_size)
         ks = np.zeros((per_rank, 2), dtype=np.int64)
-        if self.augment:
+        if any(self.masks):
             ks = np.random.default_rng([self.seed, epoch, AUGMENT, self.rank]).integers(0, 8, (per_rank, 2))
+            ks &= np.asarray(self.masks, dtype=np.int64)
         return np.column_stack([src, tgt, ks])
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int]]:

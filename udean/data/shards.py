@@ -109,3 +109,15 @@ class UnpairedPatches(Dataset):
         i_s, i_t, k_s, k_t = item
         return (dihedral(torch.from_numpy(self.source[i_s]), k_s).contiguous(),
                 dihedral(torch.from_numpy(self.target[i_t]), k_t).contiguous())
+
+
+def check_source_margin(model_margin, manifest) -> None:
+    """model.source_margin (LR voxels of context the degradation needs around each source patch)
+    must be what the data set stored (data.patches.source_margin): a ValueError naming both
+    otherwise, before any training."""
+    stored = tuple(manifest.config.get("patches", {}).get("source_margin", (0, 0)))
+    if tuple(model_margin) != stored:
+        raise ValueError(f"{manifest.out / 'manifest.json'}: source HR patches were stored with "
+                         f"data.patches.source_margin={list(stored)}, but model.source_margin={list(model_margin)}: "
+                         "preprocess with the same margin as the model (data.patches.source_margin) or set "
+                         "model.source_margin to the data's")
