@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the suite into .venv (or $UDEAN_VENV) with its test extras.
+# Install the suite into .venv (or $UDEAN_VENV) with its test, baseline and benchmark extras.
 #   ./install.sh                 torch's CUDA build where nvidia-smi answers, else the CPU build
 #   ./install.sh --gpu           the CUDA build, also on a host without a GPU: a cluster's login
 #                                node installing for its GPU nodes (docs/hpc.md, "Installing on a cluster")
@@ -37,7 +37,7 @@ elif [ "$have" != "$want" ]; then
   pip install -q --force-reinstall "${index[@]}" "$TORCH"
 fi
 export DS_BUILD_OPS=0
-pip install -q -e ".[test,baselines]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q -e ".[test,baselines,bench]" 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import udean.cli, torch, deepspeed, mpi4py, h5py" || { echo "install.sh: import check failed" >&2; exit 1; }
 if [ "$want" = gpu ] && ! python -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then
   echo "install.sh: --gpu, but $(python -c 'import torch; print(torch.__version__)') is a CPU build: set" \

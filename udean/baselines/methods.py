@@ -19,7 +19,14 @@ LR with the acquisition effects truncation misses). Keys, and what each trains o
                   `udean train` (DeepSpeed, a child process) on each data set      (Tables I, II)
     sup_kspace, sup_real  (with "realistic")
                   SupervisedTSRCAN on source HR degraded by each training degradation (shift study)
+    sup_trunc     SupervisedTSRCAN on (k-space truncation of the source HR, HR): the paper's
+                  degradation whatever the target's (benchmarks/shift.py: the degradation shift)
+    oracle        SupervisedTSRCAN on (the unpaired data set's own degradation of the source HR,
+                  HR): the true degradation, an upper bound no user has (shift.py; = sup_kspace)
+    denoise       not trained: non-local means + tricubic, its strength chosen on the val volumes
+                  (`udean.baselines.denoise`); a volume method, not a network (`VOLUME_METHODS`)
 
+`train_one(key, ...)` trains (or loads) one of them; `train_methods` every one quality.py needs.
 ZSSR trains on each test volume itself (`udean.baselines.zssr.ZSSR`, an evaluator method).
 """
 from __future__ import annotations
@@ -96,10 +103,17 @@ def train_udean(cfg: Config, run: Path, budget: Budget, console=None) -> Path:
     return run
 
 
-def train_methods(data: dict[str, Config], budget: Budget, runs: Path, device, *, registration_iterations: int = 200,
-                  progress: Progress | None = None, console=None) -> tuple[dict[str, Callable], dict[str, dict]]:
-    """Every method of the module docstring trained (or loaded from `runs`) -> ({key: SR network},
-    {key: info: seconds, first / last losses, registration reports ...})."""
+VOLUME_METHODS = ("denoise",)  # keys whose result maps a VolumePair to a prediction, not LR tiles
+KEYS = ("b1", "b2", "b3", "cyclegan_unp", "dasr_unp", "cyclegan_mis", "dasr_mis", "udean_unp", "udean_mis",
+        "udean_real", "sup_kspace", "sup_real", "sup_trunc", "oracle", *VOLUME_METHODS)
+
+
+def train_one(key: str, data: dict[str, Config], budget: Budget, runs: Path, device, *,
+              registration_iterations: int = 200, progress: Progress | None = None,
+              console=None) -> tuple[Callable, dict]:
+    """Method `key` (the module docstring) trained on `data`, or loaded from `runs` where it was
+    trained with the same config and budget -> (SR network, or for VOLUME_METHODS an evaluator
+    method; info: seconds, first / last losses, ...)."""
     from preprocessing.config import DegradationConfig
     from preprocessing.manifest import load_manifest
     from udean.baselines import pairs
@@ -108,66 +122,95 @@ def train_methods(data: dict[str, Config], budget: Budget, runs: Path, device, *
     from udean.baselines.supervised import SupervisedTSRCAN
     from udean.infer import load_sr_model
 
-    unp, mis = data["unpaired"], data["misaligned"]
-    m_unp, m_mis = load_manifest(unp.data.out), load_manifest(mis.data.out)
+    if key not in KEYS:
+        raise ValueError(f"method {key!r}: allowed {', '.join(KEYS)}")
+    unp = data["unpaired"]
     slab, model, loss = unp.data.patches.slab, unp.model, unp.loss
-    nets: dict[str, Callable] = {}
-    info: dict[str, dict] = {}
-
-    def say(text: str) -> None:
-        if console is not None:
-            console.print(text)
-
-    def callback(key: str):
-        return None if progress is None else progress(key, budget.steps)
+    info: dict = {}
+    callback = None if progress is None else progress(key, budget.steps)
 
     def fresh(cls, *a, **k):
         torch.manual_seed(budget.seed)  # every method starts from the same seeded initialisation
         return cls(model, slab, *a, alpha=loss.alpha, window=loss.ssim_window, **k)
 
-    def supervised(key: str, make_pairs: Callable[[], tuple]) -> None:
+    def supervised(make_pairs: Callable[[], tuple]) -> Callable:
         net = fresh(SupervisedTSRCAN)
 
         def train():
             lr, hr = make_pairs()
-            info.setdefault(key, {})["pairs"] = int(len(lr))
-            return net.fit(lr, hr, budget, progress=callback(key))
+            info["pairs"] = int(len(lr))
+            return net.fit(lr, hr, budget, progress=callback)
 
-        nets[key] = cached(runs / f"{key}.pt", net, train, device, info.setdefault(key, {}))
+        return cached(runs / f"{key}.pt", net, train, device, info)
 
-    def unsupervised(key: str, cls, m) -> None:
+    def unsupervised(cls, name: str) -> Callable:
         net = fresh(cls)
-        lr_t, hr_s = pairs.unpaired_pools(m)
-        nets[key] = cached(runs / f"{key}.pt", net, lambda: net.fit(lr_t, hr_s, budget, progress=callback(key)),
-                           device, info.setdefault(key, {}))
+        lr_t, hr_s = pairs.unpaired_pools(load_manifest(data[name].data.out))
+        return cached(runs / f"{key}.pt", net, lambda: net.fit(lr_t, hr_s, budget, progress=callback), device, info)
 
-    # Table I: supervised benchmarks
-    supervised("b1", lambda: pairs.misaligned_pairs(m_mis))
+    def own_degradation(name: str) -> Callable:
+        """Supervised on the source HR degraded as data set `name`'s target was (its level's draws)."""
+        m_unp, m = load_manifest(unp.data.out), load_manifest(data[name].data.out)
+        return supervised(lambda: pairs.degraded_pairs(m_unp, DegradationConfig(**m.config["degradation"])))
 
-    def registered():
-        say("registering moved HR to LR (SimpleITK, Mattes MI, Euler3D)")
-        lr, hr, reports = pairs.registered_pairs(m_mis, iterations=registration_iterations)
-        info.setdefault("b2", {})["registration"] = reports
-        return lr, hr
+    if key == "b1":
+        return supervised(lambda: pairs.misaligned_pairs(load_manifest(data["misaligned"].data.out))), info
+    if key == "b2":
+        def registered():
+            if console is not None:
+                console.print("registering moved HR to LR (SimpleITK, Mattes MI, Euler3D)")
+            lr, hr, reports = pairs.registered_pairs(load_manifest(data["misaligned"].data.out),
+                                                     iterations=registration_iterations)
+            info["registration"] = reports
+            return lr, hr
 
-    supervised("b2", registered)
-    supervised("b3", lambda: pairs.nearest_pairs(pairs.unpaired_pools(m_unp)[1]))
-    # Table II: unsupervised peers on unpaired and misaligned data
-    unsupervised("cyclegan_unp", CycleGANSR, m_unp)
-    unsupervised("dasr_unp", DASR, m_unp)
-    unsupervised("cyclegan_mis", CycleGANSR, m_mis)
-    unsupervised("dasr_mis", DASR, m_mis)
-    # UDEAN itself, the same budget
-    for key, name in (("udean_unp", "unpaired"), ("udean_mis", "misaligned"), ("udean_real", "realistic")):
-        if name not in data:
-            continue
+        return supervised(registered), info
+    if key == "b3":
+        return supervised(lambda: pairs.nearest_pairs(pairs.source_hr(load_manifest(unp.data.out)))), info
+    if key in ("cyclegan_unp", "dasr_unp", "cyclegan_mis", "dasr_mis"):
+        cls = CycleGANSR if key.startswith("cyclegan") else DASR
+        return unsupervised(cls, "unpaired" if key.endswith("unp") else "misaligned"), info
+    if key.startswith("udean_"):
+        name = {"udean_unp": "unpaired", "udean_mis": "misaligned", "udean_real": "realistic"}[key]
         t = time.perf_counter()
         run = train_udean(data[name], runs / f"udean_{name}", budget, console)
-        nets[key], _ = load_sr_model(run, device)
-        info[key] = {"train_seconds": round(time.perf_counter() - t, 2), "run": str(run)}
-    # degradation-shift study: supervised on synthetic pairs made with each training degradation
+        net, _ = load_sr_model(run, device)
+        return net, {"train_seconds": round(time.perf_counter() - t, 2), "run": str(run)}
+    if key in ("sup_kspace", "oracle"):
+        return own_degradation("unpaired"), info
+    if key == "sup_real":
+        return own_degradation("realistic"), info
+    if key == "sup_trunc":
+        m_unp = load_manifest(unp.data.out)
+        return supervised(lambda: pairs.degraded_pairs(m_unp, DegradationConfig())), info
+    # denoise: the strength is its only parameter, chosen on val (cached like weights)
+    from preprocessing.shards import read_volume
+    from udean.baselines.denoise import NOTE, choose_strength, denoise_tricubic
+
+    side = runs / "denoise.json"
+    if side.is_file():
+        info.update(json.loads(side.read_text()), cached=True)
+    else:
+        t = time.perf_counter()
+        val = [read_volume(p) for p in load_manifest(unp.data.out).volume_paths("val")]
+        k, scores = choose_strength(val, loss.ssim_window)
+        info.update(strength=k, val_psnr_head=scores, note=NOTE, train_seconds=round(time.perf_counter() - t, 2))
+        runs.mkdir(parents=True, exist_ok=True)
+        side.write_text(json.dumps(info, indent=1))
+    return denoise_tricubic(info["strength"]), info
+
+
+def train_methods(data: dict[str, Config], budget: Budget, runs: Path, device, *, registration_iterations: int = 200,
+                  progress: Progress | None = None, console=None) -> tuple[dict[str, Callable], dict[str, dict]]:
+    """Every method quality.py tables (the module docstring; udean_real, sup_kspace, sup_real
+    with "realistic") trained (or loaded from `runs`) -> ({key: SR network}, {key: info:
+    seconds, first / last losses, registration reports ...})."""
+    keys = ["b1", "b2", "b3", "cyclegan_unp", "dasr_unp", "cyclegan_mis", "dasr_mis", "udean_unp", "udean_mis"]
     if "realistic" in data:
-        supervised("sup_kspace", lambda: pairs.degraded_pairs(m_unp, DegradationConfig(**m_unp.config["degradation"])))
-        real = load_manifest(data["realistic"].data.out)
-        supervised("sup_real", lambda: pairs.degraded_pairs(m_unp, DegradationConfig(**real.config["degradation"])))
+        keys += ["udean_real", "sup_kspace", "sup_real"]
+    nets: dict[str, Callable] = {}
+    info: dict[str, dict] = {}
+    for key in keys:
+        nets[key], info[key] = train_one(key, data, budget, runs, device, registration_iterations=registration_iterations,
+                                         progress=progress, console=console)
     return nets, info

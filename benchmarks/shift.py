@@ -1,0 +1,416 @@
+"""Degradation-shift benchmark (issue 19): does UDEAN adapt to a target degradation that k-space
+truncation misses, where interpolation, denoising + interpolation and a model trained on
+truncated LR do not?
+
+    python benchmarks/shift.py --protocol tiny --jobs 2           # CI smoke test, minutes
+    python benchmarks/shift.py --jobs 2                           # the CPU protocol: hours
+    python benchmarks/shift.py --levels pf_noise --seeds 1 --methods udean_unp oracle tricubic
+    python benchmarks/shift.py --udean-config recommended model.features=16   # another recipe
+
+One harness, one evaluator: a synthetic cohort, preprocessed once per level of shift
+(`data.degradation.level`: truncation, pf, pf_noise, psf, mixed; preprocessing/config.py
+LEVELS) and mode (unpaired, misaligned), with the noise-free truth of every source patch stored
+(`data.degradation.truth`, for the fidelity logs of UDEAN's runs). Every method of
+`udean.baselines.methods` (the registry: what trains on what) with the same SR network, the
+same budget (optimiser steps x batch, Adam, cosine LR: `--steps`, `--batch`, `--width`) and the
+same `udean.evaluate.Evaluator` on the level's test volumes, whole volume and head mask:
+
+    tricubic      Tricubic interpolation
+    denoise       non-local means + tricubic, strength chosen on val (Rician-biased: NLM assumes
+                  Gaussian noise)
+    sup_trunc     supervised TS-RCAN on truncated LR of the source HR (the paper's benchmark 3:
+                  the shift); one model per seed, the same for every level
+    oracle        supervised on the level's true degradation of the source HR (an upper bound)
+    udean_unp     UDEAN on unpaired source HR / target LR (`udean train`, DeepSpeed)
+    udean_mis     UDEAN on misaligned source HR (the target subjects moved) / target LR
+    cyclegan_unp, dasr_unp   CycleGAN and DASR on the unpaired pools
+
+Seeds (`--seeds N`): UDEAN, the supervised rows and the oracle train with seeds 0..N-1 (default
+3), CycleGAN and DASR with seed 0; mean ± std over test subjects x seeds. The UDEAN recipe is
+`--udean-config PATH|name` plus trailing overrides (they apply to the one config every method
+and data set is built from); by default `demo` with the phase-1 switches of issue 19 (PHASE1).
+
+Resumes: every run (level, method, seed) writes <work>/results/<level>/<method>/s<seed>.json
+when it is done (weights are cached under <work>/weights/<hash of config + budget>/), and a
+rerun skips what exists; killing it loses at most the runs in flight. `--jobs N` runs N of them
+at once, each in its own process with one thread (plan the full run with the wall times in
+the results). Outputs (`--results`, default benchmarks/results): shift_<tag>.json (`rows`:
+method, level, region, psnr_mean, ssim_mean, psnr_std, ssim_std, seeds, n; per-run details;
+provenance), shift_<tag>.md, shift_<tag>_<level>.png (bars) and shift_<tag>_<level>_slices.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, bar_chart, provenance, relative, write_json  # noqa: E402
+
+LEVELS = ("truncation", "pf", "pf_noise", "psf", "mixed")
+# key -> (row label, trained with every seed?)
+METHODS = {
+    "tricubic": ("Tricubic interpolation", False),
+    "denoise": ("Denoise (NLM, Rician-biased) + tricubic", False),
+    "sup_trunc": ("Supervised on truncated LR (the shift)", True),
+    "oracle": ("Supervised on the true degradation (oracle)", True),
+    "udean_unp": ("UDEAN, unpaired", True),
+    "udean_mis": ("UDEAN, misaligned", True),
+    "cyclegan_unp": ("CycleGAN, unpaired", False),
+    "dasr_unp": ("DASR, unpaired", False),
+}
+TRAINED = ("sup_trunc", "oracle", "udean_unp", "udean_mis", "cyclegan_unp", "dasr_unp")
+# the phase-1 recipe of issue 19 (the research log's summary): physics degradation with learned
+# noise, a detached cycle, the 3D spectrum match, source margins, k-space decimation
+PHASE1 = ["model.degradation=physics", "model.degradation_noise=true", "model.cycle_detach=true",
+          "loss.lambda_spectrum=1.0", "model.source_margin=[2,4]", "model.decimation=kspace"]
+
+
+@dataclass
+class Protocol:
+    udean_config: str  # the default --udean-config (PHASE1 is added to it)
+    shape: tuple[int, int, int]  # synthetic cohort
+    counts: tuple[int, int, int, int]  # source / target / val / test subjects
+    data: list[str] = field(default_factory=list)  # data: overrides (patches)
+    steps: int = 1000
+    batch: int = 8
+    width: int = 16
+    seeds: int = 3
+
+
+PROTOCOLS = {
+    # CI: every level, method and table on tiny data, one seed, a few steps
+    "tiny": Protocol("tiny", (64, 64, 48), (2, 2, 1, 2), ["data.patches.max_per_subject=12"], steps=6, batch=2,
+                     width=8, seeds=1),
+    # the CPU protocol: 96x96x80 heads, the issue's minimum budget (1000 steps x 8, demo width)
+    "cpu": Protocol("demo", (96, 96, 80), (6, 6, 1, 3), [
+        "data.patches.lr_size=[32,32]", "data.patches.stride=[16,16]", "data.patches.slab_stride=1",
+        "data.patches.max_per_subject=96", "data.patches.min_foreground=0.3"]),
+}
+
+
+# --------------------------------------------------------------------------- configs
+def configs(args, proto: Protocol, work: Path) -> dict[str, dict[str, dict]]:
+    """{level: {"unpaired" | "misaligned": config as a dict}}: the one config, per data set."""
+    from udean.config import load
+
+    base = ([] if args.udean_config else list(PHASE1)) + [
+        f"data.root={work / 'cohort'}", "data.split.preset=counts", f"data.split.counts={list(proto.counts)}",
+        *proto.data, f"train.batch_size={args.batch or proto.batch}", f"model.features={args.width or proto.width}",
+        "train.precision=fp32", "train.num_workers=0", "train.fidelity_every=100", "train.log_every=50",
+        *args.overrides]
+    name = args.udean_config or proto.udean_config
+    first = load(name, base)
+    margin = list(first.model.source_margin)
+    out = {}
+    for level in sorted(set(args.levels) | ({"truncation"} if "sup_trunc" in args.methods else set())):
+        out[level] = {}
+        for mode in ("unpaired", "misaligned"):
+            cfg = load(name, base + [f"data.mode={mode}", f"data.degradation.level={level}",
+                                     "data.degradation.truth=true", f"data.patches.source_margin={margin}",
+                                     f"data.out={work / 'data' / level / mode}"])
+            out[level][mode] = cfg.to_dict()
+    return out
+
+
+def _cfg(d: dict):
+    from udean.config import from_dict
+
+    return from_dict(d)
+
+
+# --------------------------------------------------------------------------- jobs (one process each)
+def result_path(work: Path, level: str, method: str, seed: int) -> Path:
+    return work / "results" / level / method / f"s{seed}.json"
+
+
+def prepare(data_cfg: dict) -> str:
+    """Preprocess one data set (resumes: finished subjects are kept)."""
+    import torch
+
+    from preprocessing.driver import preprocess
+    from preprocessing.manifest import load_manifest
+
+    torch.set_num_threads(1)
+    cfg = _cfg(data_cfg)
+    if preprocess(cfg.data, progress=False).failed:
+        raise RuntimeError(f"preprocessing {cfg.data.out}: {load_manifest(cfg.data.out).failed()[0].error}")
+    return cfg.data.out
+
+
+def run(spec: dict) -> dict:
+    """Train (or load) one method at one seed and score it on the test volumes of every level in
+    spec["levels"] (sup_trunc: every level; the others: their own); writes the result files."""
+    import torch
+
+    from hpc.atomic import atomic_write_text
+    from preprocessing.manifest import load_manifest
+    from preprocessing.shards import read_volume
+    from udean.baselines.methods import VOLUME_METHODS, budget_of, runs_dir, train_one
+    from udean.evaluate import Evaluator, tricubic
+    from udean.infer import Inferer
+
+    torch.set_num_threads(1)
+    work, method, seed = Path(spec["work"]), spec["method"], spec["seed"]
+    train_level = spec["train_level"]
+    data = {mode: _cfg(d).model_copy(update={"train": _cfg(d).train.model_copy(update={"seed": seed})})
+            for mode, d in spec["configs"][train_level].items()}
+    unp = data["unpaired"]
+    budget = budget_of(unp, spec["steps"], "cpu")
+    t = time.perf_counter()
+    info: dict = {}
+    if method == "tricubic":
+        fn = lambda v: tricubic(v.lr, v.hr.shape)  # noqa: E731
+    else:
+        runs = runs_dir(work / "weights", unp, budget, method=method)
+        net, info = train_one(method, data, budget, runs, "cpu")
+        if method in VOLUME_METHODS:
+            fn = net
+        else:
+            inferer = Inferer.from_config(unp.infer, unp.data.patches, "cpu")
+            fn = lambda v: inferer(v.lr, net)  # noqa: E731
+        if method.startswith("udean_"):
+            info["fidelity"] = fidelity_rows(Path(info["run"]) / "metrics.jsonl")
+    train_s = time.perf_counter() - t
+    out = {}
+    for level in spec["levels"]:
+        t = time.perf_counter()
+        test = _cfg(spec["configs"][level]["unpaired"])
+        volumes = [read_volume(p) for p in load_manifest(test.data.out).volume_paths("test")]
+        keep = {}
+
+        def first(vol, preds, scores):
+            if not keep:
+                keep.update(subject=vol.subject, pred=preds[method])
+
+        (res,) = Evaluator({method: fn}, window=unp.loss.ssim_window).run(volumes, on_volume=first)
+        path = result_path(work, level, method, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path.with_suffix(".npy"), keep["pred"].astype(np.float16))  # the slice figure's panel
+        doc = {"method": method, "level": level, "seed": seed, "trained_at": train_level, "subjects": res.subjects,
+               "train_seconds": round(float(info.get("train_seconds", train_s)), 1),
+               "eval_seconds": round(time.perf_counter() - t, 1), "cached": bool(info.get("cached")),
+               "info": {k: v for k, v in info.items() if k in ("strength", "val_psnr_head", "note", "pairs", "fidelity",
+                                                              "first", "last", "steps")}}
+        atomic_write_text(path, json.dumps(doc, indent=1, default=float) + "\n")
+        out[level] = doc
+    return out
+
+
+def fidelity_rows(metrics: Path) -> list[dict]:
+    """The fidelity rows of a UDEAN run's metrics.jsonl (udean/fidelity.py)."""
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k not in ("kind", "time", "epoch")} for r in rows if r.get("kind") == "fidelity"]
+
+
+def jobs(args, work: Path, cfgs: dict, steps: int, seeds: int) -> list[dict]:
+    """The runs not done yet, longest first (UDEAN), so the pool stays full."""
+    todo = []
+    for method in args.methods:
+        for seed in range(seeds if METHODS[method][1] else 1):
+            levels = list(args.levels) if method == "sup_trunc" else None
+            for level in (["truncation"] if levels else args.levels):
+                want = levels or [level]
+                missing = [lv for lv in want if not result_path(work, lv, method, seed).is_file()]
+                if missing:
+                    todo.append({"work": str(work), "method": method, "seed": seed, "train_level": level,
+                                 "levels": missing, "configs": cfgs, "steps": steps})
+    order = {m: i for i, m in enumerate(("udean_unp", "udean_mis", "sup_trunc", "oracle", "dasr_unp", "cyclegan_unp",
+                                         "denoise", "tricubic"))}
+    return sorted(todo, key=lambda j: order[j["method"]])
+
+
+def pool(n: int) -> ProcessPoolExecutor:
+    # a fresh process per job: one thread each, no state carried between runs
+    return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+
+
+# --------------------------------------------------------------------------- report
+def collect(work: Path, levels, methods) -> tuple[list[dict], list[dict]]:
+    """(rows: one per level x method x region, runs: one per result file)."""
+    rows, runs = [], []
+    for level in levels:
+        for method in methods:
+            docs = [json.loads(p.read_text()) for p in sorted((work / "results" / level / method).glob("s*.json"))]
+            if not docs:
+                continue
+            runs += [{k: d[k] for k in ("method", "level", "seed", "train_seconds", "eval_seconds", "info")} for d in docs]
+            for region, suffix in (("volume", ""), ("head", "_head")):
+                row = {"method": method, "label": METHODS[method][0], "level": level, "region": region,
+                       "seeds": [d["seed"] for d in docs], "n": sum(len(d["subjects"]) for d in docs)}
+                for score in ("psnr", "ssim"):
+                    v = np.array([s[score + suffix] for d in docs for s in d["subjects"]], dtype=np.float64)
+                    row[f"{score}_mean"] = float(v.mean())
+                    row[f"{score}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+                rows.append(row)
+    return rows, runs
+
+
+def markdown(doc: dict) -> str:
+    from udean.evaluate import pm
+
+    meta, prov = doc["meta"], doc["meta"]["provenance"]
+    lines = [f"# Degradation shift (`--protocol {meta['protocol']}`)", "",
+             f"- date: {prov['date']}; machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
+             f"no GPU used; {meta['jobs']} run(s) at a time, one thread each",
+             f"- command: `{prov['command']}`", f"- wall time of this invocation: {meta['seconds']:.0f} s",
+             f"- data: synthetic cohort {meta['shape']} (0.7 mm), source/target/val/test = "
+             f"{'/'.join(map(str, meta['counts']))}; levels: {', '.join(meta['levels'])} (preprocessing/config.py LEVELS)",
+             f"- budget, every learned method: {meta['budget']['steps']} optimiser steps x {meta['budget']['batch_size']} "
+             f"patches, Adam lr {meta['budget']['lr']:g} -> {meta['budget']['lr_min']:g} (cosine), SR width "
+             f"{meta['width']}; UDEAN recipe: `{meta['udean_config']}` {' '.join(meta['udean_overrides'])}",
+             "", "PSNR (dB) / SSIM, mean ± sample std over test subjects x seeds; whole volume and the dilated "
+             "head mask (udean.evaluate.head_mask). Decisions are made on the head: a noisy background rewards any "
+             "denoising in whole-volume scores. Denoise + tricubic: NLM assumes Gaussian noise, the data are "
+             "Rician (magnitude).", ""]
+    for level in meta["levels"]:
+        rows = [r for r in doc["rows"] if r["level"] == level]
+        if not rows:
+            continue
+        tri = {r["region"]: r for r in rows if r["method"] == "tricubic"}
+        lines += [f"## {level}", "", "| Method | seeds | SSIM | PSNR | SSIM (head) | PSNR (head) | head PSNR - tricubic "
+                  "| train s |", "|---|---|---|---|---|---|---|---|"]
+        for method in METHODS:
+            got = {r["region"]: r for r in rows if r["method"] == method}
+            if not got:
+                continue
+            v, h = got["volume"], got["head"]
+            delta = f"{h['psnr_mean'] - tri['head']['psnr_mean']:+.2f}" if "head" in tri else "-"
+            secs = [r["train_seconds"] for r in doc["runs"] if r["method"] == method and r["level"] == level]
+            lines.append(f"| {v['label']} | {len(v['seeds'])} | {pm(v['ssim_mean'], v['ssim_std'], 4)} | "
+                         f"{pm(v['psnr_mean'], v['psnr_std'], 2)} | {pm(h['ssim_mean'], h['ssim_std'], 4)} | "
+                         f"{pm(h['psnr_mean'], h['psnr_std'], 2)} | {delta} | {np.mean(secs):.0f} |")
+        lines.append("")
+        for f in doc["figures"].get(level, []):
+            lines.append(f"![{Path(f).stem}]({Path(f).name})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figures(doc: dict, work: Path, cfgs: dict, results: Path, tag: str) -> dict[str, list[str]]:
+    """Per level: a bar chart (PSNR / SSIM minus tricubic's, head and whole volume) and the
+    slices of the first test subject for every method (seed 0)."""
+    from preprocessing.manifest import load_manifest
+    from preprocessing.shards import read_volume
+    from udean.figures import volume_figure
+
+    out: dict[str, list[str]] = {}
+    for level in doc["meta"]["levels"]:
+        rows = [r for r in doc["rows"] if r["level"] == level]
+        tri = {r["region"]: r for r in rows if r["method"] == "tricubic"}
+        if not rows or len(tri) < 2:
+            continue
+        panels = []
+        for score, region in (("psnr", "head"), ("psnr", "volume"), ("ssim", "head"), ("ssim", "volume")):
+            rs = [r for r in rows if r["region"] == region and r["method"] != "tricubic"]
+            panels.append({"title": f"{level}: {score.upper()} - tricubic, {region}", "labels": [r["label"] for r in rs],
+                           "values": [r[f"{score}_mean"] - tri[region][f"{score}_mean"] for r in rs],
+                           "notes": [f"± {r[f'{score}_std']:.{2 if score == 'psnr' else 4}f}" for r in rs],
+                           "xlabel": "dB" if score == "psnr" else "SSIM", "ref": (0.0, "tricubic")})
+        files = []
+        png = bar_chart(results / f"shift_{tag}_{level}.png", panels, title=f"degradation shift: {level}")
+        if png is not None:
+            files.append(relative(png))
+        vol = read_volume(load_manifest(_cfg(cfgs[level]["unpaired"]).data.out).volume_paths("test")[0])
+        preds, scores = {}, {}
+        for method in METHODS:
+            npy = result_path(work, level, method, 0).with_suffix(".npy")
+            res = result_path(work, level, method, 0)
+            if npy.is_file() and res.is_file():
+                label = METHODS[method][0].replace(", ", "\n").replace(" (", "\n(")
+                preds[label] = np.load(npy).astype(np.float32)
+                s = json.loads(res.read_text())["subjects"][0]
+                scores[label] = {"psnr": s["psnr_head"], "ssim": s["ssim_head"]}
+        if preds:
+            files.append(relative(volume_figure(vol, preds, results / f"shift_{tag}_{level}_slices.png", scores=scores,
+                                                title=f"{vol.subject} (test), {level}: head PSNR / SSIM, x2x2x2")))
+        out[level] = files
+    return out
+
+
+# --------------------------------------------------------------------------- main
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="trailing key.sub=value arguments override the UDEAN config (and so every "
+                                "data set and the SR network of every method)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
+    p.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--seeds", type=int, default=None, help="training seeds of UDEAN, supervised, oracle (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per learned method (default 1000)")
+    p.add_argument("--batch", type=int, default=None, help="patches per step (default 8)")
+    p.add_argument("--width", type=int, default=None, help="model.features of every network (default 16, the demo's)")
+    p.add_argument("--udean-config", default=None,
+                   help="the UDEAN recipe, a config PATH or shipped name (default: the protocol's + the phase-1 switches)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process with one thread")
+    p.add_argument("--work", default=None, help="cohort, data, weights, per-run results; default shift_out/<protocol>")
+    p.add_argument("--results", default=str(RESULTS), help="where the tables and figures go")
+    p.add_argument("--tag", default=None, help="file tag: shift_<tag>.*; default the protocol")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from preprocessing.cohort import cohort_ready, write_cohort
+
+    args = parse(argv)
+    proto = PROTOCOLS[args.protocol]
+    t0 = time.perf_counter()
+    work = Path(args.work or Path("shift_out") / args.protocol).resolve()
+    results = Path(args.results).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or args.protocol
+    steps = args.steps or proto.steps
+    seeds = args.seeds or proto.seeds
+    n = sum(proto.counts)
+    if not cohort_ready(work / "cohort", n, proto.shape):
+        print(f"cohort: {n} synthetic subjects {proto.shape} -> {work / 'cohort'}", flush=True)
+        write_cohort(work / "cohort", n, proto.shape, seed=0, progress=False)
+    cfgs = configs(args, proto, work)
+
+    with pool(args.jobs) as ex:  # data: every level x mode
+        for f in as_completed([ex.submit(prepare, d) for lv in cfgs.values() for d in lv.values()]):
+            print(f"data: {relative(f.result())}", flush=True)
+    todo = jobs(args, work, cfgs, steps, seeds)
+    print(f"{len(todo)} run(s) to do, {args.jobs} at a time", flush=True)
+    with pool(args.jobs) as ex:
+        futures = {ex.submit(run, j): j for j in todo}
+        for f in as_completed(futures):
+            j = futures[f]
+            for level, d in f.result().items():
+                print(f"{level:10s} {j['method']:12s} seed {j['seed']}: head PSNR "
+                      f"{np.mean([s['psnr_head'] for s in d['subjects']]):.2f} dB, train {d['train_seconds']:.0f} s"
+                      f"{' (cached)' if d['cached'] else ''}", flush=True)
+
+    from udean.baselines.methods import budget_of
+
+    rows, runs = collect(work, args.levels, args.methods)
+    first = _cfg(next(iter(cfgs.values()))["unpaired"])
+    doc = {"rows": rows, "runs": runs, "meta": {
+        "protocol": args.protocol, "levels": list(args.levels), "methods": list(args.methods), "seeds": seeds,
+        "jobs": args.jobs, "shape": list(proto.shape), "counts": list(proto.counts),
+        "budget": budget_of(first, steps, "cpu").to_dict(), "width": first.model.features,
+        "udean_config": args.udean_config or proto.udean_config,
+        "udean_overrides": ([] if args.udean_config else PHASE1) + list(args.overrides),
+        "config": first.to_dict(), "provenance": provenance(argv)}}
+    doc["figures"] = figures(doc, work, cfgs, results, tag)
+    doc["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(results / f"shift_{tag}.json", doc)
+    from hpc.atomic import atomic_write_text
+
+    atomic_write_text(results / f"shift_{tag}.md", markdown(doc))
+    print(f"results: {relative(results / f'shift_{tag}.md')}\n         {relative(results / f'shift_{tag}.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
