@@ -38,7 +38,7 @@ from benchmarks.train_step import SMOKE_OVERRIDES, cleanup, sync  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-SETUPS = [(p, z) for p in ("fp32", "bf16", "fp16") for z in (0, 1)]
+PRECISIONS = ("fp32", "bf16", "fp16")
 _TORCH = str(Path(torch.__file__).parent)
 
 
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model (seconds)")
     p.add_argument("--paper-size", action="store_true", help="the paper's 64x64 LR patches (default on CPU: 16x16)")
     p.add_argument("--batch", type=int, default=None, help="default 8 with --paper-size, else 1")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                   help="default all; fp16 convolutions are very slow on a CPU (a minute per paper-model step)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zero_precision_<cpu|gpu>.json)")
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                               "device": str(dist.device), "patches": "paper" if args.paper_size else "lr 16x16",
                               "rows": []}
     try:
-        for precision, zero in SETUPS:
+        for precision, zero in ((p, z) for p in args.precisions for z in (0, 1)):
             row = measure(precision, zero, args, dist)
             result["rows"].append(row)
             write_json(out, result)

@@ -165,7 +165,8 @@ def _loop(cfg: Config, dist, preempt) -> int:
     elif dist.is_main:
         logs.message(f"training from scratch: {total_steps} steps = {t.epochs} epochs x {steps_per_epoch}, "
                      f"{dist.world_size} rank(s) x {t.batch_size} patches, {len(dataset.source)} source / "
-                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}")
+                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}, "
+                     f"cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}")
 
     def save(step: int, reason: str) -> None:
         epoch, batch = divmod(step, steps_per_epoch)

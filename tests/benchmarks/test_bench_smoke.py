@@ -57,6 +57,9 @@ def test_train_step_smoke_figures(step_json):
         assert r["pct_of_bf16_peak"] == pytest.approx(100 * r["tflops"] / d["matmul_peak"]["tflops"])
         assert r["speedup_vs_baseline"] > 0
         assert r["speedup_vs_baseline"] == 1.0 if r["baseline"] else True
+        # the engines' ZeRO stage is the config's default for the precision; cudnn.benchmark as training's
+        assert r.get("zero_stage") == (None if r["baseline"] else 0 if r["setup"] == "fp32" else 1), r
+    assert (d["settings"]["zero_stage"], d["settings"]["cudnn_benchmark"]) == (None, True)
     for r in d["runs"]:
         if r["status"] != "ok":
             assert r["status"] == "skipped" and r["reason"], r  # nothing errored, nothing refused
