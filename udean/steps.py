@@ -10,7 +10,7 @@ module and SR reconstruction network"): one forward of the generators, then
 Both losses are computed before either engine steps, so one all-reduced flag decides for every
 rank whether the step is skipped (a non-finite loss anywhere): ranks never diverge, and no rank
 waits in a gradient all-reduce that another rank skipped. The preemption request rides in the
-same tensor: one small all-reduce and one host read per step (`StepFlags`), the one sync the
+same tensor: one small all-reduce and one host read per step (`step_flags`), the one sync the
 step itself needs (the host must know before `engine.step()` whether to call it); the loss terms
 stay on the device until a logging step reads them, all at once (`StepResult.scalars`).
 """
