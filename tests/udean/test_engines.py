@@ -59,7 +59,7 @@ def worker(out: str) -> None:
             "zero_stage": cfg.train.zero_stage,
             "basic_optimizers": [f"{type(e.basic_optimizer).__module__}.{type(e.basic_optimizer).__name__}" for e in (g, d)],
             "wrappers": [type(e.optimizer).__name__ for e in (g, d)],
-            "own_dicts": g.config is not d.config and g.config is not d.config["optimizer"],
+            "own_dicts": g.config is not d.config,
             "dicts_unchanged": g.config == d.config == deepspeed_config(cfg.train),
             "first": [first.skipped, first.stop], "stop": [stop.skipped, stop.stop], "nan": [nan.skipped, nan.stop],
             # G and D both stepped (some G tensors sit behind the zero-initialised output convs)
