@@ -43,6 +43,7 @@ was trained on); the SR volume is clipped to [0, 1] and written as float32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -204,6 +205,48 @@ def tile_count(shape: tuple[int, int, int], slab: int, patch: tuple[int, int], o
     return math.prod(len(a) for a in _grid(shape, slab, tuple(patch), overlap, slab_overlap))
 
 
+CPU_TILE_BATCH = 8  # infer.batch_size 0 on a CPU
+MAX_TILE_BATCH = 256  # beyond this a forward pass is long enough to fill any GPU
+MEMORY_SHARE = 0.5  # of the free device memory, for the tiles in flight (the rest: blending, other work)
+
+
+def tiles_per_batch(free_bytes: int, bytes_per_tile: int) -> int:
+    """Tiles per forward pass whose activations fit in MEMORY_SHARE of `free_bytes`, in
+    [1, MAX_TILE_BATCH]."""
+    if bytes_per_tile <= 0:
+        return MAX_TILE_BATCH
+    return max(1, min(MAX_TILE_BATCH, int(MEMORY_SHARE * free_bytes) // int(bytes_per_tile)))
+
+
+def auto_batch_size(net: Model, slab: int, patch: tuple[int, int], device: torch.device, amp: bool = False) -> int:
+    """`infer.batch_size: 0`: CPU_TILE_BATCH on a CPU; on CUDA, one tile's measured peak memory
+    through `net` (a forward of one zero tile; resets the device's peak-memory statistics) against
+    the memory free to this process (the driver's free memory plus what torch's allocator holds
+    unused), by `tiles_per_batch`."""
+    if device.type != "cuda":
+        return CPU_TILE_BATCH
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        net(torch.zeros((1, slab, *patch), device=device))
+    per_tile = torch.cuda.max_memory_allocated(device) - before
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return tiles_per_batch(free, per_tile)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """torch.backends.cudnn.benchmark = `on` inside, the caller's value restored after."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
 @dataclass(frozen=True)
 class Inferer:
     """The sliding window, configured once: `inferer(lr, net)` super-resolves a whole volume.
@@ -217,21 +260,25 @@ class Inferer:
     patch: tuple[int, int]
     overlap: float
     slab_overlap: int  # resolved: slab - 1 when infer.slab_overlap is null
-    batch_size: int
+    batch_size: int  # 0: `auto_batch_size` for the network and device of each call
     amp: bool = False
     device: torch.device = torch.device("cpu")
+    cudnn_benchmark: bool | None = None  # None: on unless torch's deterministic mode is on
 
     @classmethod
     def from_config(cls, infer: InferConfig, patches: PatchConfig, device: str | torch.device | None = None) -> "Inferer":
         """`device` overrides `infer.device` (validation runs on the engine's device)."""
         return cls(patches.slab, (int(patches.lr_size[0]), int(patches.lr_size[1])), infer.overlap,
                    resolve_slab_overlap(patches.slab, infer.slab_overlap), infer.batch_size, infer.amp,
-                   pick_device(infer.device) if device is None else torch.device(device))
+                   pick_device(infer.device) if device is None else torch.device(device), infer.cudnn_benchmark)
 
     def __call__(self, lr: np.ndarray, net: Model, progress: Progress | None = None) -> np.ndarray:
-        y = sliding_window(lr, net, slab=self.slab, patch=self.patch, overlap=self.overlap,
-                           slab_overlap=self.slab_overlap, batch_size=self.batch_size, device=self.device,
-                           amp=self.amp, progress=progress)
+        bench = not torch.are_deterministic_algorithms_enabled() if self.cudnn_benchmark is None else self.cudnn_benchmark
+        with cudnn_benchmark(bench):  # every tile has one shape: cuDNN's timing pays off at once
+            batch = self.batch_size or auto_batch_size(net, self.slab, self.patch, self.device, self.amp)
+            y = sliding_window(lr, net, slab=self.slab, patch=self.patch, overlap=self.overlap,
+                               slab_overlap=self.slab_overlap, batch_size=batch, device=self.device,
+                               amp=self.amp, progress=progress)
         return np.clip(y, 0.0, 1.0, out=y)
 
     def tiles(self, shape: tuple[int, int, int]) -> int:
@@ -380,7 +427,7 @@ def infer(checkpoint: str | Path, lr_path: str | Path, sr_path: str | Path, infe
 # --------------------------------------------------------------------------- CLI
 # the sliding-window flags of `udean infer` / `udean evaluate`: shortcuts for infer.* overrides
 INFER_FLAGS = (("--device", "device", str, "auto (cuda if available), cpu, cuda, cuda:N"),
-               ("--batch-size", "batch_size", int, "tiles per forward pass"),
+               ("--batch-size", "batch_size", int, "tiles per forward pass; 0: sized to the device"),
                ("--overlap", "overlap", float, "in-plane tile overlap, fraction of the patch"),
                ("--slab-overlap", "slab_overlap", int, "LR slices shared by consecutive slabs (null: slab - 1, a slab "
                                                        "centred on every slice)"))

@@ -1,13 +1,14 @@
 """`udean train`: UDEAN with DeepSpeed on preprocessed shards; resumes by itself.
 
-    udean train --config configs/demo.yaml                              # one process
-    torchrun --nproc_per_node=2 -m udean train --config configs/demo.yaml
-    mpirun -n 2 udean train --config configs/demo.yaml train.backend=gloo
-    srun udean train --config configs/paper.yaml                        # slurm/train_udean.sh
+    udean train --config demo                              # one process
+    torchrun --nproc_per_node=2 -m udean train --config demo
+    mpirun -n 2 udean train --config demo train.backend=gloo
+    srun udean train --config paper                        # slurm/train_udean.sh
 
 Every start resumes from the newest valid checkpoint in `train.out` (model, optimizers, LR
-schedules, step, sampler position, RNG). SIGTERM / SIGUSR1 finish the current step, write a
-checkpoint and exit with `hpc.signals.REQUEUE_EXIT_CODE` (75), which asks the launcher to
+schedules, step, sampler position, RNG). SIGTERM / SIGUSR1 are agreed on by all ranks in the
+next step's flag all-reduce (udean/steps.py); that step finishes, every rank writes the
+checkpoint and exits with `hpc.signals.REQUEUE_EXIT_CODE` (75), which asks the launcher to
 requeue. `setup` builds what the loop runs on (manifest -> shards -> sampler -> models ->
 engines; benchmarks/scaling_train.py and loader.py build theirs with it too); `data_loader` is
 the one DataLoader; `train` below is the whole training procedure, top to bottom.
@@ -91,6 +92,7 @@ def setup(cfg: Config, dist) -> Setup:
 
     t = cfg.train
     _seed_everything(t.seed, t.deterministic)
+    torch.backends.cudnn.benchmark = t.cudnn_benchmark  # fixed patch shapes; off when deterministic
     manifest = load_manifest(cfg.data.out)
     dataset, sampler = patch_data(manifest.shard_paths("source"), manifest.shard_paths("target"), t,
                                   t.steps_per_epoch, dist.rank, dist.world_size)
@@ -110,7 +112,6 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism needs it
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
 
 def train(cfg: Config, dist=None, preempt=None) -> int:
@@ -164,7 +165,8 @@ def _loop(cfg: Config, dist, preempt) -> int:
     elif dist.is_main:
         logs.message(f"training from scratch: {total_steps} steps = {t.epochs} epochs x {steps_per_epoch}, "
                      f"{dist.world_size} rank(s) x {t.batch_size} patches, {len(dataset.source)} source / "
-                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}")
+                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}, "
+                     f"cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}")
 
     def save(step: int, reason: str) -> None:
         epoch, batch = divmod(step, steps_per_epoch)
@@ -184,7 +186,9 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 batches = iter(data_loader(dataset, sampler, t, dist.device))
             y_s, x_t = next(batches)
 
-            result = train_step(engines, y_s, x_t, cfg.loss, dist, adapt_scale(cfg.loss, step / total_steps))
+            # the preemption request is agreed on in the step's one flag all-reduce (udean/steps.py)
+            result = train_step(engines, y_s, x_t, cfg.loss, dist, adapt_scale(cfg.loss, step / total_steps),
+                                stop=preempt.requested)
             step += 1
 
             if result.skipped:
@@ -222,7 +226,7 @@ def _loop(cfg: Config, dist, preempt) -> int:
                             save_config(cfg, out / "best" / "config.yaml")
                         logs.event(step, "best", psnr=best["psnr"], ssim=best["ssim"])
 
-            stop = dist.all_reduce_flag(preempt.requested)
+            stop = result.stop
             if stop or end_of_epoch or step % t.checkpoint_every == 0 or step == total_steps:
                 save(step, "signal" if stop else "end" if step == total_steps else "periodic")
             if stop:

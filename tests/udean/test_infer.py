@@ -87,6 +87,42 @@ def test_inferer_is_configured_once_from_the_infer_section_and_clips_to_the_data
         infer.Inferer.from_config(load("tiny", ["infer.slab_overlap=3"]).infer, cfg.data.patches, "cpu")
 
 
+def test_batch_size_0_is_sized_to_the_device_and_cudnn_benchmark_is_set_while_tiling():
+    cfg = load("tiny")  # infer.batch_size: 0, infer.cudnn_benchmark: null
+    assert cfg.infer.batch_size == 0
+    inf = infer.Inferer.from_config(cfg.infer, cfg.data.patches, "cpu")
+    lr = np.random.default_rng(3).random((6, 40, 40), dtype=np.float32)
+    calls, bench = [], []
+
+    def model(x):
+        calls.append(x.shape[0])
+        bench.append(torch.backends.cudnn.benchmark)
+        return nearest_x2(x)
+
+    before = torch.backends.cudnn.benchmark
+    np.testing.assert_allclose(inf(lr, model), whole_volume_nearest(lr), atol=1e-6)
+    assert inf.tiles(lr.shape) > infer.CPU_TILE_BATCH and max(calls) == infer.CPU_TILE_BATCH == 8  # CPU: 8
+    assert all(bench) and torch.backends.cudnn.benchmark == before  # on while tiling, restored after
+    torch.use_deterministic_algorithms(True)
+    try:
+        bench.clear()
+        inf(lr, model)
+        assert not any(bench)  # null: off under torch's deterministic mode (train.deterministic)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    bench.clear()
+    infer.Inferer.from_config(load("tiny", ["infer.cudnn_benchmark=false"]).infer, cfg.data.patches, "cpu")(lr, model)
+    assert not any(bench)
+
+
+def test_tiles_per_batch_fills_a_share_of_the_free_memory():
+    gib, mib = 2**30, 2**20
+    assert infer.tiles_per_batch(8 * gib, 64 * mib) == 64  # MEMORY_SHARE 0.5 of 8 GiB / 64 MiB
+    assert infer.tiles_per_batch(80 * gib, 10 * mib) == infer.MAX_TILE_BATCH  # a big GPU: capped
+    assert infer.tiles_per_batch(50 * mib, 64 * mib) == 1  # never 0
+    assert infer.tiles_per_batch(gib, 0) == infer.MAX_TILE_BATCH
+
+
 def test_tile_starts_cover_and_stay_inside():
     for n in range(4, 40):
         for size in range(1, n + 1):

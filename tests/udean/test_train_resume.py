@@ -114,6 +114,7 @@ def test_stop_at_random_steps_and_resume_equals_an_uninterrupted_run(tiny_data, 
     r = run_cmd([BIN / "torchrun", "--standalone", "--nproc_per_node=2", __file__, str(tiny_data), str(tmp_path),
                  *map(str, ks)], timeout=600)
     assert r.returncode == 0 and (tmp_path / "worker_ok").exists(), f"k={ks}\n" + r.stdout[-3000:] + r.stderr[-4000:]
+    assert "cudnn.benchmark off" in r.stdout + r.stderr  # train.deterministic: null resolves to off
     full = tmp_path / "full" / "checkpoints"
     full_g = {t["step"]: t["g.total"] for t in rows(tmp_path / "full", "train")}
     for k in ks:
