@@ -30,12 +30,14 @@ class OutputError(Exception):
         self.errno = getattr(cause, "errno", None)
 
 
-def check_free_space(folder: str | os.PathLike, nbytes: int) -> None:
-    """OutputError(ENOSPC) when the file system of `folder` has less than `nbytes` free."""
-    free = shutil.disk_usage(folder).free
+def check_free_space(path: str | os.PathLike, nbytes: int) -> None:
+    """OutputError(ENOSPC) naming `path` when its file system (of `path`, or of its folder if
+    `path` does not exist yet) has less than `nbytes` free."""
+    path = Path(path)
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
     if free < nbytes:
-        raise OutputError(folder, OSError(errno.ENOSPC, f"No space left on device: needs {nbytes} bytes, "
-                                                        f"{free} free"))
+        raise OutputError(path, OSError(errno.ENOSPC, f"No space left on device: needs {nbytes} bytes, "
+                                                      f"{free} free"))
 
 
 @contextlib.contextmanager
@@ -72,7 +74,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(path, exc) from exc
-    check_free_space(path.parent, len(data))
+    check_free_space(path, len(data))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)

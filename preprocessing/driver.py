@@ -231,7 +231,10 @@ class _Recorder:
         self.t0 = time.perf_counter()
         self.n = n_tasks
         self.log_path = m.out / LOG
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(self.log_path.parent, exc) from exc
         self._bar = None
         from rich.console import Console
 
@@ -260,11 +263,14 @@ class _Recorder:
                 self.failed += 1
                 self.console.print(f"[red]preprocess: subject {row.id} failed:[/] {row.error}",
                                    highlight=False, markup=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"time": time.time(), "rank": rank, "id": row.id, "group": row.group,
-                                    "status": row.status, "error": row.error, "reused": res.reused,
-                                    "seconds": row.seconds, "timings": res.timings,
-                                    "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps({"time": time.time(), "rank": rank, "id": row.id, "group": row.group,
+                                        "status": row.status, "error": row.error, "reused": res.reused,
+                                        "seconds": row.seconds, "timings": res.timings,
+                                        "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
+            except OSError as exc:
+                raise OutputError(self.log_path, exc) from exc
             if self._bar is not None:
                 self._bar.update(self._task, advance=1, failed=self.failed, rate=f"{rate:.1f}")
 
@@ -310,6 +316,7 @@ def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list[Task]
     errors: list = []
     helper = None
     try:
+        write_manifest(rec.m)  # the plan, subjects pending: on disk before any shard is
         if comm.size > 1:
             if not mpi.thread_level_ok(comm):
                 raise RuntimeError("MPI library does not provide MPI_THREAD_SERIALIZED; rank 0 needs it")
