@@ -15,9 +15,10 @@ train.out is locked (one writer, `hpc.lock`) and checked writable, and every sou
 shard is checked against its manifest sha256 (split across ranks). SIGTERM / SIGUSR1 finish
 the current step, write a checkpoint and exit with `hpc.signals.REQUEUE_EXIT_CODE` (75), which
 asks the launcher to requeue. torch's threads are sized to the CPUs this process owns
-(`hpc.threads`) unless OMP_NUM_THREADS is set. `setup` builds what the loop runs on (manifest -> shards -> sampler -> models ->
-engines; benchmarks/scaling_train.py and loader.py build theirs with it too); `data_loader` is
-the one DataLoader; `train` below is the whole training procedure, top to bottom.
+(`hpc.threads`) unless OMP_NUM_THREADS is set. `setup` builds what the loop runs on (manifest
+-> shards -> sampler -> models -> engines; benchmarks/scaling_train.py and loader.py build
+theirs with it too); `data_loader` is the one DataLoader; `train` below is the whole training
+procedure, top to bottom.
 """
 from __future__ import annotations
 
