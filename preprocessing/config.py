@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    # allow_inf_nan=False: no config value is meaningful as inf or nan (train.lr=inf trained to NaN)
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- data (II-C)
@@ -113,3 +114,15 @@ class DataConfig(Section):
         are not reused."""
         d = self.model_dump(mode="json", exclude={"out"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees (as JSON dicts), sorted."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        x, y, key = a.get(k), b.get(k), f"{prefix}{k}"
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += diff_keys(x, y, f"{key}.")
+        elif x != y:
+            out.append(key)
+    return out

@@ -2,6 +2,8 @@
 source / target / val / test (paper, II-C: 120 / 120 / 30 / 30)."""
 from __future__ import annotations
 
+import errno
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,24 @@ class Subject:
     id: str
     input: str  # path of the T1w NIfTI (may not exist: the subject then fails, "missing file")
     group: str = "unused"  # source | target | val | test | unused
+    problem: str | None = None  # found at discovery (unusable id, symlink loop): the subject fails alone
+
+
+def _path_problem(path: str) -> str | None:
+    """A symlink loop on the way to `path`, said as such (is_file() would call it missing)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path}: symlink loop (too many levels of symbolic links)"
+    return None
+
+
+def _checked(sid: str, path: str) -> Subject:
+    if not _SAFE_ID.match(sid):
+        return Subject(sid, path, problem=f"{path}: subject id {sid!r} is not usable as a file name "
+                                          "(allowed: letters, digits, '.', '_', '-'); rename it")
+    return Subject(sid, path, problem=_path_problem(path))
 
 
 def subject_id_of(path: Path) -> str:
@@ -47,19 +67,20 @@ def discover(root: str | Path, layout: str) -> list[Subject]:
     hcp / hcp_acpc: every non-hidden folder of `root` is a subject; its T1w path comes from the
     template whether or not the file exists, so a missing file is reported per subject.
     flat: every `*.nii` / `*.nii.gz` file directly in `root`; the id is the file name without
-    the suffix."""
+    the suffix. A subject whose id is not a safe file name or whose path is a symlink loop is
+    kept with a `problem`: it fails alone, the others go on."""
     root = Path(root)
     if not str(root) or not root.is_dir():
         raise ValueError(f"data root {str(root)!r} is not a folder (set data.root or --data-root)")
     subjects: list[Subject] = []
     if layout in TEMPLATES:
         for d in sorted(root.iterdir()):
-            if d.is_dir() and not d.name.startswith("."):
-                subjects.append(Subject(d.name, str(root / TEMPLATES[layout].format(subject=d.name))))
+            if not d.name.startswith(".") and (d.is_dir() or _path_problem(str(d))):
+                subjects.append(_checked(d.name, str(root / TEMPLATES[layout].format(subject=d.name))))
     elif layout == "flat":
         for f in sorted(root.iterdir()):
             if not f.name.startswith(".") and f.name.endswith(NIFTI_SUFFIXES) and not f.is_dir():
-                subjects.append(Subject(subject_id_of(f), str(f)))
+                subjects.append(_checked(subject_id_of(f), str(f)))
     else:
         raise ValueError(f"data.layout {layout!r}: allowed values hcp, hcp_acpc, flat")
     subjects.sort(key=lambda s: s.id)
@@ -67,9 +88,6 @@ def discover(root: str | Path, layout: str) -> list[Subject]:
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise ValueError(f"data root {root}: duplicate subject ids {dup[:5]} (e.g. both .nii and .nii.gz)")
-    bad = [i for i in ids if not _SAFE_ID.match(i)]
-    if bad:
-        raise ValueError(f"data root {root}: subject ids must match [A-Za-z0-9._-]+, got {bad[:5]}")
     if not subjects:
         raise ValueError(f"data root {root}: no subjects found for layout {layout!r}")
     return subjects
@@ -101,7 +119,7 @@ def split(subjects: list[Subject], cfg: DataConfig) -> list[Subject]:
     groups = ["unused"] * n
     for g, idx in zip(order, perm):
         groups[idx] = g
-    return [Subject(s.id, s.input, g) for s, g in zip(subjects, groups)]
+    return [Subject(s.id, s.input, g, s.problem) for s, g in zip(subjects, groups)]
 
 
 def plan(cfg: DataConfig) -> list[Subject]:

@@ -8,9 +8,15 @@ Volume file `volumes/<group>/<subject>.h5` (val/test), one `VolumePair`:
     hr (S, A, B) float32, lr (S/2, A/2, B/2) float32, mask (S, A, B) uint8;
     attrs hr_affine, lr_affine (4x4 float64, of the stored arrays), subject, group, slice_axis
 Byte-identical for identical content: fixed libver, no timestamps, deterministic attr order.
+
+Writers build the whole HDF5 file in memory and write its bytes with `hpc.atomic.atomic_write_bytes`:
+HDF5 never writes to the disk itself. (With a full disk, libhdf5 raised ENOSPC and then crashed
+the process, rc 139, while closing the file; here a full disk is one clean `OutputError`, checked
+before the first byte is written, and the temp file is removed.)
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,7 +27,7 @@ import h5py
 import hdf5plugin  # noqa: F401  registers LZ4 / Zstd so readers open compressed shards
 import numpy as np
 
-from hpc.atomic import atomic_path
+from hpc.atomic import atomic_write_bytes
 from preprocessing.config import StorageConfig
 from preprocessing.patches import canonical_affine, from_stored
 
@@ -50,15 +56,16 @@ def write_patches(path: str | os.PathLike, patches: np.ndarray, origins: np.ndar
                   subject: str, group: str, storage: StorageConfig) -> None:
     """patches: (N, C, h, w) float32 in [0, 1]; origins: (N, 3)."""
     data, scale = encode(patches, storage.dtype)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver=LIBVER) as f:
-            ds = f.create_dataset("patches", data=data, chunks=(1, *data.shape[1:]),
-                                  maxshape=(None, *data.shape[1:]), track_times=False, **_compression(storage))
-            ds.attrs["kind"] = kind
-            ds.attrs["subject"] = subject
-            ds.attrs["group"] = group
-            ds.attrs["scale"] = np.float64(scale)
-            f.create_dataset("origins", data=np.asarray(origins, dtype=np.int32).reshape(-1, 3), track_times=False)
+    image = io.BytesIO()
+    with h5py.File(image, "w", libver=LIBVER) as f:
+        ds = f.create_dataset("patches", data=data, chunks=(1, *data.shape[1:]),
+                              maxshape=(None, *data.shape[1:]), track_times=False, **_compression(storage))
+        ds.attrs["kind"] = kind
+        ds.attrs["subject"] = subject
+        ds.attrs["group"] = group
+        ds.attrs["scale"] = np.float64(scale)
+        f.create_dataset("origins", data=np.asarray(origins, dtype=np.int32).reshape(-1, 3), track_times=False)
+    atomic_write_bytes(path, image.getbuffer())
 
 
 class Canonical(NamedTuple):
@@ -102,17 +109,18 @@ class VolumePair:
 
 def write_volume(path: str | os.PathLike, vol: VolumePair, storage: StorageConfig) -> None:
     comp = _compression(storage)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver=LIBVER) as f:
-            for name, arr in (("hr", vol.hr.astype(np.float32)), ("lr", vol.lr.astype(np.float32)),
-                              ("mask", vol.mask.astype(np.uint8))):
-                kw = dict(chunks=(1, *arr.shape[1:]), **comp) if comp else {}
-                f.create_dataset(name, data=arr, track_times=False, **kw)
-            f.attrs["hr_affine"] = np.asarray(vol.hr_affine, dtype=np.float64)
-            f.attrs["lr_affine"] = np.asarray(vol.lr_affine, dtype=np.float64)
-            f.attrs["subject"] = vol.subject
-            f.attrs["group"] = vol.group
-            f.attrs["slice_axis"] = np.int64(vol.slice_axis)
+    image = io.BytesIO()
+    with h5py.File(image, "w", libver=LIBVER) as f:
+        for name, arr in (("hr", vol.hr.astype(np.float32)), ("lr", vol.lr.astype(np.float32)),
+                          ("mask", vol.mask.astype(np.uint8))):
+            kw = dict(chunks=(1, *arr.shape[1:]), **comp) if comp else {}
+            f.create_dataset(name, data=arr, track_times=False, **kw)
+        f.attrs["hr_affine"] = np.asarray(vol.hr_affine, dtype=np.float64)
+        f.attrs["lr_affine"] = np.asarray(vol.lr_affine, dtype=np.float64)
+        f.attrs["subject"] = vol.subject
+        f.attrs["group"] = vol.group
+        f.attrs["slice_axis"] = np.int64(vol.slice_axis)
+    atomic_write_bytes(path, image.getbuffer())
 
 
 # --------------------------------------------------------------------------- readers

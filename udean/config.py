@@ -223,6 +223,8 @@ def _format_error(err: ValidationError) -> str:
         elif e["type"] == "literal_error":
             msg = msg.replace("Input should be", "allowed values:")
         lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
+    if len(lines) == 1:  # the common case: one line, like every CLI error
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.udean.conftest import write_tiny_shards
+from tests.udean.conftest import record_hashes, write_tiny_shards
 from udean.config import load
 from udean.engines import cosine_lr_factor, deepspeed_config
 
@@ -115,6 +115,7 @@ def test_too_many_nonfinite_steps_stop_the_run_with_a_message(tmp_path):
     for shard in (data / "shards" / "target").glob("*.h5"):
         with h5py.File(shard, "r+") as f:
             f["patches"][...] = np.nan
+    record_hashes(data)
     r = run_cmd(train_cmd(data, tmp_path / "run", "train.max_nonfinite=3", "train.val_every=0"))
     assert r.returncode == 3, r.stderr[-3000:]
     assert "3 consecutive steps had a non-finite loss" in r.stderr
