@@ -32,7 +32,10 @@ class _Row:
     """JSON <-> row dataclass, strict about keys."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # fields added later (metadata "since") are left out at their default: a data set without
+        # them is rewritten byte for byte as it was
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.metadata.get("since") and getattr(self, f.name) == f.default)}
 
     @classmethod
     def from_dict(cls, d: Any, where: str):
@@ -76,6 +79,12 @@ class SubjectRow(_Row):
     patches: dict[str, int] = field(default_factory=lambda: {"lr": 0, "hr": 0})
     motion: dict[str, float] | None = None  # misaligned mode: the drawn motion (preprocessing.motion)
     seconds: float = 0.0
+    # own data (data.own): the acquired LR of a paired val/test subject; where its LR came from
+    # ("acquired": an authentic scan, "synthetic": made from the HR); per scan ("hr" / "lr"):
+    # voxel sizes and shapes in and out, resampled, intensity scaling (docs/data-format.md)
+    lr_input: str | None = field(default=None, metadata={"since": "own data"})
+    lr_source: str | None = field(default=None, metadata={"since": "own data"})
+    scans: dict[str, dict] | None = field(default=None, metadata={"since": "own data"})
 
 
 @dataclass
