@@ -191,3 +191,31 @@ def test_folder_errors_are_one_line_before_any_work(tmp_path, capsys):
                   tmp_path, capsys)
     assert rc == 2 and f"data.own.lr {tmp_path / 'empty'}: no NIfTI files" in err and "Traceback" not in err
     assert not (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_lr_consistency_is_a_score_that_needs_no_hr():
+    """`lr_psnr`: the prediction decimated back with the model's own decimation vs the LR. A
+    prediction off the HR whose decimation is the LR by a constant c scores exactly
+    -20 log10(c) dB (the decimation kernel sums to 1). An LR-only volume gets only this score,
+    and the tables say its LR was acquired."""
+    from preprocessing.shards import VolumePair
+    from udean import evaluate
+    from udean.models.layers import downsample2
+
+    rng = np.random.default_rng(0)
+    hr = torch.nn.functional.avg_pool3d(torch.as_tensor(rng.random((1, 1, 16, 40, 36)), dtype=torch.float32), 3, 1,
+                                        1)[0, 0].numpy()
+    lr = downsample2(torch.as_tensor(hr)[None])[0].numpy()
+    only = VolumePair(None, lr, None, np.diag([0.5, 0.5, 0.5, 1]), np.eye(4), "x", "val", lr_source="acquired")
+    paired = VolumePair(hr, lr, np.ones(hr.shape, np.uint8), np.eye(4), np.diag([2.0, 2, 2, 1]), "p", "val")
+    res = {r.name: r for r in evaluate.Evaluator({"near": lambda v: hr + 0.01, "off": lambda v: hr + 0.1}).run(
+        [only, paired])}
+    off, near = res["off"], res["near"]
+    assert [s["lr_source"] for s in off.subjects] == ["acquired", "synthetic"]
+    assert set(off.subjects[0]) == {"subject", "lr_source", "lr_psnr"} and "psnr" in off.subjects[1]
+    assert off.mean("lr_psnr") == pytest.approx(20.0, abs=1e-3) and near.mean("lr_psnr") == pytest.approx(40.0, abs=1e-2)
+    assert off.mean("psnr") == pytest.approx(20.0, abs=1e-3)  # over the one volume with HR
+    d = off.to_dict()
+    assert d["n"] == 2 and d["n_hr"] == 1 and d["lr_sources"] == {"acquired": 1, "synthetic": 1}
+    md = evaluate.markdown(list(res.values()), {"group": "val"})
+    assert "| x | acquired | – | – |" in md and "1 acquired (authentic scans), 1 synthetic" in md
