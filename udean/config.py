@@ -43,6 +43,38 @@ class ModelConfig(Section):
     spectral_norm: bool = False
     # ours, not the paper's: decoders learn residuals over fixed x2 Lanczos resampling (models/udean.py)
     image_skip: bool = True
+    # ours, not the paper's (models/degradation.py): "decoder" is the paper's X_{s~t} =
+    # lr_decoder(f_s); "physics" is a learned blur after the fixed Lanczos decimation, no content path
+    degradation: Literal["decoder", "physics"] = "decoder"
+    blur_size: int = Field(7, ge=1)  # in-plane kernel of the physics degradation (odd)
+    blur_odd: bool = False  # ... with a point-odd imaginary kernel too: a Hermitian PSF (partial Fourier)
+    # ours: learned-sigma complex Gaussian noise on X_{s~t}, Rician magnitude; `noise_spread`
+    # also learns a spread of log sigma across samples
+    degradation_noise: bool = False
+    noise_spread: bool = False
+    # ours: the cycle Y_{s~t~s} reads X_{s~t} detached (pseudo-supervision): the SR path learns
+    # from (X_{s~t}, Y_s) pairs and cannot make the degradation hide HR detail for it to decode
+    cycle_detach: bool = False
+    # ours: LR voxels of real context around every source HR patch (slab axis, in-plane); the
+    # physics degradation runs on the whole patch, then X_{s~t} and Y_s are cropped to the centre,
+    # so X_{s~t} has no replicated edges (a 3-slice slab has 2 edge slices of 3). The source
+    # shards must hold patches 2 * (slab + 2 m0, size + 2 m1) HR voxels (not written by preprocessing yet).
+    source_margin: tuple[int, int] = (0, 0)
+    # the physics degradation's fixed x2 decimation: the image skip's Lanczos, or k-space
+    # truncation of the mirror-extended patch (layers.kspace_downsample2), closer to the data's
+    decimation: Literal["lanczos", "kspace"] = "lanczos"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.blur_size % 2 == 0:
+            raise ValueError("blur_size must be odd")
+        if any(m < 0 for m in self.source_margin):
+            raise ValueError("source_margin entries must be >= 0")
+        if (any(self.source_margin) or self.decimation != "lanczos") and self.degradation != "physics":
+            raise ValueError("source_margin and decimation need degradation: physics")
+        if self.noise_spread and not self.degradation_noise:
+            raise ValueError("noise_spread needs degradation_noise: true")
+        return self
 
 
 class LossConfig(Section):
@@ -61,6 +93,10 @@ class LossConfig(Section):
     # the training steps, then rise linearly to their values over `adapt_ramp` (fractions of the run)
     adapt_start: float = Field(0.0, ge=0.0, lt=1.0)
     adapt_ramp: float = Field(0.0, ge=0.0, le=1.0)
+    # ours, not the paper's: weight of a match of X_{s~t}'s 3D log power spectrum to X_t's
+    # (losses.spectrum_loss): second-order statistics of blur and noise, which the LR adversary
+    # alone did not pin down (issue 19); 0: off
+    lambda_spectrum: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":

@@ -20,7 +20,9 @@ Choices where the paper is open (also in LossConfig / ModelConfig):
   domains apart); the D(X_t) term carries no gradient to the generator but is kept in the value.
   `adversarial: lsq` squares these too.
 - Ours, off by default (LossConfig): `f_cyc_stop_gradient` detaches Eq. 5's target f_s;
-  `adapt_start` / `adapt_ramp` scale lambda_da and lambda_fa by `adapt_scale` (a warm-up).
+  `adapt_start` / `adapt_ramp` scale lambda_da and lambda_fa by `adapt_scale` (a warm-up);
+  `lambda_spectrum` adds `spectrum_loss` (X_{s~t}'s log power spectrum against X_t's; not
+  warmed up: with `model.cycle_detach` it only moves the degradation network).
 """
 from __future__ import annotations
 
@@ -57,6 +59,25 @@ def adaptation(score_a: torch.Tensor, score_b: torch.Tensor, mode: str = "abs") 
     return adversarial(score_a, mode, 0.5) + adversarial(score_b, mode, 0.5)
 
 
+def log_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Log power spectrum of a batch of LR images (B, S, H, W): the 3D DFT over (S, H, W) of each
+    image minus its mean, Hann window in-plane (none along the few slab slices), |.|^2 averaged
+    over the batch, log (+1e-10): (S, H, W), float32."""
+    x = x.float()
+    h, w = x.shape[-2:]
+    win = torch.hann_window(h, periodic=False, device=x.device)[:, None] * \
+        torch.hann_window(w, periodic=False, device=x.device)[None, :]
+    p = torch.fft.fftn((x - x.mean(dim=(-1, -2, -3), keepdim=True)) * win, dim=(-3, -2, -1)).abs() ** 2
+    return torch.log(p.mean(0) + 1e-10)
+
+
+def spectrum_loss(x_st: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Ours: mean |log P(X_{s~t}) - log P(X_t)| over frequencies (`log_spectrum`; X_t is data).
+    Blur multiplies the power spectrum, noise adds a floor: this matches both, for any anatomy
+    whose spectrum the source and target groups share."""
+    return (log_spectrum(x_st) - log_spectrum(x_t).detach()).abs().mean()
+
+
 def _image_term(pred: torch.Tensor, target: torch.Tensor, disc, cfg, parts: dict, name: str) -> torch.Tensor:
     """L1 + alpha * L_SSIM + beta * L_adv(pred) (Eq. 4, 6, 7); the pieces go into `parts`."""
     parts[f"{name}.l1"] = l1(pred, target)
@@ -85,6 +106,7 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
     "i_cyc.adv", ...) and "total", all scalar tensors (only `total` needs backward).
     Freeze the discriminators (requires_grad_(False)) around this in the G step.
     """
+    y_s = out.get("y_s", y_s)  # model.source_margin: the patch's centre
     t: dict[str, torch.Tensor] = {}
     t["i_cyc"] = _image_term(out["y_sts"], y_s, discs.d_hr, cfg, t, "i_cyc")  # Eq. 4
     t["f_cyc"] = l1(out["f_sts"], out["f_s"].detach() if cfg.f_cyc_stop_gradient else out["f_s"])  # Eq. 5
@@ -93,6 +115,9 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
     t["da"] = adaptation(discs.d_lr(out["x_st"]), discs.d_lr(x_t), cfg.adversarial)  # Eq. 8
     t["fa"] = adaptation(discs.d_feat(out["f_t"]), discs.d_feat(out["f_s"]), cfg.adversarial)  # Eq. 9
     total = sum(w * (adapt if k in ("da", "fa") else 1.0) * t[k] for w, k in zip(cfg.lambdas, TERMS))
+    if cfg.lambda_spectrum:
+        t["spectrum"] = spectrum_loss(out["x_st"], x_t)
+        total = total + cfg.lambda_spectrum * t["spectrum"]
     t["total"] = total
     return total, t
 
@@ -112,6 +137,7 @@ def discriminator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, c
     Returns (total, terms) with "d_lr", "d_lr.real", "d_lr.fake", ... and "total".
     `cfg` (LossConfig) is accepted for a uniform signature; D's loss has no weights.
     """
+    y_s = out.get("y_s", y_s)  # model.source_margin: the patch's centre
     pairs = {
         "d_lr": (discs.d_lr, x_t, [out["x_st"]]),
         "d_feat": (discs.d_feat, out["f_t"], [out["f_s"]]),

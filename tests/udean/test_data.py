@@ -67,6 +67,41 @@ def test_dihedral_gives_eight_distinct_in_plane_transforms():
     assert dihedral(torch.zeros(3, 4, 6), 4).shape == (3, 4, 6)  # no transpose of a non-square patch
 
 
+def _paired_patch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A real (LR, HR) patch pair: smooth random HR, LR by 3D k-space truncation (LR voxel j = HR
+    voxel 2j), cut at an even HR origin."""
+    from scipy import ndimage
+
+    from preprocessing.config import DegradationConfig
+    from preprocessing.kspace import kspace_degrade
+
+    rng = np.random.default_rng(0)
+    hr = ndimage.gaussian_filter(rng.random((24, 48, 48)), 1.5).astype(np.float32)
+    hr = (hr - hr.min()) / (hr.max() - hr.min())
+    lr = kspace_degrade(hr, DegradationConfig(), rng)
+    return torch.from_numpy(lr[3:6, 4:20, 4:20].copy()), torch.from_numpy(hr[6:12, 8:40, 8:40].copy())
+
+
+def test_paired_dihedral_keeps_the_lr_hr_pairing_under_all_eight_transforms():
+    from udean.models.layers import downsample2
+
+    lr, hr = _paired_patch()
+    inner = (slice(None), slice(3, -3), slice(3, -3))  # away from the resampling's replicated edges
+
+    def error(x, y):
+        return (downsample2(y[None])[0] - x).abs()[inner].mean().item()
+
+    base = error(lr, hr)
+    assert base < 0.02
+    for k in range(8):
+        assert error(dihedral(lr, k), dihedral(hr, k, step=2)) == pytest.approx(base, rel=1e-5)
+    # the plain flip of the HR patch is one HR voxel off its LR partner: the error doubles
+    assert all(error(dihedral(lr, k), dihedral(hr, k)) > 2 * base for k in (1, 2, 3))
+    # step 2 on a flip: HR voxel u -> 2h-2-u, the last one (beyond the LR grid) replicated
+    y = dihedral(hr, 1, step=2)
+    assert torch.equal(y[..., :-1], hr.flip(-1)[..., 1:]) and torch.equal(y[..., -1], hr[..., 0])
+
+
 def test_too_few_target_patches_is_a_clear_error():
     with pytest.raises(ValueError, match="steps_per_epoch"):
         UnpairedSampler.default_steps(n_target=3, batch_size=2, world_size=2)

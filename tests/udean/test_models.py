@@ -206,3 +206,158 @@ def test_image_skip_starts_every_path_at_its_fixed_resampling(variant):
     assert not torch.equal(gen.sr(x), upsample2(x))
     net = load_inference(inference_state_dict(gen), cfg)
     assert torch.equal(net(x), gen.sr(x))
+
+
+# --------------------------------------------------------------------------- degradation (ours)
+def test_physics_degradation_starts_at_the_lanczos_decimation_and_keeps_dc():
+    from udean.models.degradation import LearnedBlur
+    from udean.models.layers import downsample2
+
+    gen, _ = build(ModelConfig(**TINY, degradation="physics"))
+    y, x = torch.rand(2, 6, 16, 16), torch.rand(2, 3, 8, 8)
+    assert torch.equal(gen(y, x)["x_st"], downsample2(y))  # identity kernels: a fresh model is the skip
+    blur = LearnedBlur(5, 3, odd=True)
+    torch.manual_seed(1)
+    for p in blur.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    even, slab, odd = blur.kernels()
+    even, slab, odd = (k.detach() for k in (even, slab, odd))
+    assert float(even.sum()) == pytest.approx(1.0, abs=1e-5) and float(slab.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(even, even.flip(0)) and torch.equal(even, even.flip(1)) and torch.equal(slab, slab.flip(0))
+    assert torch.allclose(odd, -odd.flip(0).flip(1)) and float(odd.abs().sum()) > 0
+    re, im = blur(torch.full((1, 3, 9, 9), 0.4))  # DC kept; an odd kernel has no DC
+    assert torch.allclose(re, torch.full_like(re, 0.4), atol=1e-5) and im.abs().max() < 1e-5
+    z = torch.rand(2, 3, 12, 12)
+    re_f, im_f = blur(z.flip(-1).flip(-2))  # Hermitian PSF: the real part commutes with flips,
+    assert torch.allclose(re_f, blur(z)[0].flip(-1).flip(-2), atol=1e-6)  # the imaginary part flips sign
+    assert torch.allclose(im_f, -blur(z)[1].flip(-1).flip(-2), atol=1e-6)
+
+
+def test_learned_blur_is_the_convolution_it_reports():
+    import torch.nn.functional as F
+
+    from udean.models.degradation import LearnedBlur
+
+    blur = LearnedBlur(3, 3)
+    with torch.no_grad():
+        blur.plane[0, 1] = blur.plane[2, 1] = 0.01  # plane kernel rows 0/2: +0.1 - mean
+        blur.slab[0] = blur.slab[2] = 0.02
+    plane, slab, _ = blur.kernels()
+    x = torch.rand(1, 5, 8, 8)
+    ref = F.conv1d(F.pad(x.permute(0, 2, 3, 1).reshape(-1, 1, 5), (1, 1), mode="replicate"), slab[None, None])
+    ref = ref.reshape(1, 8, 8, 5).permute(0, 3, 1, 2)
+    ref = F.conv2d(F.pad(ref.reshape(5, 1, 8, 8), (1, 1, 1, 1), mode="replicate"), plane[None, None]).reshape(1, 5, 8, 8)
+    assert torch.allclose(blur(x)[0], ref, atol=1e-6)
+
+
+def test_rician_noise_has_the_learned_sigma():
+    """|c + sigma n| has std sigma on a bright constant and the Rayleigh mean sigma sqrt(pi/2) on
+    zero; sigma is a parameter the loss can move; noise=False is the clean magnitude."""
+    import math
+
+    from udean.models.degradation import RicianNoise
+
+    torch.manual_seed(0)
+    noise = RicianNoise(sigma_init=0.02)
+    bright, dark = noise(torch.full((4, 3, 64, 64), 0.8)), noise(torch.zeros(4, 3, 64, 64))
+    assert float(bright.std()) == pytest.approx(0.02, rel=0.03)
+    assert float(dark.mean()) == pytest.approx(0.02 * math.sqrt(math.pi / 2), rel=0.03)
+    assert torch.equal(noise(torch.full((1, 3, 4, 4), 0.5), noise=False), torch.full((1, 3, 4, 4), 0.5))
+    dark.mean().backward()
+    assert noise.log_sigma.grad > 0
+    spread = RicianNoise(sigma_init=0.02, sigma_spread=True)
+    with torch.no_grad():
+        spread.spread.fill_(0.05)  # log sigma spread 0.5 across samples
+    per_sample = spread(torch.full((256, 1, 16, 16), 0.8)).std(dim=(1, 2, 3)).log().std()
+    assert float(per_sample) == pytest.approx(0.5, rel=0.15)
+
+
+def test_cycle_detach_keeps_the_sr_path_gradient_out_of_the_degradation():
+    """model.cycle_detach: Y_{s~t~s} (Eq. 4) trains the SR path on X_{s~t} but sends no gradient
+    into the degradation network; without it, it does."""
+    for mode in ("decoder", "physics"):
+        for detach in (False, True):
+            gen, _ = build(ModelConfig(**TINY, degradation=mode, degradation_noise=True, cycle_detach=detach))
+            torch.nn.init.normal_(gen.sr_decoder.tail.weight, std=0.1)
+            torch.nn.init.normal_(gen.lr_decoder.tail.weight, std=0.1)
+            out = gen(torch.rand(2, 6, 16, 16), torch.rand(2, 3, 8, 8))
+            out["y_sts"].square().mean().backward()
+            deg = gen.blur if mode == "physics" else gen.lr_decoder
+            reached = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in deg.parameters())
+            assert reached is (not detach), (mode, detach)
+            sigma_grad = gen.noise.log_sigma.grad
+            assert (sigma_grad is not None and bool(sigma_grad != 0)) is (not detach)
+            assert gen.lr_encoder.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_degradation_switches_are_validated():
+    from preprocessing.config import ConfigError
+    from udean.config import from_dict
+
+    with pytest.raises(ConfigError, match="blur_size"):
+        from_dict({"model": {"blur_size": 6}})
+    with pytest.raises(ConfigError, match="noise_spread"):
+        from_dict({"model": {"noise_spread": True}})
+    with pytest.raises(ConfigError, match="source_margin"):
+        from_dict({"model": {"source_margin": [1, 2]}})
+    assert from_dict({}).model.degradation == "decoder"  # the paper's wiring by default
+
+
+def test_source_margin_degrades_with_context_and_crops_both_sides():
+    """model.source_margin: X_{s~t} of the patch centre is computed with real context (closer to
+    the k-space truncation of the volume than the same patch decimated alone), and Y_s, the HR
+    every loss compares with, is the same centre."""
+    import numpy as np
+    from scipy import ndimage
+
+    from preprocessing.config import DegradationConfig
+    from preprocessing.kspace import kspace_degrade
+    from udean.losses import discriminator_loss, generator_loss
+    from udean.config import LossConfig
+    from udean.models.layers import downsample2
+
+    rng = np.random.default_rng(0)
+    hr = ndimage.gaussian_filter(rng.random((32, 48, 48)), 1.2).astype(np.float32)
+    hr = (hr - hr.min()) / (hr.max() - hr.min())
+    lr = torch.from_numpy(kspace_degrade(hr, DegradationConfig(), rng))
+    m0, m1 = 2, 4
+    big = torch.from_numpy(hr[8 - 2 * m0:14 + 2 * m0, 8 - 2 * m1:24 + 2 * m1, 8 - 2 * m1:24 + 2 * m1].copy())[None]
+    truth = lr[None, 4:7, 4:12, 4:12]  # LR voxel j = HR voxel 2j
+    gen, discs = build(ModelConfig(**TINY, degradation="physics", source_margin=(m0, m1)))
+    out = gen(big, truth)
+    assert out["x_st"].shape == (1, 3, 8, 8) and out["y_sts"].shape == (1, 6, 16, 16)
+    assert torch.equal(out["y_s"], big[:, 2 * m0:-2 * m0, 2 * m1:-2 * m1, 2 * m1:-2 * m1])
+    with_context = (out["x_st"] - truth).abs().mean()
+    alone = (downsample2(out["y_s"]) - truth).abs().mean()
+    assert with_context < 0.75 * alone  # measured: 0.0078 vs 0.0122
+    total, _ = generator_loss(out, big, truth, discs, LossConfig())  # the caller's Y_s is the whole patch
+    d_total, _ = discriminator_loss(out, big, truth, discs)
+    assert torch.isfinite(total) and torch.isfinite(d_total)
+
+
+def test_kspace_decimation_is_the_data_degradation_of_the_mirrored_patch():
+    """layers.kspace_downsample2 = preprocessing's k-space truncation of the patch's mirror
+    extension (LR voxel j = HR voxel 2j), and on a real volume's patch with context it is closer
+    to the volume's truncation than the Lanczos decimation."""
+    import numpy as np
+    from scipy import ndimage
+
+    from preprocessing.config import DegradationConfig
+    from preprocessing.kspace import kspace_degrade
+    from udean.models.layers import downsample2, kspace_downsample2
+
+    rng = np.random.default_rng(0)
+    p = rng.random((6, 12, 16)).astype(np.float32)
+    v = np.concatenate([p, p[::-1]], 0)
+    v = np.concatenate([v, v[:, ::-1]], 1)
+    v = np.concatenate([v, v[:, :, ::-1]], 2)
+    want = kspace_degrade(v, DegradationConfig(), rng)[:3, :6, :8]
+    got = kspace_downsample2(torch.from_numpy(p)[None])[0].numpy()
+    np.testing.assert_allclose(got, np.clip(want, 0, 1), atol=1e-5)
+
+    hr = ndimage.gaussian_filter(rng.random((32, 48, 48)), 0.8).astype(np.float32)
+    hr = (hr - hr.min()) / (hr.max() - hr.min())
+    lr = torch.from_numpy(kspace_degrade(hr, DegradationConfig(), rng))[None, 4:7, 4:12, 4:12]
+    big = torch.from_numpy(hr[4:18, 0:32, 0:32].copy())[None]  # 2 / 4 LR voxels of context
+    errs = [(dec(big)[:, 2:-2, 4:-4, 4:-4] - lr).abs().mean() for dec in (kspace_downsample2, downsample2)]
+    assert errs[0] < 0.8 * errs[1], errs

@@ -151,7 +151,8 @@ def sampler(*pools: np.ndarray, batch_size: int, seed: int, paired: bool, augmen
             device: str | torch.device = "cpu") -> Batch:
     """step -> one batch from each pool. `paired`: the same indices in every pool (pairs);
     else independent draws (unpaired). Deterministic in (seed, step). `augment`: the same random
-    in-plane flip / rotation for every pool of the batch (ZSSR's augmentation)."""
+    in-plane flip / rotation for every pool of the batch (ZSSR's augmentation), on each pool's
+    own grid so that LR voxel j stays at HR voxel 2j (`dihedral` with `step`)."""
     tensors = [torch.as_tensor(np.ascontiguousarray(p, dtype=np.float32)) for p in pools]
     if paired and len({len(t) for t in tensors}) != 1:
         raise ValueError(f"paired pools differ in length: {[len(t) for t in tensors]}")
@@ -167,7 +168,9 @@ def sampler(*pools: np.ndarray, batch_size: int, seed: int, paired: bool, augmen
             out.append(t[j])
         if augment:
             k = int(torch.randint(8, (1,), generator=g))
-            out = [dihedral(t, k) for t in out]
+            # a coarser pool's voxel j is voxel step * j of a finer one: flips keep the pairing
+            coarse = min(t.shape[-1] for t in out)
+            out = [dihedral(t, k, step=t.shape[-1] // coarse) for t in out]
         return tuple(t.to(device) for t in out)
 
     return batch

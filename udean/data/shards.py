@@ -62,13 +62,32 @@ class PatchShards:
         return {**self.__dict__, "_files": {}}
 
 
-def dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
+def _flip(t: torch.Tensor, dim: int, step: int) -> torch.Tensor:
+    """Flip `dim` about the centre of a coarse grid whose voxel j is voxel `step` * j of `t`:
+    voxel u -> n - step - u (step 1: the plain flip). The `step - 1` voxels that fall beyond the
+    edge take the edge value (replicated), like the suite's fixed resampling."""
+    t = t.flip(dim)
+    if step == 1:
+        return t
+    n = t.shape[dim]
+    edge = t.narrow(dim, n - 1, 1).expand(*[step - 1 if d == dim % t.dim() else -1 for d in range(t.dim())])
+    return torch.cat((t.narrow(dim, step - 1, n - step + 1), edge), dim)
+
+
+def dihedral(t: torch.Tensor, k: int, step: int = 1) -> torch.Tensor:
     """The k-th (0..7) of the 8 in-plane flips / rotations of (..., H, W); 0 is the identity.
-    The transpose (k & 4) applies only where H == W."""
+    The transpose (k & 4) applies only where H == W.
+
+    `step`: for the HR patch of an (LR, HR) pair, the HR voxels per LR voxel (2). Pairs keep
+    "LR voxel j = HR voxel 2j" (preprocessing/kspace.py) only if the HR flip mirrors about the
+    same point as the LR flip: LR j -> h-1-j sends its partner HR 2j to 2h-2-2j, while a plain
+    flip of 2h HR voxels sends it to 2h-1-2j (one HR voxel off: the interpolation error of a
+    paired patch doubled under every flip). With `step=2` the HR flip is u -> 2h-2-u and the
+    last HR voxel (beyond the LR grid) is replicated. Unpaired patches need no step."""
     if k & 1:
-        t = t.flip(-1)
+        t = _flip(t, -1, step)
     if k & 2:
-        t = t.flip(-2)
+        t = _flip(t, -2, step)
     if k & 4 and t.shape[-1] == t.shape[-2]:
         t = t.transpose(-1, -2)
     return t

@@ -26,12 +26,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from udean.models.degradation import LearnedBlur, RicianNoise, magnitude
 from udean.models.discriminators import VGGDiscriminator
 from udean.models.encoders import DownExtractor, LREncoder
-from udean.models.layers import VARIANT_DIMS, downsample2, image_channels, upsample2
+from udean.models.layers import VARIANT_DIMS, downsample2, image_channels, kspace_downsample2, upsample2
 from udean.models.rcan import LRDecoder, SRDecoder
 
 INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
+
+
+def crop(t: torch.Tensor, margins: tuple[int, int, int]) -> torch.Tensor:
+    """The centre of (..., S, H, W) without `margins` voxels on each side of the last three axes."""
+    m = margins
+    return t[..., m[0]:t.shape[-3] - m[0], m[1]:t.shape[-2] - m[1], m[2]:t.shape[-1] - m[2]]
 
 
 def zero_residual(*decoders: nn.Module) -> None:
@@ -71,39 +78,65 @@ class Generator(nn.Module):
     """
 
     def __init__(self, variant: str, slab: int, features: int, n_groups: int, n_rcab: int,
-                 reduction: int, encoder_layers: int, image_skip: bool = False):
+                 reduction: int, encoder_layers: int, image_skip: bool = False, degradation: str = "decoder",
+                 blur_size: int = 7, blur_odd: bool = False, degradation_noise: bool = False,
+                 noise_spread: bool = False, cycle_detach: bool = False, source_margin: tuple[int, int] = (0, 0),
+                 decimation: str = "lanczos"):
         super().__init__()
         dims = VARIANT_DIMS[variant]
         self.variant, self.slab, self.image_skip = variant, slab, image_skip
+        self.cycle_detach = cycle_detach
+        self.source_margin = tuple(source_margin)
+        self.decimate = kspace_downsample2 if decimation == "kspace" else downsample2
         self.down_extractor = DownExtractor(dims, slab, features, encoder_layers)
         self.lr_decoder = LRDecoder(dims, slab, features, n_groups, n_rcab, reduction)
         self.lr_encoder = LREncoder(dims, slab, features, encoder_layers)
         self.sr_decoder = SRDecoder(dims, slab, features, n_groups, n_rcab, reduction)
         if image_skip:
             zero_residual(self.lr_decoder, self.sr_decoder)
+        # models/degradation.py: X_{s~t} = blur(downsample2(Y_s)) instead of lr_decoder(f_s)
+        self.blur = LearnedBlur(blur_size, odd=blur_odd) if degradation == "physics" else None
+        self.noise = RicianNoise(sigma_spread=noise_spread) if degradation_noise else None
+
+    def degrade(self, y_s: torch.Tensor, f_s: torch.Tensor | None = None, noise: bool = True) -> torch.Tensor:
+        """X_{s~t} of source HR (B, 2S, 2H, 2W) -> (B, S, H, W); `f_s` (the decoder's input) is
+        computed when not given; `noise=False`: without the noise layer (fidelity metrics)."""
+        if self.blur is not None:
+            x_st, im = self.blur(self.decimate(y_s))
+        else:
+            x_st, im = self.lr_decoder(self.down_extractor(y_s) if f_s is None else f_s), None
+            if self.image_skip:
+                x_st = x_st + downsample2(y_s)
+        return self.noise(x_st, im, noise) if self.noise is not None else magnitude(x_st, im)
 
     def forward(self, y_s: torch.Tensor, x_t: torch.Tensor) -> dict[str, torch.Tensor]:
         """y_s (B, 2S, 2H, 2W) source HR, x_t (B', S, H', W') target LR (unpaired: B' and the
         grid may differ from y_s's) -> dict of every tensor the losses of Eq. 4-9 need:
 
         f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
-        y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images.
+        y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images; with `source_margin`, also y_s: the centre
+        of the source patch, the Y_s every loss compares with.
         """
-        f_s = self.down_extractor(y_s)
-        x_st = self.lr_decoder(f_s)
-        if self.image_skip:
-            down_s = downsample2(y_s)
-            x_st = x_st + down_s
-        f_sts = self.lr_encoder(x_st)
+        extra = {}
+        if any(self.source_margin):  # degrade with real context, then keep the centre
+            m0, m1 = self.source_margin
+            x_st = crop(self.degrade(y_s), (m0, m1, m1))
+            y_s = extra["y_s"] = crop(y_s, (2 * m0, 2 * m1, 2 * m1))
+            f_s = self.down_extractor(y_s)
+        else:
+            f_s = self.down_extractor(y_s)
+            x_st = self.degrade(y_s, f_s)
+        x_in = x_st.detach() if self.cycle_detach else x_st  # pseudo-supervision: SR learns, D is not fooled for it
+        f_sts = self.lr_encoder(x_in)
         y_sts = self.sr_decoder(f_sts)
         y_hat_s = self.sr_decoder(f_s)
         f_t = self.lr_encoder(x_t)
         x_hat_t = self.lr_decoder(f_t)
         if self.image_skip:
-            y_sts = y_sts + upsample2(x_st)
-            y_hat_s = y_hat_s + upsample2(down_s)
+            y_sts = y_sts + upsample2(x_in)
+            y_hat_s = y_hat_s + upsample2(downsample2(y_s))
             x_hat_t = x_hat_t + x_t
-        return dict(f_s=f_s, x_st=x_st, f_sts=f_sts, y_sts=y_sts, y_hat_s=y_hat_s, f_t=f_t, x_hat_t=x_hat_t)
+        return dict(f_s=f_s, x_st=x_st, f_sts=f_sts, y_sts=y_sts, y_hat_s=y_hat_s, f_t=f_t, x_hat_t=x_hat_t, **extra)
 
     def sr(self, x_lr: torch.Tensor) -> torch.Tensor:
         """Inference path: LR (B, S, H, W) -> SR (B, 2S, 2H, 2W) through lr_encoder + sr_decoder."""
@@ -140,7 +173,8 @@ def build(model_cfg, slab: int = 3) -> tuple[Generator, Discriminators]:
     `cfg.data.patches.slab` (paper: 3); the 3d variant's weights do not depend on it."""
     m = model_cfg
     gen = Generator(m.variant, slab, m.features, m.n_groups, m.n_rcab, m.reduction, m.encoder_layers,
-                    m.image_skip)
+                    m.image_skip, m.degradation, m.blur_size, m.blur_odd, m.degradation_noise, m.noise_spread,
+                    m.cycle_detach, m.source_margin, m.decimation)
     discs = Discriminators(m.variant, slab, m.features, m.disc_features, m.disc_blocks, m.hr_discriminator,
                            m.spectral_norm)
     return gen, discs

@@ -144,6 +144,26 @@ def test_sampler_pairs_stay_paired_and_are_deterministic():
     assert not torch.equal(u[1][:, 0, 0, 0], 2 * u[0][:, 0, 0, 0])
 
 
+def test_augmented_pairs_keep_their_interpolation_error():
+    """Paired augmentation flips each pool on its own grid: every batch of a real (LR, HR) pair
+    set has the same interpolation error as without augmentation (a plain HR flip doubles it)."""
+    from udean.models.layers import upsample2
+
+    hr = head(3)[8:32, 8:56, 8:40]
+    lr = kspace.kspace_degrade(hr, DegradationConfig(), np.random.default_rng(0))
+    x = np.stack([lr[2 * i:2 * i + 3, 4:16, 2:14] for i in range(4)])  # LR (2i, 4, 2) = HR (4i, 8, 4)
+    y = np.stack([hr[4 * i:4 * i + 6, 8:32, 4:28] for i in range(4)])
+
+    def error(batch):  # HR 4 .. 2h-6: symmetric about HR h-1, the centre of the flips
+        a, b = batch
+        return (upsample2(a) - b)[..., 4:-5, 4:-5].abs().mean(dim=(1, 2, 3))
+
+    plain = pairs.sampler(x, y, batch_size=4, seed=0, paired=True)
+    aug = pairs.sampler(x, y, batch_size=4, seed=0, paired=True, augment=True)
+    for step in range(6):  # same indices for both; aug also transforms
+        torch.testing.assert_close(error(aug(step)), error(plain(step)), rtol=1e-4, atol=1e-6)
+
+
 def test_nearest_pairs_take_every_second_voxel():
     hr = np.random.default_rng(0).random((2, 6, 8, 8)).astype(np.float32)
     lr, hr2 = pairs.nearest_pairs(hr)
