@@ -55,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (overrides data.out)")
     p.add_argument("--layout", choices=("hcp", "hcp_acpc", "flat"), default=None, help="overrides data.layout")
     p.add_argument("--mode", choices=("unpaired", "misaligned"), default=None, help="overrides data.mode")
+    g = p.add_argument_group("your own scans by role (README \"Your own data\"; instead of --data-root)")
+    for flag, key, text in OWN_FLAGS:
+        g.add_argument(flag, default=None, metavar="DIR" if key != "dataset" else "FILE",
+                       help=f"{text} (data.own.{key})")
+    g.add_argument("--voxel-size", type=float, default=None, metavar="MM",
+                   help="HR voxel size in mm; the LR role's is 2x (data.voxel_size_mm)")
+    g.add_argument("--register", action="store_true", default=None,
+                   help="register paired val/test HR onto their LR rigidly (data.own.registration=rigid)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--allow-failures", action="store_true",
                    help="exit 0 although some subjects failed (never when all failed); default: exit 1")
@@ -62,10 +70,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace a data set in --out that was made with another data config (default: refuse)")
 
 
+OWN_FLAGS = (("--hr", "hr", "HR scans -> source (unpaired HR patches)"),
+             ("--lr", "lr", "authentic LR scans -> target, used as acquired (no synthetic degradation)"),
+             ("--val-hr", "val_hr", "paired val HR scans (matched to --val-lr by file name)"),
+             ("--val-lr", "val_lr", "paired val LR scans"),
+             ("--test-hr", "test_hr", "paired test HR scans (matched to --test-lr by file name)"),
+             ("--test-lr", "test_lr", "paired test LR scans"),
+             ("--dataset", "dataset", "a dataset.json naming the role folders"))
+
+
 def data_config(args: argparse.Namespace) -> DataConfig:
     cfg: DataConfig = args.cfg.data
     upd = {k: v for k, v in (("root", args.data_root), ("out", args.out), ("layout", args.layout),
-                             ("mode", args.mode)) if v is not None}
+                             ("mode", args.mode), ("voxel_size_mm", getattr(args, "voxel_size", None)))
+           if v is not None}
+    own = {key: str(Path(getattr(args, key)).absolute()) for _, key, _ in OWN_FLAGS if getattr(args, key, None)}
+    if getattr(args, "register", None):
+        own["registration"] = "rigid"
+    if own:
+        upd["own"] = {**cfg.own.model_dump(), **own}
     return DataConfig.model_validate({**cfg.model_dump(), **upd}) if upd else cfg
 
 
@@ -125,13 +148,19 @@ def verify_rows(out: Path, rows: Iterable[ShardRow]) -> str | None:
 LOG = Path("logs") / "preprocess.jsonl"
 
 
-def input_stat(path: str) -> list[int] | None:
-    """[bytes, mtime_ns] of an input file (None if it cannot be read): what reuse compares."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [int(st.st_size), int(st.st_mtime_ns)]
+def input_stat(subject: Subject) -> list[int] | None:
+    """[bytes, mtime_ns] of the subject's input (and of its acquired LR, own data), None if one
+    cannot be read: what reuse compares."""
+    stat = []
+    for path in (subject.input, subject.lr_input):
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        stat += [int(st.st_size), int(st.st_mtime_ns)]
+    return stat
 
 
 def _clean_temps(out: Path) -> None:
@@ -180,8 +209,8 @@ def prepare(cfg: DataConfig, out: Path, subjects: list[Subject], only: set[str] 
     tasks = []
     for s in subjects:
         old = prev_rows.get(s.id)
-        reuse = (old is not None and old.group == s.group and old.input == s.input and old.status == "ok"
-                 and old.input_stat is not None and old.input_stat == input_stat(s.input))
+        reuse = (old is not None and old.group == s.group and old.input == s.input and old.lr_input == s.lr_input
+                 and old.status == "ok" and old.input_stat is not None and old.input_stat == input_stat(s))
         if only is not None and s.id not in only:
             if old is None:
                 raise ValueError(f"{manifest_path(out)}: no row for subject {s.id}; run `udean preprocess` instead")
@@ -191,8 +220,8 @@ def prepare(cfg: DataConfig, out: Path, subjects: list[Subject], only: set[str] 
         if s.group == "unused":
             m.subjects.append(SubjectRow(s.id, s.group, s.input, status="ok"))
             continue
-        if s.problem:  # found at discovery: fails alone, nothing to process
-            m.subjects.append(SubjectRow(s.id, s.group, s.input, status="failed", error=s.problem))
+        if s.error:  # found at discovery or planning: fails alone, nothing to process
+            m.subjects.append(SubjectRow(s.id, s.group, s.input, status="failed", error=s.error))
             continue
         expect = prev_shards.get(s.id, []) if reuse and only is None else None
         m.subjects.append(SubjectRow(s.id, s.group, s.input))
@@ -208,7 +237,7 @@ def run_task(task: Task, cfg: DataConfig, out: Path) -> SubjectResult:
         if verify_rows(out, task.expect) is None:
             return SubjectResult(task.previous, task.expect, reused=True)
     s = task.subject
-    stat = input_stat(s.input)  # before reading: a file changed during the run is not reused next time
+    stat = input_stat(s)  # before reading: a file changed during the run is not reused next time
     try:
         res = process(s, cfg, out)
     except MemoryError as exc:
@@ -263,11 +292,13 @@ class _Recorder:
                 self.failed += 1
                 self.console.print(f"[red]preprocess: subject {row.id} failed:[/] {row.error}",
                                    highlight=False, markup=True)
+            for note in res.notes:
+                self.console.print(f"preprocess: subject {row.id}: {note}", highlight=False, markup=False)
             try:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps({"time": time.time(), "rank": rank, "id": row.id, "group": row.group,
                                         "status": row.status, "error": row.error, "reused": res.reused,
-                                        "seconds": row.seconds, "timings": res.timings,
+                                        "seconds": row.seconds, "timings": res.timings, "notes": res.notes,
                                         "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
             except OSError as exc:
                 raise OutputError(self.log_path, exc) from exc

@@ -85,9 +85,15 @@ class SubjectRow(_Row):
     patches: dict[str, int] = field(default_factory=lambda: {"lr": 0, "hr": 0})
     motion: dict[str, float] | None = None  # misaligned mode: the drawn motion (preprocessing.motion)
     seconds: float = 0.0
-    input_stat: list[int] | None = None  # [bytes, mtime_ns] of `input` when it was read: reuse needs both unchanged
+    input_stat: list[int] | None = None  # [bytes, mtime_ns] of `input` (and `lr_input`) when read: reuse needs them unchanged
+    # own data (data.own): the acquired LR of a paired val/test subject; where its LR came from
+    # ("acquired": an authentic scan, "synthetic": made from the HR); per scan ("hr" / "lr"):
+    # voxel sizes and shapes in and out, resampled, intensity scaling (docs/data-format.md)
+    lr_input: str | None = None
+    lr_source: str | None = None
+    scans: dict[str, dict] | None = None
 
-    ADDED = ("input_stat",)
+    ADDED = ("input_stat", "lr_input", "lr_source", "scans")
 
 
 @dataclass

@@ -5,8 +5,9 @@ Patch shard `shards/<group>/<subject>.h5`:
             group, scale (multiply stored values by it: 1.0 for float16, 1/65535 for uint16)
     origins (N, 3) int32 corner of each patch in its volume (stored order, slab axis first)
 Volume file `volumes/<group>/<subject>.h5` (val/test), one `VolumePair`:
-    hr (S, A, B) float32, lr (S/2, A/2, B/2) float32, mask (S, A, B) uint8;
-    attrs hr_affine, lr_affine (4x4 float64, of the stored arrays), subject, group, slice_axis
+    hr (S, A, B) float32, lr (S/2, A/2, B/2) float32, mask (S, A, B) uint8 (hr, mask absent:
+    an LR-only volume); attrs hr_affine, lr_affine (4x4 float64, of the stored arrays), subject,
+    group, slice_axis, lr_source ("acquired"; absent: "synthetic")
 Byte-identical for identical content: fixed libver, no timestamps, deterministic attr order.
 
 Writers build the whole HDF5 file in memory and write its bytes with `hpc.atomic.atomic_write_bytes`:
@@ -86,16 +87,20 @@ class VolumePair:
     hr: (S, A, B) float32 in [0, 1]; lr: (S/2, A/2, B/2) float32; mask: (S, A, B) uint8 head
     mask; hr_affine, lr_affine: (4, 4) voxel -> RAS mm of these arrays;
     slice_axis: the canonical axis that is axis 0 here. `canonical` is the (X, Y, Z) view,
-    derived once; `to_canonical` turns any stored-layout array (a prediction) the same way."""
+    derived once; `to_canonical` turns any stored-layout array (a prediction) the same way.
+    lr_source: "synthetic" (LR made from the HR by preprocessing) or "acquired" (an authentic
+    LR scan, own data); an acquired LR without HR (LR-only val volume) has hr and mask None,
+    and hr_affine is then the x2 grid the SR lands on."""
 
-    hr: np.ndarray
+    hr: np.ndarray | None
     lr: np.ndarray
-    mask: np.ndarray
+    mask: np.ndarray | None
     hr_affine: np.ndarray
     lr_affine: np.ndarray
     subject: str
     group: str
     slice_axis: int = 0
+    lr_source: str = "synthetic"
 
     def to_canonical(self, a: np.ndarray) -> np.ndarray:
         return from_stored(a, self.slice_axis)
@@ -103,16 +108,19 @@ class VolumePair:
     @cached_property
     def canonical(self) -> Canonical:
         ax = self.slice_axis
-        return Canonical(from_stored(self.hr, ax), from_stored(self.lr, ax), from_stored(self.mask, ax),
-                         canonical_affine(self.hr_affine, ax), canonical_affine(self.lr_affine, ax))
+        hr, mask = (None, None) if self.hr is None else (from_stored(self.hr, ax), from_stored(self.mask, ax))
+        return Canonical(hr, from_stored(self.lr, ax), mask, canonical_affine(self.hr_affine, ax),
+                         canonical_affine(self.lr_affine, ax))
 
 
 def write_volume(path: str | os.PathLike, vol: VolumePair, storage: StorageConfig) -> None:
     comp = _compression(storage)
     image = io.BytesIO()
     with h5py.File(image, "w", libver=LIBVER) as f:
-        for name, arr in (("hr", vol.hr.astype(np.float32)), ("lr", vol.lr.astype(np.float32)),
-                          ("mask", vol.mask.astype(np.uint8))):
+        for name, arr in (("hr", vol.hr), ("lr", vol.lr), ("mask", vol.mask)):
+            if arr is None:  # an LR-only volume
+                continue
+            arr = arr.astype(np.uint8 if name == "mask" else np.float32)
             kw = dict(chunks=(1, *arr.shape[1:]), **comp) if comp else {}
             f.create_dataset(name, data=arr, track_times=False, **kw)
         f.attrs["hr_affine"] = np.asarray(vol.hr_affine, dtype=np.float64)
@@ -120,6 +128,8 @@ def write_volume(path: str | os.PathLike, vol: VolumePair, storage: StorageConfi
         f.attrs["subject"] = vol.subject
         f.attrs["group"] = vol.group
         f.attrs["slice_axis"] = np.int64(vol.slice_axis)
+        if vol.lr_source != "synthetic":  # absent: synthetic, as in every file before own data
+            f.attrs["lr_source"] = vol.lr_source
     atomic_write_bytes(path, image.getbuffer())
 
 
@@ -159,11 +169,12 @@ def read_volume(path: str | os.PathLike) -> VolumePair:
     """A volume file -> its `VolumePair`; ValueError naming the file if it cannot be read."""
     try:
         with h5py.File(path, "r") as f:
+            lr_only = "hr" not in f
             return VolumePair(
-                hr=f["hr"][()], lr=f["lr"][()], mask=f["mask"][()],
+                hr=None if lr_only else f["hr"][()], lr=f["lr"][()], mask=None if lr_only else f["mask"][()],
                 hr_affine=np.asarray(f.attrs["hr_affine"]), lr_affine=np.asarray(f.attrs["lr_affine"]),
                 subject=str(f.attrs["subject"]), group=str(f.attrs["group"]),
-                slice_axis=int(f.attrs["slice_axis"]))
+                slice_axis=int(f.attrs["slice_axis"]), lr_source=str(f.attrs.get("lr_source", "synthetic")))
     except (OSError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable volume file ({type(exc).__name__}: {exc})") from None
 
@@ -173,7 +184,7 @@ def check_file(path: str | os.PathLike, kind: str, expected_count: int | None = 
     try:
         with h5py.File(path, "r") as f:
             if kind == "volume":
-                for name in ("hr", "lr", "mask"):
+                for name in ("hr", "lr", "mask") if "hr" in f else ("lr",):
                     _ = f[name][()]
                 for a in ("hr_affine", "lr_affine", "subject", "slice_axis"):
                     _ = f.attrs[a]

@@ -10,7 +10,11 @@ Layout under `train.out` (`checkpoint_dir` names a checkpoint for writer and rea
         files.json              size + sha256 of every file above (written last: "complete")
       latest                    name of the newest checkpoint (a hint for people and tools)
       .tmp-step_...             a checkpoint being written; renamed when complete
-    best/generator.pt           inference_state_dict of the best validation epoch (+ best.json)
+    best/                       inference checkpoint of the best validation epoch (the last weights
+                                when no validation ran): generator.pt, config.yaml, best.json
+    last/                       inference checkpoint of the newest checkpoint: generator.pt,
+                                config.yaml, last.json (`save_inference`; `udean export` makes
+                                one from any checkpoint, `generator_state`)
 
 Writing: every rank writes into the temp folder (DeepSpeed's save is collective; ZeRO ranks
 write their own optimizer shards), rank 0 lists the files with their sha256, renames the folder
@@ -267,10 +271,80 @@ def load_latest(out: str | os.PathLike, engines, dist, warn: Callable[[str], Non
     return None
 
 
-def save_best(out: str | os.PathLike, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
-    """Rank 0: the inference weights of the best validation so far -> best/generator.pt."""
-    folder = Path(out) / "best"
+def save_inference(folder: str | os.PathLike, weights: dict[str, torch.Tensor], info: dict[str, Any],
+                   cfg=None, name: str | None = None) -> Path:
+    """Rank 0: an inference checkpoint folder (best/, last/, `udean export`): generator.pt (the
+    SR network's weights), config.yaml (the run's config: `udean infer` takes the grid, slice
+    axis and intensity scaling from its data: section) and <name>.json (`info`, plus `input`:
+    what inference applies to a scan, `preprocessing.nifti.scan_spec` of the LR role). Each file
+    is written atomically, weights first."""
+    folder = Path(folder)
+    name = name or folder.name
     with atomic_path(folder / "generator.pt") as p:
         torch.save(weights, p)
-    atomic_write_text(folder / "best.json", json.dumps(info, indent=1))
+    if cfg is not None:
+        from udean.config import save as save_config
+
+        save_config(cfg, folder / "config.yaml")
+        info = {**info, "input": inference_input(dataset_config(cfg))}
+    atomic_write_text(folder / f"{name}.json", json.dumps(info, indent=1))
     return folder / "generator.pt"
+
+
+def dataset_config(cfg):
+    """The data config the network learned from: the one the data set at `cfg.data.out` was made
+    with (its manifest: `udean preprocess --hr ...` flags are not in the training config), else
+    `cfg.data`."""
+    from preprocessing.config import DataConfig
+    from preprocessing.manifest import load_manifest
+
+    try:
+        recorded = load_manifest(cfg.data.out).config
+    except ValueError:
+        return cfg.data
+    try:
+        return DataConfig.model_validate({**recorded, "out": cfg.data.out}) if recorded else cfg.data
+    except ValueError:
+        return cfg.data
+
+
+def inference_input(data) -> dict[str, Any]:
+    """What inference conforms an LR scan to (udean/infer.py docstring), from a data config: the
+    LR role's grid and intensity scaling (`preprocessing.nifti.scan_spec`), resampled within
+    `data.own.max_resample` for every checkpoint, and the thin-slab axis."""
+    from dataclasses import asdict, replace
+
+    from preprocessing.nifti import scan_spec
+
+    spec = replace(scan_spec(data, "LR"), max_resample=data.own.max_resample)
+    return {**asdict(spec), "slice_axis": data.patches.slice_axis}
+
+
+def save_best(out: str | os.PathLike, weights: dict[str, torch.Tensor], info: dict[str, Any], cfg=None) -> Path:
+    """Rank 0: the inference weights of the best validation so far -> best/ (`save_inference`)."""
+    return save_inference(Path(out) / "best", weights, info, cfg)
+
+
+def generator_state(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The generators' weights in the training checkpoint `folder` (DeepSpeed's saved module,
+    G/ds/mp_rank_00_model_states.pt), verified against files.json and read with
+    weights_only=True; ValueError naming the folder otherwise."""
+    from udean.engines import _allow_deepspeed_checkpoint_types
+
+    folder = Path(folder)
+    if not (folder / "files.json").is_file():
+        raise ValueError(f"{folder}: not a complete training checkpoint (no files.json)")
+    problem = verify(folder)
+    if problem:
+        raise ValueError(f"{folder}: corrupt training checkpoint ({problem})")
+    path = folder / "G" / TAG / "mp_rank_00_model_states.pt"
+    _allow_deepspeed_checkpoint_types()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable for any reason: say which file
+        raise ValueError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    module = state.get("module") if isinstance(state, dict) else None
+    if not isinstance(module, dict) or not module:
+        raise ValueError(f"{path}: no module weights in it (a ZeRO-3 checkpoint keeps them partitioned: "
+                         "export is for ZeRO stages 0-2)")
+    return module

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "model-info": ("udean.model_info", "parameters and FLOPs per model component", True),
     "train": ("udean.train", "train UDEAN with DeepSpeed on preprocessed shards (resumes automatically)", True),
     "infer": ("udean.infer", "LR NIfTI -> x2 SR NIfTI by a blended sliding window (voxel size halved, same world position)", True),
+    "export": ("udean.export", "an inference checkpoint (for infer / evaluate) from any training checkpoint", False),
     "evaluate": ("udean.evaluate", "SR vs HR on the test volumes: PSNR/SSIM tables (tricubic baseline first) and figures", True),
     "demo": ("udean.demo", "end to end on CPU in minutes: cohort -> MPI preprocess -> DeepSpeed train -> evaluate", True),
 }

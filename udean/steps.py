@@ -76,9 +76,10 @@ def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg,
 
 @torch.no_grad()
 def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist) -> dict[str, float]:
-    """Mean PSNR / SSIM of whole val volumes: the generator's SR path through the `Inferer` of
-    `cfg.infer`, scored by the `Evaluator` of `udean evaluate` (whole volume, the loss's SSIM
-    window), the volumes split across ranks and the scores gathered on every rank."""
+    """Mean PSNR / SSIM of whole val volumes (over those with HR; NaN without any) and the
+    LR-consistency PSNR (over all, LR-only volumes included): the generator's SR path through
+    the `Inferer` of `cfg.infer`, scored by the `Evaluator` of `udean evaluate` (whole volume,
+    the loss's SSIM window), the volumes split across ranks and the scores gathered on every rank."""
     gen = engines.generator
     was_training = gen.training
     gen.eval()
@@ -89,4 +90,5 @@ def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist) -> d
 
     (res,) = Evaluator({"sr": lambda v: inferer(v.lr, sr)}, window=cfg.loss.ssim_window).run(volumes, dist)
     gen.train(was_training)
-    return {"psnr": res.mean("psnr"), "ssim": res.mean("ssim"), "volumes": float(len(res.subjects))}
+    return {"psnr": res.mean("psnr"), "ssim": res.mean("ssim"), "lr_psnr": res.mean("lr_psnr"),
+            "volumes": float(len(res.subjects)), "hr_volumes": float(sum("psnr" in s for s in res.subjects))}

@@ -288,6 +288,9 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 "data": fingerprint}
         path = checkpoint.save(out, step, engines, ours, dist, t.keep_last)
         logs.event(step, "checkpoint", path=str(path), reason=reason)
+        if dist.is_main:  # last/: the inference checkpoint of the newest checkpoint
+            checkpoint.save_inference(out / "last", inference_state_dict(engines.generator),
+                                      {"step": step, "epoch": epoch, "checkpoint": path.name}, cfg)
 
     batches = None
     tick, tick_step = time.perf_counter(), step
@@ -332,12 +335,14 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 if val_volumes and (epoch + 1) % t.val_every == 0:
                     scores = validate(engines, val_volumes, cfg, dist)
                     logs.val(step, epoch, scores)
-                    if scores["psnr"] > best["psnr"]:
-                        best = {"psnr": scores["psnr"], "ssim": scores["ssim"], "step": step, "epoch": epoch}
+                    # best by PSNR against HR where any val volume has one, else by LR-consistency
+                    by = "psnr" if scores["hr_volumes"] else "lr_psnr"
+                    if scores[by] > best.get("value", best["psnr"]):
+                        best = {"by": by, "value": scores[by], "psnr": scores["psnr"], "ssim": scores["ssim"],
+                                "lr_psnr": scores["lr_psnr"], "step": step, "epoch": epoch}
                         if dist.is_main:
-                            checkpoint.save_best(out, inference_state_dict(engines.generator), best)
-                            save_config(cfg, out / "best" / "config.yaml")
-                        logs.event(step, "best", psnr=best["psnr"], ssim=best["ssim"])
+                            checkpoint.save_best(out, inference_state_dict(engines.generator), best, cfg)
+                        logs.event(step, "best", **{k: best[k] for k in ("by", "psnr", "ssim", "lr_psnr")})
 
             stop = result.stop
             if stop or end_of_epoch or step % t.checkpoint_every == 0 or step == total_steps:
@@ -348,7 +353,11 @@ def _loop(cfg: Config, dist, preempt) -> int:
                              "to be requeued")
                 logs.event(step, "preempted", signal=name)
                 return REQUEUE_EXIT_CODE
+    if dist.is_main and best["step"] < 0:  # no validation ran: best/ is the last weights, said so
+        checkpoint.save_best(out, inference_state_dict(engines.generator),
+                             {"by": "none: no validation ran, these are the last weights", "step": step}, cfg)
     if dist.is_main:
-        logs.message(f"done: {step} steps; best val PSNR {best['psnr']:.3f} dB at step {best['step']}"
-                     if best["step"] >= 0 else f"done: {step} steps")
+        logs.message(f"done: {step} steps; best val {best['by'] if 'by' in best else 'psnr'} "
+                     f"{best.get('value', best['psnr']):.3f} dB at step {best['step']}"
+                     if best["step"] >= 0 else f"done: {step} steps; no validation ran: best/ = last/")
     return 0

@@ -120,7 +120,8 @@ def test_every_method_is_scored_on_the_hr_voxels_the_lr_covers():
     ev = evaluate.Evaluator({"hr grid": lambda v: evaluate.tricubic(v.lr, v.hr.shape),
                              "x2 lr": lambda v: evaluate.tricubic(v.lr)})
     a, b = (r.subjects[0] for r in ev.run([v]))
-    assert a == b == {"subject": v.subject, **evaluate.score(evaluate.tricubic(v.lr)[grid], v.hr[grid])}
+    want = {"subject": v.subject, "lr_source": "synthetic", **evaluate.score(evaluate.tricubic(v.lr)[grid], v.hr[grid])}
+    assert a == b and {k: a[k] for k in want} == want and set(a) == set(want) | set(evaluate.LR_SCORES)
     with pytest.raises(ValueError, match=r"prediction \(8, 24, 20\)"):
         evaluate.Evaluator({"lr": lambda v: v.lr}).run([v])
 
