@@ -12,7 +12,7 @@ setup(
         # torch: on a machine without CUDA install the CPU wheel first (see install.sh);
         # an open range here would pull a multi-GB CUDA build.
         "torch>=2.4",
-        "deepspeed>=0.15",
+        "deepspeed>=0.19.8",  # the version the suite is tested with (udean/engines.py)
         "h5py>=3.8",
         "hdf5plugin>=4.0",
         "mpi4py>=3.1",

@@ -6,13 +6,13 @@
 #
 # Stages (each bounded by `timeout`; a stage that fails or times out is recorded, the rest run):
 #   1 correctness  bf16 vs fp32 of the real training step, before anything is timed
-#                  (benchmarks/gpu_check.py correctness; exit 1 there skips the timings)   45 s
+#                  (benchmarks/gpu_check.py; exit 1 there skips the timings)                 45 s
 #   2 train_step   benchmarks/train_step.py at the paper's size, thin slab and 3D, fp32/bf16 120 s
-#   3 zero_cudnn   the real step at ZeRO 0 and 1, cudnn.benchmark off and on
-#                  (benchmarks/gpu_check.py step: train_step.py fixes ZeRO 0 and benchmark on) 90 s
-#   4 train_run    `udean train` on the demo cohort with loader workers for 2 minutes (stopped by
+#   3 zero_cudnn   benchmarks/train_step.py, bf16, at ZeRO 0 and 1 x cudnn.benchmark on and off
+#                  (--zero-stage, --cudnn-benchmark; zero_cudnn/zero<Z>_cudnn_<on|off>.json)  110 s
+#   4 train_run    `udean train` on the demo cohort with loader workers for 105 s (stopped by
 #                  SIGUSR1 through its own preemption path), GPU utilisation sampled by nvidia-smi:
-#                  the share of samples with the GPU idle                                   150 s
+#                  the share of samples with the GPU idle                                   135 s
 #   5 infer        benchmarks/infer.py: whole-volume inference, thin slab and 3D            60 s
 # summary.json in the output folder: per stage its exit code, seconds and JSON file.
 set -uo pipefail
@@ -46,20 +46,36 @@ stage() {  # stage NAME BUDGET_S COMMAND...: run it bounded, record rc and secon
 }
 
 if ((smoke)); then
-    small=(--smoke --variants thin_slab)
+    small=(--smoke)
     step_args=(--smoke --variants thin_slab --setups fp32 --batches 2 --steps 1 --warmup 0)
+    zero_args="${step_args[*]}"
     infer_args=(--smoke --variants thin_slab --setups fp32 --repeats 1)
     cohort="--n 6 --shape 48 48 48" config=tiny run_s=20 loader=train.num_workers=2
 else
     small=()
     step_args=(--variants thin_slab 3d --setups fp32 bf16 --batches 8)
+    zero_args="--variants thin_slab 3d --setups bf16 --batches 8 --steps 3 --warmup 1"
     infer_args=(--variants thin_slab 3d --setups fp32 bf16_autocast)
-    cohort="--n 11" config=demo run_s=120 loader=train.num_workers=4
+    cohort="--n 11" config=demo run_s=105 loader=train.num_workers=4
 fi
 
-if stage correctness 45 "$PY" benchmarks/gpu_check.py correctness "${small[@]}" --out "$out/correctness.json"; then
+zero_cudnn() {  # the step at ZeRO 0 and 1, cudnn.benchmark on and off: one train_step.py JSON each
+    local rc=0 zero bench
+    for zero in 0 1; do
+        for bench in on off; do
+            # shellcheck disable=SC2086
+            "$PY" benchmarks/train_step.py $zero_args --zero-stage "$zero" --cudnn-benchmark "$bench" \
+                --out "$out/zero_cudnn/zero${zero}_cudnn_${bench}.json" || rc=1
+        done
+    done
+    return $rc
+}
+export -f zero_cudnn
+export PY out zero_args
+
+if stage correctness 45 "$PY" benchmarks/gpu_check.py "${small[@]}" --out "$out/correctness.json"; then
     stage train_step 120 "$PY" benchmarks/train_step.py "${step_args[@]}" --out "$out/train_step.json"
-    stage zero_cudnn 90 "$PY" benchmarks/gpu_check.py step "${small[@]}" --out "$out/zero_cudnn.json"
+    stage zero_cudnn 110 bash -c zero_cudnn
 fi
 
 train_run() {  # cohort -> preprocess -> train for run_s seconds; GPU utilisation sampled meanwhile
@@ -95,7 +111,7 @@ sys.exit(0 if rc == 75 and train else 1)
 EOF
 }
 export -f train_run
-export PY BIN work out cohort config run_s loader
+export BIN work cohort config run_s loader
 stage train_run $((run_s + 30 + (smoke ? 60 : 0))) bash -c train_run
 stage infer 60 "$PY" benchmarks/infer.py "${infer_args[@]}" --out "$out/infer.json"
 

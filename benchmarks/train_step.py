@@ -6,6 +6,7 @@ engines) on the paper's configuration, thin-slab and 3D, fp32 / tf32 / bf16, bat
     OMP_NUM_THREADS=8 python benchmarks/train_step.py --variants thin_slab
     OMP_NUM_THREADS=8 python benchmarks/train_step.py --variants 3d --resume
     python benchmarks/train_step.py --variants 3d --batches 8 32 --setups bf16 bf16+all --out x.json
+    python benchmarks/train_step.py --setups bf16 --zero-stage 0 --cudnn-benchmark off --out y.json
     # CPU smoke check (tiny model, < 1 min): what the tests run
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --smoke
 
@@ -24,6 +25,11 @@ Before anything is timed, `bf16_check` runs the same Generator forward in fp32 a
 autocast and bf16 weights) on identical weights and inputs and refuses to time the bf16 setups
 if the relative L2 error of any output exceeds REL_L2_MAX (some cuDNN versions returned wrong
 bf16 Conv3d results; a wrong kernel gives errors of order 1, rounding gives ~1e-2).
+
+`--zero-stage` (default: the config's, `train.zero_stage: null` = 1 for bf16, 0 for fp32) and
+`--cudnn-benchmark on|off` (default on, what training uses: `train.cudnn_benchmark: null` = on
+unless deterministic) apply to every setup; the JSON records both (`settings`, and each row's
+resolved `zero_stage`).
 
 Figures: FLOPs of one whole step (forward + backward of G and D, torch.utils.flop_counter,
 counted on the DeepSpeed step and again on the eager baseline: the two must agree, it is the same
@@ -98,11 +104,14 @@ def matmul_peak(device: torch.device, n: int, repeats: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- inputs and models
-def config(variant: str, batch: int, precision: str, smoke: bool):
+def config(variant: str, batch: int, precision: str, smoke: bool, zero_stage: int | None = None):
+    """The paper's config at this point; `zero_stage` None: the config's default for `precision`."""
     from udean.config import load
 
     overrides = (SMOKE_OVERRIDES if smoke else []) + [
         f"model.variant={variant}", f"train.batch_size={batch}", f"train.precision={precision}"]
+    if zero_stage is not None:
+        overrides.append(f"train.zero_stage={zero_stage}")
     return load("paper", overrides)
 
 
@@ -324,7 +333,9 @@ def bench_point(variant: str, batch: int, setups: list[str], args, dist, check: 
             continue
         precision = {"fp32": "fp32", "tf32": "fp32"}.get(setup, "bf16")
         set_fp32_precision("tf32" if setup == "tf32" else "ieee")
-        cfg = config(variant, batch, precision, args.smoke)
+        cfg = config(variant, batch, precision, args.smoke, args.zero_stage)
+        if setup != BASELINE:
+            row["zero_stage"] = cfg.train.zero_stage
         flags = flags_of(setup, device, args.compile_on_cpu)
         if setup == "bf16+all" and "compile" not in flags:
             row["note"] = "without compile (skipped on CPU)"
@@ -421,6 +432,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     p.add_argument("--matmul-n", type=int, default=None, help="bf16 peak matmul size (default 8192; smoke 256)")
     p.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on CPU")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1), default=None,
+                   help="train.zero_stage of the engines (default: the config's, 1 for bf16 and 0 for fp32)")
+    p.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
+                   help="torch.backends.cudnn.benchmark (default on, as training: train.cudnn_benchmark)")
     p.add_argument("--resume", action="store_true",
                    help="keep the complete (variant, batch) points already in --out and measure only the rest "
                         "(a run cut off by a time limit continues; --variants 3d --resume adds to a thin_slab run)")
@@ -445,6 +460,10 @@ def resume(out: Path, fresh: dict[str, Any], args) -> tuple[dict[str, Any], set[
     if gpu(prev) != gpu(fresh) or prev["settings"]["smoke"] != args.smoke:
         raise SystemExit(f"--resume: {out} was measured on {gpu(prev) or 'CPU'} (smoke={prev['settings']['smoke']}), "
                          f"this is {gpu(fresh) or 'CPU'} (smoke={args.smoke}); use another --out")
+    for key in ("zero_stage", "cudnn_benchmark"):
+        if prev["settings"].get(key) != fresh["settings"][key]:
+            raise SystemExit(f"--resume: {out} was measured with {key}={prev['settings'].get(key)}, this run has "
+                             f"{fresh['settings'][key]}; use another --out")
     done = set()
     for key in {(r["variant"], r["batch"]) for r in prev["runs"]}:
         rows = {r["setup"]: r for r in prev["runs"] if (r["variant"], r["batch"]) == key}
@@ -472,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         print("train_step benchmark: no CUDA device, running on CPU (smoke figures only)", file=sys.stderr)
     kind = "gpu" if device.type == "cuda" else "cpu"
     out = Path(args.out) if args.out else RESULTS / f"train_step_{kind}{'_smoke' if args.smoke else ''}.json"
-    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"  # as training sets it (train.cudnn_benchmark)
 
     peak = matmul_peak(device, args.matmul_n, repeats=20 if device.type == "cuda" else 5)
     prov = provenance(argv)
@@ -480,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "train_step", "provenance": prov,
         "settings": {"smoke": args.smoke, "variants": args.variants, "batches": args.batches,
                      "setups": args.setups, "steps": args.steps, "warmup": args.warmup, "device": str(device),
+                     "zero_stage": args.zero_stage, "cudnn_benchmark": torch.backends.cudnn.benchmark,
                      "overrides": SMOKE_OVERRIDES if args.smoke else [], "config": "paper"},
         "matmul_peak": peak, "bf16_check": {}, "runs": [], "sessions": [],
     }

@@ -110,6 +110,13 @@ class Dist:
         """True on every rank if `flag` is True on any rank (stop, checkpoint, skip decisions)."""
         return self._reduce(1.0 if flag else 0.0, "MAX") > 0.0
 
+    def all_reduce_max(self, t):
+        """`t` (a tensor on `device`) replaced in place by its element-wise max over the ranks and
+        returned: one collective for several flags, and no host sync (the caller reads it once)."""
+        if self.initialized and self.world_size > 1:
+            self._torch_dist.all_reduce(t, op=self._torch_dist.ReduceOp.MAX)
+        return t
+
     def all_reduce_sum(self, value: float) -> float:
         return self._reduce(float(value), "SUM")
 

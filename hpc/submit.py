@@ -3,12 +3,12 @@ submitted from Python with submitit (MAE/DINO style: this file only describes re
 calls the same command line the shell scripts run).
 
     python -m hpc.submit train --nodes 2 --gpus-per-node 4 --partition gpu --time 24:00:00 \\
-        -- --config configs/paper.yaml train.out=runs/paper
+        -- --config paper train.out=runs/paper
     python -m hpc.submit preprocess --nodes 2 --tasks-per-node 32 --time 6:00:00 \\
-        -- --config configs/paper.yaml --data-root /data/HCP_1200 --out /scratch/udean-data
+        -- --config paper --data-root /data/HCP_1200 --out /scratch/udean-data
     python -m hpc.submit regenerate --tasks-per-node 16 -- /scratch/udean-data
     python -m hpc.submit bench --nodes 4 --gpus-per-node 4 -- benchmarks/scaling.py --out x.json
-    python -m hpc.submit train --local --tasks-per-node 2 -- --config configs/tiny.yaml
+    python -m hpc.submit train --local --tasks-per-node 2 -- --config tiny
 
 Everything after `--` goes to the command (`udean train`, `udean preprocess`, `udean shards
 regenerate`, or a Python script for `bench`). `python -m hpc.submit COMMAND --help` lists the
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit a UDEAN job to SLURM with submitit (or run it locally with --local); "
                     "requeues itself after preemption or time-out. `python -m hpc.submit COMMAND --help`: "
                     "the resources of one job and their defaults.",
-        epilog="arguments after -- go to the command, e.g. -- --config configs/demo.yaml train.lr=3e-4",
+        epilog="arguments after -- go to the command, e.g. -- --config demo train.lr=3e-4",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command, text in HELP.items():
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
             command, help=text, description=text, formatter_class=_DefaultsShown,
             epilog="arguments after -- go to the command" + (
                 ", e.g. -- benchmarks/scaling.py train --data DIR" if command == "bench" else
-                ", e.g. -- --config configs/paper.yaml train.out=runs/paper" if command == "train" else "")),
+                ", e.g. -- --config paper train.out=runs/paper" if command == "train" else "")),
             command)
     return p
 

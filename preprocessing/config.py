@@ -7,7 +7,6 @@ import json
 from typing import Literal
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
@@ -21,7 +20,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    # allow_inf_nan=False: no config value is meaningful as inf or nan (train.lr=inf trained to NaN)
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- data (II-C)
@@ -184,6 +184,62 @@ class StorageConfig(Section):
     compression: Literal["none", "gzip", "lz4", "zstd"] = "none"
 
 
+class OwnDataConfig(Section):
+    """Your own scans by role (README "Your own data"; docs/data-format.md "Own data"): HR
+    research scans and authentic LR scans, unpaired. Used when `hr` or `dataset` is set; then
+    `data.root` / `layout` / `split` are not. HR voxel: `data.voxel_size_mm`; LR voxel: SCALE x it.
+
+    Folders hold `*.nii` / `*.nii.gz` files directly; the subject id is the file name without
+    the suffix, unique across roles. Paired val / test folders match HR and LR files by name."""
+
+    hr: str = ""  # HR scans -> source (unpaired HR patches)
+    lr: str = ""  # authentic LR scans -> target, used as acquired: no synthetic degradation
+    val_hr: str = ""  # paired val scans: HR and LR folders, files matched by name
+    val_lr: str = ""
+    test_hr: str = ""  # paired test scans
+    test_lr: str = ""
+    dataset: str = ""  # a dataset.json naming the role folders (instead of the keys above)
+    # HR scans of `hr` held out as (val, test) pairs with synthetic LR (data.degradation), for a
+    # group without paired folders; labelled lr_source "synthetic" in the manifest and tables
+    held_out: tuple[int, int] = (1, 1)
+    # LR scans of `lr` also written as LR-only val volumes (they stay in training): validation
+    # scores them by LR-consistency, which needs no HR; 0: none
+    lr_val: int = Field(1, ge=0)
+    # a scan whose voxel size is off its role's grid (beyond data.voxel_tolerance_mm) is
+    # resampled to it when no axis needs more than this factor (either way), else refused
+    max_resample: float = Field(1.5, ge=1.0)
+    # paired val/test HR onto their LR: world coordinates only (none), or then rigid
+    # mutual-information registration (SimpleITK, as the baselines)
+    registration: Literal["none", "rigid"] = "none"
+    # intensities -> [0, 1]: percentile (lo = p[0] of all voxels, hi = p[1] of the head) or
+    # minmax (the paper protocol's); inference applies the same per input and inverts it
+    intensity: Literal["percentile", "minmax"] = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    @model_validator(mode="after")
+    def _check(self) -> "OwnDataConfig":
+        if any(n < 0 for n in self.held_out):
+            raise ValueError("held_out entries must be >= 0")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError("percentiles must be 0 <= lo < hi <= 100")
+        for g in ("val", "test"):
+            if bool(getattr(self, f"{g}_hr")) != bool(getattr(self, f"{g}_lr")):
+                raise ValueError(f"{g}_hr and {g}_lr go together (paired folders, files matched by name)")
+        if self.dataset and any(getattr(self, k) for k in ROLE_KEYS):
+            raise ValueError("give the role folders either as keys or in a dataset.json, not both")
+        if not self.dataset and bool(self.hr) != bool(self.lr):
+            raise ValueError("hr and lr go together: HR scans (source) and authentic LR scans (target)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hr or self.dataset)
+
+
+ROLE_KEYS = ("hr", "lr", "val_hr", "val_lr", "test_hr", "test_lr")
+
+
 class DataConfig(Section):
     root: str = ""  # HCP root or a flat folder of NIfTI files
     layout: Literal["hcp", "hcp_acpc", "flat"] = "hcp"
@@ -198,6 +254,21 @@ class DataConfig(Section):
     motion: MotionConfig = MotionConfig()
     patches: PatchConfig = PatchConfig()
     storage: StorageConfig = StorageConfig()
+    own: OwnDataConfig = OwnDataConfig()  # your own scans by role (unset: `root` by `layout`)
+
+    @model_validator(mode="after")
+    def _check_own(self) -> "DataConfig":
+        if self.own.enabled and self.mode != "unpaired":
+            raise ValueError("own data (data.own) is unpaired: data.mode must be unpaired")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_own(self, handler):
+        # a data set made without own scans keeps the manifest config and hash it always had
+        d = handler(self)
+        if isinstance(d, dict) and self.own == OwnDataConfig():
+            d.pop("own", None)
+        return d
 
     def hash(self) -> str:
         """sha256 of what decides shard content: the canonical JSON without `out` (shard paths
@@ -205,3 +276,15 @@ class DataConfig(Section):
         are not reused."""
         d = self.model_dump(mode="json", exclude={"out"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees (as JSON dicts), sorted."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        x, y, key = a.get(k), b.get(k), f"{prefix}{k}"
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += diff_keys(x, y, f"{key}.")
+        elif x != y:
+            out.append(key)
+    return out

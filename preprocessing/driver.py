@@ -8,12 +8,26 @@ own shard files; rank 0 records each result and rewrites the manifest atomically
 a killed job loses only the subjects in flight. A bad input is a "failed" row and the job goes
 on; any other exception on any rank aborts the whole job (MPI_Abort) instead of hanging it.
 Without an MPI launcher it runs as one rank.
+
+Input errors and output errors are told apart: a bad input fails its subject; a failed write
+(`hpc.atomic.OutputError`: disk full, I/O error, a vanished temp file) stops the job (exit 74)
+with one line, leaving no half-written file and every finished subject in the manifest.
+Rank 0 holds the output folder's lock (`hpc.lock`) for the whole job: a second job into the
+same folder is refused before it touches anything; a previous data set made with another
+config is replaced only with `--overwrite`. A subject is reused when its input path, size and
+mtime are unchanged and its shards still verify.
+
+Exit codes of `udean preprocess`: 0 every subject ok; 1 some subject failed (0 with
+`--allow-failures`, unless every subject failed); 2 a user error before any work (config,
+data root, the lock, a previous data set of another config); 74 an output error.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -23,14 +37,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hpc import mpi
-from hpc.atomic import file_mismatch
-from preprocessing.config import DataConfig
+from hpc.atomic import OutputError, file_mismatch
+from hpc.lock import folder_lock
+from preprocessing.config import DataConfig, diff_keys
 from preprocessing.discover import Subject, plan
 from preprocessing.manifest import Manifest, ShardRow, SubjectRow, load_manifest, manifest_path, write_manifest
 from preprocessing.subject import SubjectResult, process
 
 TAG_RESULT, TAG_TASK, TAG_FINAL = 11, 12, 13
 POLL_S = 0.002
+EXIT_FAILED, EXIT_OUTPUT = 1, 74  # some subject failed; a write failed (sysexits EX_IOERR)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -39,21 +55,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (overrides data.out)")
     p.add_argument("--layout", choices=("hcp", "hcp_acpc", "flat"), default=None, help="overrides data.layout")
     p.add_argument("--mode", choices=("unpaired", "misaligned"), default=None, help="overrides data.mode")
+    g = p.add_argument_group("your own scans by role (README \"Your own data\"; instead of --data-root)")
+    for flag, key, text in OWN_FLAGS:
+        g.add_argument(flag, default=None, metavar="DIR" if key != "dataset" else "FILE",
+                       help=f"{text} (data.own.{key})")
+    g.add_argument("--voxel-size", type=float, default=None, metavar="MM",
+                   help="HR voxel size in mm; the LR role's is 2x (data.voxel_size_mm)")
+    g.add_argument("--register", action="store_true", default=None,
+                   help="register paired val/test HR onto their LR rigidly (data.own.registration=rigid)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.add_argument("--strict", action="store_true", help="exit 1 when any subject failed")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 although some subjects failed (never when all failed); default: exit 1")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a data set in --out that was made with another data config (default: refuse)")
+
+
+OWN_FLAGS = (("--hr", "hr", "HR scans -> source (unpaired HR patches)"),
+             ("--lr", "lr", "authentic LR scans -> target, used as acquired (no synthetic degradation)"),
+             ("--val-hr", "val_hr", "paired val HR scans (matched to --val-lr by file name)"),
+             ("--val-lr", "val_lr", "paired val LR scans"),
+             ("--test-hr", "test_hr", "paired test HR scans (matched to --test-lr by file name)"),
+             ("--test-lr", "test_lr", "paired test LR scans"),
+             ("--dataset", "dataset", "a dataset.json naming the role folders"))
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
     cfg: DataConfig = args.cfg.data
     upd = {k: v for k, v in (("root", args.data_root), ("out", args.out), ("layout", args.layout),
-                             ("mode", args.mode)) if v is not None}
+                             ("mode", args.mode), ("voxel_size_mm", getattr(args, "voxel_size", None)))
+           if v is not None}
+    own = {key: str(Path(getattr(args, key)).absolute()) for _, key, _ in OWN_FLAGS if getattr(args, key, None)}
+    if getattr(args, "register", None):
+        own["registration"] = "rigid"
+    if own:
+        upd["own"] = {**cfg.own.model_dump(), **own}
     return DataConfig.model_validate({**cfg.model_dump(), **upd}) if upd else cfg
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = data_config(args)
-    summary = preprocess(cfg, progress=not args.no_progress)
-    return 1 if args.strict and summary.failed else 0
+    comm = mpi.world()
+    summary = preprocess(cfg, comm, progress=not args.no_progress, overwrite=args.overwrite)
+    return summary.exit_code(args.allow_failures, "udean preprocess", say=comm.rank == 0)
 
 
 @dataclass
@@ -64,8 +107,23 @@ class Summary:
     processed: int = 0
     reused: int = 0
     failed: int = 0  # subjects with status "failed" in the manifest
+    used: int = 0  # subjects in a group (not "unused")
     seconds: float = 0.0
     redone: list[str] = field(default_factory=list)  # `udean shards regenerate`: the subjects redone
+    out: str = ""
+
+    def exit_code(self, allow_failures: bool = False, what: str = "preprocess", say: bool = True) -> int:
+        """0 when no subject failed, or some (not all) did and `allow_failures`; else EXIT_FAILED,
+        after one line (if `say`: rank 0) naming the count and where the errors are."""
+        if not self.failed:
+            return 0
+        where = f"the failed rows of {manifest_path(self.out)} and {Path(self.out) / LOG}"
+        accepted = allow_failures and self.failed < self.used
+        hint = "" if accepted or self.failed >= self.used else " (--allow-failures accepts failed subjects)"
+        if say:
+            print(f"{what}: {'' if accepted else 'error: '}{self.failed} of {self.used} subjects failed"
+                  f"{', accepted (--allow-failures)' if accepted else ''}; errors: {where}{hint}", file=sys.stderr)
+        return 0 if accepted else EXIT_FAILED
 
 
 @dataclass
@@ -87,8 +145,27 @@ def verify_rows(out: Path, rows: Iterable[ShardRow]) -> str | None:
     return None
 
 
+LOG = Path("logs") / "preprocess.jsonl"
+
+
+def input_stat(subject: Subject) -> list[int] | None:
+    """[bytes, mtime_ns] of the subject's input (and of its acquired LR, own data), None if one
+    cannot be read: what reuse compares."""
+    stat = []
+    for path in (subject.input, subject.lr_input):
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        stat += [int(st.st_size), int(st.st_mtime_ns)]
+    return stat
+
+
 def _clean_temps(out: Path) -> None:
-    """Temp files of a killed run (atomic_path names them .<name>.<random>.tmp)."""
+    """Temp files of a killed run (atomic_path names them .<name>.<random>.tmp). Called with the
+    folder's lock held: no other job is writing here."""
     for sub in ("shards", "volumes", "."):
         d = out / sub
         if d.is_dir():
@@ -96,25 +173,34 @@ def _clean_temps(out: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def _previous(cfg: DataConfig, out: Path) -> Manifest | None:
+def _previous(cfg: DataConfig, out: Path, overwrite: bool) -> Manifest | None:
+    """The previous run's manifest to resume from; a data set of another config (or an
+    unreadable manifest) is refused unless `overwrite`."""
     if not manifest_path(out).is_file():
         return None
     try:
         m = load_manifest(out)
     except ValueError as exc:
-        print(f"preprocess: ignoring unreadable previous manifest ({exc})", file=sys.stderr)
+        if not overwrite:
+            raise ValueError(f"{exc}; --overwrite replaces that data set, or choose another --out") from None
+        print(f"preprocess: replacing the data set of an unreadable manifest (--overwrite): {exc}", file=sys.stderr)
         return None
     if m.config_hash != cfg.hash():
-        print(f"preprocess: {manifest_path(out)} was made with another data config; redoing every subject",
-              file=sys.stderr)
+        keys = diff_keys({k: v for k, v in m.config.items() if k != "out"}, cfg.model_dump(mode="json", exclude={"out"}))
+        what = f"{manifest_path(out)} holds a data set made with another data config (differs in: " \
+               f"{', '.join(keys[:8]) or 'the config hash'})"
+        if not overwrite:
+            raise ValueError(f"{what}; --overwrite redoes every subject over it, or choose another --out")
+        print(f"preprocess: {what}; redoing every subject (--overwrite)", file=sys.stderr)
         return None
     return m
 
 
-def prepare(cfg: DataConfig, out: Path, only: set[str] | None = None) -> tuple[Manifest, list[Task]]:
-    """The manifest to fill (previous rows kept) and the tasks: one per subject to (re)check."""
-    subjects = plan(cfg)
-    prev = _previous(cfg, out)
+def prepare(cfg: DataConfig, out: Path, subjects: list[Subject], only: set[str] | None = None,
+            overwrite: bool = False) -> tuple[Manifest, list[Task]]:
+    """The manifest to fill (previous rows kept) and the tasks: one per subject to (re)check.
+    `subjects`: `discover.plan(cfg)`."""
+    prev = _previous(cfg, out, overwrite)
     prev_rows = {r.id: r for r in prev.subjects} if prev else {}
     prev_shards: dict[str, list[ShardRow]] = collections.defaultdict(list)
     for s in prev.shards if prev else []:
@@ -123,7 +209,8 @@ def prepare(cfg: DataConfig, out: Path, only: set[str] | None = None) -> tuple[M
     tasks = []
     for s in subjects:
         old = prev_rows.get(s.id)
-        reuse = old is not None and old.group == s.group and old.input == s.input and old.status == "ok"
+        reuse = (old is not None and old.group == s.group and old.input == s.input and old.lr_input == s.lr_input
+                 and old.status == "ok" and old.input_stat is not None and old.input_stat == input_stat(s))
         if only is not None and s.id not in only:
             if old is None:
                 raise ValueError(f"{manifest_path(out)}: no row for subject {s.id}; run `udean preprocess` instead")
@@ -133,6 +220,9 @@ def prepare(cfg: DataConfig, out: Path, only: set[str] | None = None) -> tuple[M
         if s.group == "unused":
             m.subjects.append(SubjectRow(s.id, s.group, s.input, status="ok"))
             continue
+        if s.error:  # found at discovery or planning: fails alone, nothing to process
+            m.subjects.append(SubjectRow(s.id, s.group, s.input, status="failed", error=s.error))
+            continue
         expect = prev_shards.get(s.id, []) if reuse and only is None else None
         m.subjects.append(SubjectRow(s.id, s.group, s.input))
         tasks.append(Task(s, expect, old if expect is not None else None))
@@ -141,11 +231,21 @@ def prepare(cfg: DataConfig, out: Path, only: set[str] | None = None) -> tuple[M
 
 # --------------------------------------------------------------------------- one task (any rank)
 def run_task(task: Task, cfg: DataConfig, out: Path) -> SubjectResult:
-    """Skip the subject when its previous shards still verify, else process it."""
+    """Skip the subject when its previous shards still verify, else process it. Out of memory
+    fails the subject alone, with a message (a bigger volume than this rank can hold)."""
     if task.expect is not None and task.previous is not None and len(task.expect) == len(task.previous.shards):
         if verify_rows(out, task.expect) is None:
             return SubjectResult(task.previous, task.expect, reused=True)
-    return process(task.subject, cfg, out)
+    s = task.subject
+    stat = input_stat(s)  # before reading: a file changed during the run is not reused next time
+    try:
+        res = process(s, cfg, out)
+    except MemoryError as exc:
+        res = SubjectResult(SubjectRow(s.id, s.group, s.input, status="failed", error=(
+            f"{s.input}: out of memory while processing ({exc or 'MemoryError'}): give each rank more "
+            "memory (fewer ranks per node)")))
+    res.row.input_stat = stat
+    return res
 
 
 # --------------------------------------------------------------------------- rank 0
@@ -159,8 +259,11 @@ class _Recorder:
         self.done = self.failed = self.reused = 0
         self.t0 = time.perf_counter()
         self.n = n_tasks
-        self.log_path = m.out / "logs" / "preprocess.jsonl"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = m.out / LOG
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(self.log_path.parent, exc) from exc
         self._bar = None
         from rich.console import Console
 
@@ -189,11 +292,16 @@ class _Recorder:
                 self.failed += 1
                 self.console.print(f"[red]preprocess: subject {row.id} failed:[/] {row.error}",
                                    highlight=False, markup=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"time": time.time(), "rank": rank, "id": row.id, "group": row.group,
-                                    "status": row.status, "error": row.error, "reused": res.reused,
-                                    "seconds": row.seconds, "timings": res.timings,
-                                    "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
+            for note in res.notes:
+                self.console.print(f"preprocess: subject {row.id}: {note}", highlight=False, markup=False)
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps({"time": time.time(), "rank": rank, "id": row.id, "group": row.group,
+                                        "status": row.status, "error": row.error, "reused": res.reused,
+                                        "seconds": row.seconds, "timings": res.timings, "notes": res.notes,
+                                        "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
+            except OSError as exc:
+                raise OutputError(self.log_path, exc) from exc
             if self._bar is not None:
                 self._bar.update(self._task, advance=1, failed=self.failed, rate=f"{rate:.1f}")
 
@@ -239,6 +347,7 @@ def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list[Task]
     errors: list = []
     helper = None
     try:
+        write_manifest(rec.m)  # the plan, subjects pending: on disk before any shard is
         if comm.size > 1:
             if not mpi.thread_level_ok(comm):
                 raise RuntimeError("MPI library does not provide MPI_THREAD_SERIALIZED; rank 0 needs it")
@@ -254,16 +363,19 @@ def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list[Task]
             helper.join(0.1)
         if errors:
             exc, tb = errors[0]
+            if isinstance(exc, OutputError):  # the manifest or log could not be written: an output error
+                raise exc
             raise RuntimeError(f"rank 0 dispatcher failed:\n{tb}") from exc
         write_manifest(rec.m)
     finally:
         rec.close()
     summary = Summary(subjects=len(m.subjects), processed=rec.done - rec.reused, reused=rec.reused,
                       failed=sum(r.status == "failed" for r in m.subjects),
-                      seconds=round(time.perf_counter() - rec.t0, 3))
+                      used=sum(r.group != "unused" for r in m.subjects),
+                      seconds=round(time.perf_counter() - rec.t0, 3), out=str(out))
+    failed = f"{summary.failed} failed (errors: {out / LOG})" if summary.failed else "0 failed"
     rec.console.print(f"preprocess: {summary.processed} processed, {summary.reused} reused, "
-                      f"{summary.failed} failed of {summary.subjects} subjects -> {manifest_path(out)}",
-                      highlight=False)
+                      f"{failed} of {summary.subjects} subjects -> {manifest_path(out)}", highlight=False)
     return summary
 
 
@@ -277,36 +389,46 @@ def _work(comm: Any, cfg: DataConfig, out: Path) -> None:
         res = run_task(task, cfg, out)
 
 
-def preprocess(cfg: DataConfig, comm: Any = None, only: set[str] | None = None, progress: bool = True) -> Summary:
+def preprocess(cfg: DataConfig, comm: Any = None, only: set[str] | None = None, progress: bool = True,
+               overwrite: bool = False) -> Summary:
     """Run (or resume) preprocessing of `cfg` (the `data:` section) on every rank of `comm`
     (default: the MPI world, or one rank without a launcher); returns rank 0's summary on all
-    ranks. `only`: redo exactly these subject ids (regenerate), keeping the other rows."""
+    ranks. `only`: redo exactly these subject ids (regenerate), keeping the other rows.
+    `overwrite`: replace a data set of another config in `cfg.out` (else ValueError).
+    Raises ValueError for a user error before any work, OutputError when a write fails (one
+    rank: here; several: that rank prints it and aborts the job with EXIT_OUTPUT)."""
     comm = comm if comm is not None else mpi.world()
     out = Path(cfg.out)
     err = payload = None
-    if comm.rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            _clean_temps(out)
-            payload = prepare(cfg, out, only)
-        except (ValueError, OSError) as exc:
-            err = str(exc)
-    err = comm.bcast(err, root=0)
-    if err:
-        raise ValueError(err)
-    try:
+    with contextlib.ExitStack() as held:
         if comm.rank == 0:
-            m, tasks = payload
-            summary = _serve(comm, cfg, out, m, tasks, progress and sys.stderr.isatty())
-            for r in range(1, comm.size):
-                comm.send(summary, dest=r, tag=TAG_FINAL)
-        else:
-            _work(comm, cfg, out)
-            summary = _recv_polling(comm, 0, TAG_FINAL)
-    except BaseException:
-        if comm.size > 1:
-            traceback.print_exc()
-            print(f"preprocess: rank {comm.rank} failed; aborting the job", file=sys.stderr, flush=True)
-            comm.Abort(1)
-        raise
+            try:
+                subjects = plan(cfg)  # the data root is checked before anything is created
+                held.enter_context(folder_lock(out, "udean preprocess"))
+                _clean_temps(out)
+                payload = prepare(cfg, out, subjects, only, overwrite)
+            except (ValueError, OSError, OutputError) as exc:
+                err = str(exc)
+        err = comm.bcast(err, root=0)
+        if err:
+            raise ValueError(err)
+        try:
+            if comm.rank == 0:
+                m, tasks = payload
+                summary = _serve(comm, cfg, out, m, tasks, progress and sys.stderr.isatty())
+                for r in range(1, comm.size):
+                    comm.send(summary, dest=r, tag=TAG_FINAL)
+            else:
+                _work(comm, cfg, out)
+                summary = _recv_polling(comm, 0, TAG_FINAL)
+        except BaseException as exc:
+            if comm.size > 1:
+                if isinstance(exc, OutputError):  # one line: the disk, not a bug
+                    print(f"preprocess: error: rank {comm.rank}: {exc}; stopping the job (finished subjects are "
+                          f"kept in {manifest_path(out)}; rerun to resume)", file=sys.stderr, flush=True)
+                else:
+                    traceback.print_exc()
+                    print(f"preprocess: rank {comm.rank} failed; aborting the job", file=sys.stderr, flush=True)
+                comm.Abort(EXIT_OUTPUT if isinstance(exc, OutputError) else 1)
+            raise
     return summary

@@ -6,7 +6,12 @@
 
 `SubjectRow` and `ShardRow` are the schema: their fields, in order, are the JSON keys of a row.
 Loading checks every row against them (a missing or unknown key is an error naming the file and
-the row). Only `seconds` differs between two runs of the same config. Written atomically by rank 0.
+the row). Between two runs of the same config and inputs only `seconds` differs, and
+`input_stat` (the input's size and mtime) where the inputs were copied. Written atomically by rank 0.
+
+Every file path in a manifest must stay inside its folder: relative, no `..`, no symlink out of
+it. A manifest naming `/etc/hostname` or `../x.h5` is refused on load (ValueError naming the
+row), so neither `udean shards` nor training ever opens a file outside the data set.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from hpc.atomic import atomic_write_text
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-TIMING_FIELDS = ("seconds",)
+VOLATILE_FIELDS = ("seconds", "input_stat")  # what may differ between runs of the same config and inputs
 
 
 def manifest_path(out: str | os.PathLike) -> Path:
@@ -29,10 +34,14 @@ def manifest_path(out: str | os.PathLike) -> Path:
 
 
 class _Row:
-    """JSON <-> row dataclass, strict about keys."""
+    """JSON <-> row dataclass, strict about keys. Fields added after schema 1 (`ADDED`) are
+    written only when set, so a manifest written before them rewrites byte for byte."""
+
+    ADDED: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.name in self.ADDED and getattr(self, f.name) is None)}
 
     @classmethod
     def from_dict(cls, d: Any, where: str):
@@ -76,6 +85,15 @@ class SubjectRow(_Row):
     patches: dict[str, int] = field(default_factory=lambda: {"lr": 0, "hr": 0})
     motion: dict[str, float] | None = None  # misaligned mode: the drawn motion (preprocessing.motion)
     seconds: float = 0.0
+    input_stat: list[int] | None = None  # [bytes, mtime_ns] of `input` (and `lr_input`) when read: reuse needs them unchanged
+    # own data (data.own): the acquired LR of a paired val/test subject; where its LR came from
+    # ("acquired": an authentic scan, "synthetic": made from the HR); per scan ("hr" / "lr"):
+    # voxel sizes and shapes in and out, resampled, intensity scaling (docs/data-format.md)
+    lr_input: str | None = None
+    lr_source: str | None = None
+    scans: dict[str, dict] | None = None
+
+    ADDED = ("input_stat", "lr_input", "lr_source", "scans")
 
 
 @dataclass
@@ -117,6 +135,22 @@ class Manifest:
                 "subjects": [r.to_dict() for r in self.subjects], "shards": [r.to_dict() for r in self.shards]}
 
 
+def inside(out: str | os.PathLike, rel: str, where: str) -> str:
+    """`rel` if it names a file inside `out` (relative, no `..`, no symlink leading out), else
+    ValueError naming `where`."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise ValueError(f"{where}: path {rel!r} must be relative to the data folder, without '..'")
+    root = Path(out).resolve()
+    try:
+        (root / rel).resolve().relative_to(root)
+    except ValueError:
+        raise ValueError(f"{where}: path {rel!r} leads outside the data folder {root} (a symlink)") from None
+    except RuntimeError:  # a symlink loop (older Pythons raise it from resolve)
+        raise ValueError(f"{where}: path {rel!r} is a symlink loop") from None
+    return rel
+
+
 def load_manifest(out: str | os.PathLike) -> Manifest:
     """Read `<out>/manifest.json`; ValueError naming the file if it is missing or malformed."""
     path = manifest_path(out)
@@ -134,6 +168,11 @@ def load_manifest(out: str | os.PathLike) -> Manifest:
         raise ValueError(f"{path}: missing keys {missing}")
     subjects = [SubjectRow.from_dict(r, f"{path}: subjects[{i}]") for i, r in enumerate(d["subjects"])]
     shards = [ShardRow.from_dict(r, f"{path}: shards[{i}]") for i, r in enumerate(d["shards"])]
+    for i, r in enumerate(shards):
+        inside(out, r.path, f"{path}: shards[{i}]")
+    for i, r in enumerate(subjects):
+        for rel in r.shards.values():
+            inside(out, rel, f"{path}: subjects[{i}] ({r.id})")
     return Manifest(Path(out), d["config"], d["config_hash"], subjects, shards, d["schema_version"])
 
 
@@ -144,9 +183,9 @@ def write_manifest(m: Manifest) -> None:
 
 
 def without_timing(d: dict[str, Any]) -> dict[str, Any]:
-    """The manifest (as JSON) with timing fields removed: equal for equal config and inputs."""
+    """The manifest (as JSON) without `VOLATILE_FIELDS`: equal for equal config and inputs."""
     d = json.loads(json.dumps(d))
     for row in d.get("subjects", []):
-        for k in TIMING_FIELDS:
+        for k in VOLATILE_FIELDS:
             row.pop(k, None)
     return d

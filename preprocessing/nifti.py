@@ -1,5 +1,6 @@
-"""NIfTI loading: fast gzip decode, canonical (RAS+) orientation, float32 in [0, 1] (II-C:
-"each dataset was scaled to the range of 0 to 1"), with one clear error per bad input."""
+"""NIfTI loading: fast gzip decode, canonical (RAS+) orientation, the role's voxel grid
+(preprocessing.geometry), float32 in [0, 1] (preprocessing.intensity; II-C: "each dataset was
+scaled to the range of 0 to 1"), with one clear error per bad input."""
 from __future__ import annotations
 
 import gzip
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from preprocessing import geometry, intensity
 
 try:  # ISA-L inflate: several times faster than zlib on HCP volumes (benchmarks/preprocess.py)
     from isal import igzip as _igzip
@@ -54,10 +57,52 @@ def _is_nifti1(raw: bytes) -> bool:
     return len(raw) >= 348 and raw[344:347] in (b"n+1", b"ni1")
 
 
-def load(path: str | os.PathLike, voxel_size_mm: float, voxel_tolerance_mm: float,
-         gzip_method: str = "isal") -> Volume:
-    """Load, check and normalise one T1w volume. Raises ValueError naming `path` for a bad input:
-    missing, truncated gzip, not NIfTI, not 3D, wrong voxel size, NaN/Inf, constant (all zero)."""
+@dataclass(frozen=True)
+class ScanSpec:
+    """What one role's scans are conformed to (`scan_spec`): the isotropic voxel (mm) and how
+    far off a scan may be (within `tolerance_mm`: as it is; off by at most `max_resample` per
+    axis: resampled, preprocessing.geometry; `max_resample` 1: refused), and the intensity
+    scaling (preprocessing.intensity)."""
+
+    role: str  # "HR" / "LR", for messages
+    voxel_mm: float
+    tolerance_mm: float
+    max_resample: float = 1.0
+    intensity: str = "minmax"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+
+def scan_spec(cfg, role: str) -> ScanSpec:
+    """The `ScanSpec` of role "HR" or "LR" under `cfg` (a DataConfig): HR voxel
+    data.voxel_size_mm, LR voxel SCALE x it; own data resamples within data.own.max_resample
+    and scales by data.own.intensity, the paper protocol refuses another voxel size and scales
+    by min-max."""
+    from preprocessing.config import SCALE
+
+    own = cfg.own
+    voxel = cfg.voxel_size_mm * (SCALE if role == "LR" else 1)
+    tol = cfg.voxel_tolerance_mm * (SCALE if role == "LR" else 1)
+    if not own.enabled:
+        return ScanSpec(role, voxel, tol)
+    return ScanSpec(role, voxel, tol, own.max_resample, own.intensity, tuple(own.percentiles))
+
+
+@dataclass
+class Scan:
+    """A scan conformed to its role: `data` (X, Y, Z) canonical float32 in [0, 1] on the role's
+    grid, its `affine`, the `scaling` that took it there (invert it to get scanner units) and
+    `record`, what the manifest keeps about it (voxel sizes and shapes in and out, resampled,
+    intensity lo / hi)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    scaling: intensity.Scaling
+    record: dict
+
+
+def read_canonical(path: str | os.PathLike, gzip_method: str = "isal") -> nib.spatialimages.SpatialImage:
+    """The 3D image at `path` (a 4D file with one volume counts), not yet reoriented; ValueError
+    naming `path` when it is not one."""
     img = read_image(path, gzip_method)
     shape = img.shape
     if len(shape) > 3 and all(s == 1 for s in shape[3:]):
@@ -67,11 +112,11 @@ def load(path: str | os.PathLike, voxel_size_mm: float, voxel_tolerance_mm: floa
         raise ValueError(f"{path}: expected a 3D image, got {len(shape)}D with shape {tuple(shape)}")
     if min(shape) < 2:
         raise ValueError(f"{path}: expected a 3D image, got shape {tuple(shape)} (a 2D slice?)")
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
-    if np.any(np.abs(zooms - voxel_size_mm) > voxel_tolerance_mm):
-        raise ValueError(f"{path}: voxel size {tuple(round(float(z), 4) for z in zooms)} mm, expected "
-                         f"{voxel_size_mm} +- {voxel_tolerance_mm} mm (data.voxel_size_mm)")
-    img = nib.as_closest_canonical(img)
+    return img
+
+
+def voxel_data(img, path) -> np.ndarray:
+    """float32 voxels of `img`; ValueError naming `path` when unreadable or not finite."""
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32)
     except Exception as exc:
@@ -79,10 +124,40 @@ def load(path: str | os.PathLike, voxel_size_mm: float, voxel_tolerance_mm: floa
     finite = np.isfinite(data)
     if not finite.all():
         raise ValueError(f"{path}: {int((~finite).sum())} NaN/Inf voxels")
-    lo, hi = float(data.min()), float(data.max())
-    if hi <= lo:
-        raise ValueError(f"{path}: constant image (all voxels {lo:g}), nothing to learn from")
-    data -= lo
-    data *= np.float32(1.0 / (hi - lo))
-    np.clip(data, 0.0, 1.0, out=data)
-    return Volume(np.ascontiguousarray(data), np.asarray(img.affine, dtype=np.float64))
+    return data
+
+
+def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal") -> Scan:
+    """Load one scan and conform it to `spec`: checked (the errors of `load`; a voxel size off
+    its role's grid by more than `spec.max_resample`), canonical (RAS+), resampled onto the
+    role's isotropic grid when off it, scaled to [0, 1]."""
+    img = read_canonical(path, gzip_method)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    resample = geometry.check_voxels(path, zooms, spec.voxel_mm, spec.tolerance_mm, spec.max_resample, spec.role)
+    img = nib.as_closest_canonical(img)
+    data = voxel_data(img, path)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    canon_zooms = geometry.voxel_sizes(affine)  # of the input, in canonical axis order like its shape
+    record = {"input_voxel_mm": [round(float(z), 6) for z in canon_zooms], "input_shape": list(data.shape)}
+    if canon_zooms.max() > 1.2 * canon_zooms.min():  # thick slices: along which canonical axis
+        record["thick_axis"] = int(np.argmax(canon_zooms))
+    if resample:
+        shape, target = geometry.grid(data.shape, affine, spec.voxel_mm)
+        data, affine = geometry.to_grid(data, affine, shape, target), target
+    try:
+        scaling = intensity.fit(data, spec.intensity, spec.percentiles)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    intensity.apply(data, scaling)
+    record.update(voxel_mm=[round(float(z), 6) for z in geometry.voxel_sizes(affine)], shape=list(data.shape),
+                  resampled=bool(resample), intensity=scaling.to_dict())
+    return Scan(np.ascontiguousarray(data), affine, scaling, record)
+
+
+def load(path: str | os.PathLike, voxel_size_mm: float, voxel_tolerance_mm: float,
+         gzip_method: str = "isal") -> Volume:
+    """Load, check and normalise one T1w volume (the paper protocol: `load_scan` with one
+    voxel size and min-max). Raises ValueError naming `path` for a bad input: missing,
+    truncated gzip, not NIfTI, not 3D, wrong voxel size, NaN/Inf, constant (all zero)."""
+    scan = load_scan(path, ScanSpec("HR", voxel_size_mm, voxel_tolerance_mm), gzip_method)
+    return Volume(scan.data, scan.affine)

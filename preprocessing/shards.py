@@ -7,12 +7,19 @@ Patch shard `shards/<group>/<subject>.h5`:
     truth   (N, S, h', w') optional, source shards with data.degradation.truth: the noise-free
             true degradation of each HR patch's centre (LR grid, stored like `patches`)
 Volume file `volumes/<group>/<subject>.h5` (val/test), one `VolumePair`:
-    hr (S, A, B) float32, lr (S/2, A/2, B/2) float32, mask (S, A, B) uint8;
-    attrs hr_affine, lr_affine (4x4 float64, of the stored arrays), subject, group, slice_axis
+    hr (S, A, B) float32, lr (S/2, A/2, B/2) float32, mask (S, A, B) uint8 (hr, mask absent:
+    an LR-only volume); attrs hr_affine, lr_affine (4x4 float64, of the stored arrays), subject,
+    group, slice_axis, lr_source ("acquired"; absent: "synthetic")
 Byte-identical for identical content: fixed libver, no timestamps, deterministic attr order.
+
+Writers build the whole HDF5 file in memory and write its bytes with `hpc.atomic.atomic_write_bytes`:
+HDF5 never writes to the disk itself. (With a full disk, libhdf5 raised ENOSPC and then crashed
+the process, rc 139, while closing the file; here a full disk is one clean `OutputError`, checked
+before the first byte is written, and the temp file is removed.)
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,7 +30,7 @@ import h5py
 import hdf5plugin  # noqa: F401  registers LZ4 / Zstd so readers open compressed shards
 import numpy as np
 
-from hpc.atomic import atomic_path
+from hpc.atomic import atomic_write_bytes
 from preprocessing.config import StorageConfig
 from preprocessing.patches import canonical_affine, from_stored
 
@@ -52,20 +59,20 @@ def write_patches(path: str | os.PathLike, patches: np.ndarray, origins: np.ndar
                   subject: str, group: str, storage: StorageConfig, truth: np.ndarray | None = None) -> None:
     """patches: (N, C, h, w) float32 in [0, 1]; origins: (N, 3); truth: (N, C', h', w') or None."""
     data, scale = encode(patches, storage.dtype)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver=LIBVER) as f:
-            ds = f.create_dataset("patches", data=data, chunks=(1, *data.shape[1:]),
-                                  maxshape=(None, *data.shape[1:]), track_times=False, **_compression(storage))
-            ds.attrs["kind"] = kind
-            ds.attrs["subject"] = subject
-            ds.attrs["group"] = group
-            ds.attrs["scale"] = np.float64(scale)
-            f.create_dataset("origins", data=np.asarray(origins, dtype=np.int32).reshape(-1, 3), track_times=False)
-            if truth is not None:
-                t, t_scale = encode(truth, storage.dtype)
-                ts = f.create_dataset("truth", data=t, chunks=(1, *t.shape[1:]), track_times=False,
-                                      **_compression(storage))
-                ts.attrs["scale"] = np.float64(t_scale)
+    image = io.BytesIO()
+    with h5py.File(image, "w", libver=LIBVER) as f:
+        ds = f.create_dataset("patches", data=data, chunks=(1, *data.shape[1:]),
+                              maxshape=(None, *data.shape[1:]), track_times=False, **_compression(storage))
+        ds.attrs["kind"] = kind
+        ds.attrs["subject"] = subject
+        ds.attrs["group"] = group
+        ds.attrs["scale"] = np.float64(scale)
+        f.create_dataset("origins", data=np.asarray(origins, dtype=np.int32).reshape(-1, 3), track_times=False)
+        if truth is not None:
+            t, t_scale = encode(truth, storage.dtype)
+            ts = f.create_dataset("truth", data=t, chunks=(1, *t.shape[1:]), track_times=False, **_compression(storage))
+            ts.attrs["scale"] = np.float64(t_scale)
+    atomic_write_bytes(path, image.getbuffer())
 
 
 class Canonical(NamedTuple):
@@ -86,16 +93,20 @@ class VolumePair:
     hr: (S, A, B) float32 in [0, 1]; lr: (S/2, A/2, B/2) float32; mask: (S, A, B) uint8 head
     mask; hr_affine, lr_affine: (4, 4) voxel -> RAS mm of these arrays;
     slice_axis: the canonical axis that is axis 0 here. `canonical` is the (X, Y, Z) view,
-    derived once; `to_canonical` turns any stored-layout array (a prediction) the same way."""
+    derived once; `to_canonical` turns any stored-layout array (a prediction) the same way.
+    lr_source: "synthetic" (LR made from the HR by preprocessing) or "acquired" (an authentic
+    LR scan, own data); an acquired LR without HR (LR-only val volume) has hr and mask None,
+    and hr_affine is then the x2 grid the SR lands on."""
 
-    hr: np.ndarray
+    hr: np.ndarray | None
     lr: np.ndarray
-    mask: np.ndarray
+    mask: np.ndarray | None
     hr_affine: np.ndarray
     lr_affine: np.ndarray
     subject: str
     group: str
     slice_axis: int = 0
+    lr_source: str = "synthetic"
 
     def to_canonical(self, a: np.ndarray) -> np.ndarray:
         return from_stored(a, self.slice_axis)
@@ -103,23 +114,29 @@ class VolumePair:
     @cached_property
     def canonical(self) -> Canonical:
         ax = self.slice_axis
-        return Canonical(from_stored(self.hr, ax), from_stored(self.lr, ax), from_stored(self.mask, ax),
-                         canonical_affine(self.hr_affine, ax), canonical_affine(self.lr_affine, ax))
+        hr, mask = (None, None) if self.hr is None else (from_stored(self.hr, ax), from_stored(self.mask, ax))
+        return Canonical(hr, from_stored(self.lr, ax), mask, canonical_affine(self.hr_affine, ax),
+                         canonical_affine(self.lr_affine, ax))
 
 
 def write_volume(path: str | os.PathLike, vol: VolumePair, storage: StorageConfig) -> None:
     comp = _compression(storage)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver=LIBVER) as f:
-            for name, arr in (("hr", vol.hr.astype(np.float32)), ("lr", vol.lr.astype(np.float32)),
-                              ("mask", vol.mask.astype(np.uint8))):
-                kw = dict(chunks=(1, *arr.shape[1:]), **comp) if comp else {}
-                f.create_dataset(name, data=arr, track_times=False, **kw)
-            f.attrs["hr_affine"] = np.asarray(vol.hr_affine, dtype=np.float64)
-            f.attrs["lr_affine"] = np.asarray(vol.lr_affine, dtype=np.float64)
-            f.attrs["subject"] = vol.subject
-            f.attrs["group"] = vol.group
-            f.attrs["slice_axis"] = np.int64(vol.slice_axis)
+    image = io.BytesIO()
+    with h5py.File(image, "w", libver=LIBVER) as f:
+        for name, arr in (("hr", vol.hr), ("lr", vol.lr), ("mask", vol.mask)):
+            if arr is None:  # an LR-only volume
+                continue
+            arr = arr.astype(np.uint8 if name == "mask" else np.float32)
+            kw = dict(chunks=(1, *arr.shape[1:]), **comp) if comp else {}
+            f.create_dataset(name, data=arr, track_times=False, **kw)
+        f.attrs["hr_affine"] = np.asarray(vol.hr_affine, dtype=np.float64)
+        f.attrs["lr_affine"] = np.asarray(vol.lr_affine, dtype=np.float64)
+        f.attrs["subject"] = vol.subject
+        f.attrs["group"] = vol.group
+        f.attrs["slice_axis"] = np.int64(vol.slice_axis)
+        if vol.lr_source != "synthetic":  # absent: synthetic, as in every file before own data
+            f.attrs["lr_source"] = vol.lr_source
+    atomic_write_bytes(path, image.getbuffer())
 
 
 # --------------------------------------------------------------------------- readers
@@ -162,11 +179,12 @@ def read_volume(path: str | os.PathLike) -> VolumePair:
     """A volume file -> its `VolumePair`; ValueError naming the file if it cannot be read."""
     try:
         with h5py.File(path, "r") as f:
+            lr_only = "hr" not in f
             return VolumePair(
-                hr=f["hr"][()], lr=f["lr"][()], mask=f["mask"][()],
+                hr=None if lr_only else f["hr"][()], lr=f["lr"][()], mask=None if lr_only else f["mask"][()],
                 hr_affine=np.asarray(f.attrs["hr_affine"]), lr_affine=np.asarray(f.attrs["lr_affine"]),
                 subject=str(f.attrs["subject"]), group=str(f.attrs["group"]),
-                slice_axis=int(f.attrs["slice_axis"]))
+                slice_axis=int(f.attrs["slice_axis"]), lr_source=str(f.attrs.get("lr_source", "synthetic")))
     except (OSError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable volume file ({type(exc).__name__}: {exc})") from None
 
@@ -176,7 +194,7 @@ def check_file(path: str | os.PathLike, kind: str, expected_count: int | None = 
     try:
         with h5py.File(path, "r") as f:
             if kind == "volume":
-                for name in ("hr", "lr", "mask"):
+                for name in ("hr", "lr", "mask") if "hr" in f else ("lr",):
                     _ = f[name][()]
                 for a in ("hr_affine", "lr_affine", "subject", "slice_axis"):
                     _ = f.attrs[a]

@@ -1,9 +1,12 @@
 """`udean shards verify OUT` and `udean shards regenerate OUT`.
 
 verify: every shard row of the manifest -> file exists, byte size, sha256, opens with h5py and
-every chunk reads, patch count; every ok subject's shards are listed. Exit 1 when anything is off.
-regenerate: redo exactly the subjects whose shards are missing or corrupt (with the manifest's
-own config), under MPI or as one rank, and rewrite the manifest.
+every chunk reads, patch count; every ok subject's shards are listed; a subject that failed (or
+is pending) is a problem too: the data set is not whole. Exit 1 when anything is off. (Paths
+are checked on load: a manifest row pointing outside the folder is refused, exit 2.)
+regenerate: redo exactly the subjects `verify` flags (with the manifest's own config: a failed
+subject is retried, its input may have been fixed), under MPI or as one rank, and rewrite the
+manifest; exit 1 when a subject still fails.
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ def verify(out: str | Path, m: Manifest | None = None, group: str | None = None)
                     problems.append({"subject": sub.id, "path": path, "problem": "no shard row in the manifest"})
         elif sub.status == "pending":
             problems.append({"subject": sub.id, "path": None, "problem": "pending (run interrupted)"})
+        elif sub.status == "failed":
+            problems.append({"subject": sub.id, "path": None, "problem": f"failed in preprocessing: {sub.error}"})
     return problems
 
 
@@ -98,13 +103,15 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(problems, indent=1))
         for p in problems:
-            console.print(f"[red]bad[/] {p['subject']}: {p['path']}: {p['problem']}", highlight=False)
+            console.print(f"[red]bad[/] {p['subject']}: {p['path'] or '-'}: {p['problem']}", highlight=False)
+        failed = sum(p["path"] is None for p in problems)
         console.print(f"shards verify: {len(m.shards)} shards, {len(problems)} problems "
-                      f"({len({p['subject'] for p in problems})} subjects)", highlight=False)
+                      f"({len({p['subject'] for p in problems})} subjects, {failed} of them failed or pending in "
+                      f"preprocessing) in {args.out}", highlight=False)
         return 1 if problems else 0
     comm = mpi.world()
     summary = regenerate(args.out, comm, progress=not args.no_progress, group=args.group)
     if comm.rank == 0:
         console.print(f"shards regenerate: redid {len(summary.redone)} subjects {summary.redone}",
                       highlight=False)
-    return 0
+    return summary.exit_code(what="udean shards regenerate", say=comm.rank == 0)

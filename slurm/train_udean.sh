@@ -2,11 +2,11 @@
 # Train UDEAN with DeepSpeed: one task per GPU on every node, resumed from its checkpoint after
 # every requeue. Submit from the repository root:
 #
-#   sbatch slurm/train_udean.sh                                   # configs/paper.yaml
-#   UDEAN_CONFIG=configs/demo.yaml sbatch slurm/train_udean.sh train.lr=3e-4 train.out=runs/a
+#   sbatch slurm/train_udean.sh                                   # --config paper (shipped)
+#   UDEAN_CONFIG=demo sbatch slurm/train_udean.sh train.lr=3e-4 train.out=runs/a
 #   sbatch -N 4 -p gpu -A proj123 --time=24:00:00 slurm/train_udean.sh train.out=runs/big
 #
-# Arguments are passed to `udean train` (config overrides key.sub=value, or --config PATH).
+# Arguments are passed to `udean train` (config overrides key.sub=value, or --config PATH|paper|demo|tiny).
 # UDEAN_CONFIG picks the config when no --config is given. Site variables: slurm/common.sh.
 # Change --gpus-per-node and --ntasks-per-node together: one task per GPU.
 #
@@ -29,7 +29,7 @@ source "${UDEAN_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"
 udean_setup
 
 config_args=()
-[[ " $* " == *" --config "* || " $* " == *" --config="* ]] || config_args=(--config "${UDEAN_CONFIG:-configs/paper.yaml}")
+[[ " $* " == *" --config "* || " $* " == *" --config="* ]] || config_args=(--config "${UDEAN_CONFIG:-paper}")
 
 rc=0
 udean_run udean train "${config_args[@]}" "$@" || rc=$?

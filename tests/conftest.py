@@ -14,6 +14,10 @@ os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 os.environ.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+# DeepSpeed JIT-builds its CPU shm op into ~/.cache/torch_extensions, one folder for every venv:
+# two checkouts (or the jobs of two venvs) rebuild it in turn, a minute each time. One per venv,
+# for every test and every process it starts.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,22 @@ library function (`udean.train.train(cfg)`, `udean.evaluate.evaluate(cfg, checkp
 Modules are imported only when their command runs, so `udean --help` is instant. Commands
 that take the config tree get `--config PATH` and trailing `key.sub=value` overrides;
 `args.cfg` is the validated config.
+
+Errors: whatever the user can fix is one line on stderr (no traceback) and a documented exit
+code (`EXIT_CODES`, shown by `udean --help` and in the README); `UDEAN_DEBUG=1` shows the
+traceback instead. A checkpoint torch cannot load (a pickle with code in it, refused by
+weights_only; a truncated or foreign file) and weights that do not fit the config's model
+are user errors wherever they are raised: `_user_error` recognises them by the torch function
+they came out of.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import pickle
 import sys
+import traceback
 
 # name -> (module, one-line help, takes the config tree)
 COMMANDS: dict[str, tuple[str, str, bool]] = {
@@ -24,13 +33,31 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "model-info": ("udean.model_info", "parameters and FLOPs per model component", True),
     "train": ("udean.train", "train UDEAN with DeepSpeed on preprocessed shards (resumes automatically)", True),
     "infer": ("udean.infer", "LR NIfTI -> x2 SR NIfTI by a blended sliding window (voxel size halved, same world position)", True),
+    "export": ("udean.export", "an inference checkpoint (for infer / evaluate) from any training checkpoint", False),
     "evaluate": ("udean.evaluate", "SR vs HR on the test volumes: PSNR/SSIM tables (tricubic baseline first) and figures", True),
     "demo": ("udean.demo", "end to end on CPU in minutes: cohort -> MPI preprocess -> DeepSpeed train -> evaluate", True),
 }
 
+# exit codes of every command (README "Command line")
+EXIT_CODES = {
+    0: "success",
+    1: "the job ran but did not succeed: a subject failed (preprocess, regenerate), shards are bad (verify), "
+       "out of memory, an internal error (traceback)",
+    2: "user error, before any work: an option, config value or input; an output folder another job holds "
+       "or that holds another config's data or run",
+    3: "training stopped: too many non-finite losses in a row (train.max_nonfinite)",
+    74: "output error: a write failed (disk full, I/O error); nothing half-written, finished work kept: free "
+        "space and rerun to resume",
+    75: "checkpoint written on SIGTERM/SIGUSR1: requeue the job, it resumes",
+    130: "interrupted (Ctrl-C)",
+}
+EXIT_OUTPUT = 74
+
 EPILOG = """config overrides: append key.sub=value after the options, e.g.
   udean train --config demo train.lr=3e-4 model.variant=3d
-shipped configs: paper (every paper hyper-parameter), demo (CPU, minutes), tiny (tests)"""
+shipped configs: paper (every paper hyper-parameter), demo (CPU, minutes), tiny (tests)
+exit codes:
+""" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -61,7 +88,7 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
     module, help_text, uses_config = COMMANDS[name]
     p = argparse.ArgumentParser(
         prog=f"udean {name}", description=help_text,
-        epilog=EPILOG if uses_config else None,
+        epilog=EPILOG if uses_config else EPILOG[EPILOG.index("exit codes:"):],
         formatter_class=HelpFormatter,
     )
     if uses_config:
@@ -73,6 +100,28 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
     return p
 
 
+def _first_lines(text: str, n: int = 2) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines()[:n] if line.strip())
+
+
+def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | None:
+    """The one-line message of an error the user can fix, or None (a bug: the traceback shows)."""
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return str(exc)
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        code = frame.f_code
+        if code.co_name == "load" and code.co_filename.endswith(os.path.join("torch", "serialization.py")):
+            path = frame.f_locals.get("f")
+            why = ("it holds pickled objects other than tensors (refused unread: loading them could run code)"
+                   if isinstance(exc, pickle.UnpicklingError) else
+                   f"truncated, or not a torch checkpoint ({type(exc).__name__}: {_first_lines(exc, 1)[:160]})")
+            return f"{path}: cannot be loaded as weights: {why}"
+        if code.co_name == "load_state_dict" and code.co_filename.endswith(os.path.join("nn", "modules", "module.py")):
+            where = f"{args.checkpoint}: " if getattr(args, "checkpoint", None) else ""
+            return f"{where}the weights do not fit the model its config describes ({_first_lines(exc)[:400]})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -80,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     name = argv[0]
+    args = None
     try:
         args = _command_parser(name).parse_args(argv[1:])
         if COMMANDS[name][2]:
@@ -87,16 +137,30 @@ def main(argv: list[str] | None = None) -> int:
 
             args.cfg = load(args.config, args.overrides)
         return int(importlib.import_module(COMMANDS[name][0]).run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # user-facing errors: one clear line, no traceback
-        if os.environ.get("UDEAN_DEBUG"):
-            raise
-        from rich.console import Console
-        from rich.markup import escape
-
-        Console(stderr=True).print(f"[bold red]udean {name}: error:[/] {escape(str(exc))}", highlight=False)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # user-facing errors: one clear line, no traceback
+        from hpc.atomic import OutputError
+
+        if isinstance(exc, OutputError):
+            message, code = f"output error: {exc} (nothing half-written is left; free space or fix the folder " \
+                            "and rerun to resume)", EXIT_OUTPUT
+        elif isinstance(exc, MemoryError):
+            message, code = f"out of memory ({_first_lines(exc) or 'MemoryError'}): give the job more memory", 1
+        else:
+            message, code = _user_error(exc, args), 2
+        if message is None or os.environ.get("UDEAN_DEBUG"):
+            raise
+        _say_error(name, message)
+        return code
+
+
+def _say_error(name: str, message: str) -> None:
+    """`udean NAME: error: MESSAGE` as one line on stderr, however long (no wrapping)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]udean {name}: error:[/] {escape(message)}", highlight=False)
 
 
 if __name__ == "__main__":

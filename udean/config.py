@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from hpc.atomic import atomic_write_text
 from preprocessing.config import ConfigError, DataConfig, Section
@@ -108,6 +108,9 @@ class LossConfig(Section):
 
 
 # --------------------------------------------------------------------------- training (II-D)
+TESTED_ZERO_STAGES = (0, 1)  # with fp32, bf16 and fp16: tests/udean/test_engines.py
+
+
 class TrainConfig(Section):
     out: str = "runs/udean"
     epochs: int = Field(30, ge=1)
@@ -118,7 +121,11 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0.0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    zero_stage: int = Field(0, ge=0, le=3)
+    # DeepSpeed ZeRO stage of both engines, 0 or 1 (the stages the suite tests); null: 1 with
+    # bf16 / fp16 (DeepSpeed's flat ZeRO optimizer: a few host syncs per step, where stage 0's
+    # unfused fp16/bf16 wrapper syncs once per parameter), 0 with fp32 (torch's Adam unwrapped).
+    # Measured: benchmarks/zero_precision.py, docs/performance.md
+    zero_stage: int | None = Field(None, ge=0, validate_default=True)
     grad_clip: float = Field(0.0, ge=0.0)  # max global grad norm per engine; 0: off
     checkpoint_every: int = Field(500, ge=1)  # steps
     keep_last: int = Field(3, ge=1)
@@ -140,6 +147,9 @@ class TrainConfig(Section):
     fidelity_every: int = Field(0, ge=0)
     image_every: int = Field(0, ge=0)
     deterministic: bool = False
+    # torch.backends.cudnn.benchmark during training (fixed patch shapes: cuDNN times its kernels
+    # once and keeps the fastest); null: on, except with `deterministic`
+    cudnn_benchmark: bool | None = Field(None, validate_default=True)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
     @field_validator("augment", "augment_source", mode="before")
@@ -155,6 +165,27 @@ class TrainConfig(Section):
             raise ValueError("betas must be in [0, 1)")
         return self
 
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_stage(cls, stage: int | None, info: ValidationInfo) -> int:
+        precision = info.data.get("precision", "bf16")
+        default = 0 if precision == "fp32" else 1
+        if stage is None:
+            return default
+        if stage not in TESTED_ZERO_STAGES:
+            raise ValueError(f"ZeRO stage {stage} with train.precision={precision} is not tested by this suite: "
+                             f"use 0 or 1 (null: {default} for {precision})")
+        return stage
+
+    @field_validator("cudnn_benchmark")
+    @classmethod
+    def _cudnn_benchmark(cls, on: bool | None, info: ValidationInfo) -> bool:
+        deterministic = bool(info.data.get("deterministic", False))
+        if on and deterministic:
+            raise ValueError("true contradicts train.deterministic=true (cuDNN's timing may pick other kernels "
+                             "in every run): set one of them false")
+        return not deterministic if on is None else on
+
 
 # --------------------------------------------------------------------------- inference
 class InferConfig(Section):
@@ -165,8 +196,13 @@ class InferConfig(Section):
     overlap: float = Field(0.25, ge=0.0, lt=1.0)  # in-plane overlap of neighbouring tiles, fraction of the patch
     # LR slices shared by consecutive slabs; null: slab - 1 (stride 1, a slab centred on every slice)
     slab_overlap: int | None = Field(None, ge=0)
-    batch_size: int = Field(8, ge=1)  # tiles per forward pass
+    # tiles per forward pass; 0: sized to the device (udean.infer.auto_batch_size: from free CUDA
+    # memory and one tile's measured footprint; 8 on CPU)
+    batch_size: int = Field(0, ge=0)
     amp: bool = False  # bf16 autocast of fp32 weights (GPU)
+    # torch.backends.cudnn.benchmark while tiling (restored after); null: on, except under
+    # torch.use_deterministic_algorithms (train.deterministic)
+    cudnn_benchmark: bool | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: cuda if available, else cpu
 
 
@@ -201,6 +237,8 @@ def _format_error(err: ValidationError) -> str:
         elif e["type"] == "literal_error":
             msg = msg.replace("Input should be", "allowed values:")
         lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
+    if len(lines) == 1:  # the common case: one line, like every CLI error
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

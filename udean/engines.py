@@ -15,6 +15,7 @@ unpickles arbitrary objects, so each engine gets `WeightsOnlyCheckpointEngine` i
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -137,9 +138,11 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
     engines = []
     for module in (generator, discriminators):
         module.to(device)
+        # one dict per engine: DeepSpeed keeps the dict it is given, and before 0.19.1 popped
+        # `torch_adam` out of it, so a shared dict gave the second engine FusedAdam
         engine, *_ = deepspeed.initialize(
             args=ds_args, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-            config=ds, lr_scheduler=lambda opt: cosine_schedule(opt, cfg.train, total_steps),
+            config=copy.deepcopy(ds), lr_scheduler=lambda opt: cosine_schedule(opt, cfg.train, total_steps),
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
         engines.append(engine)

@@ -18,8 +18,13 @@ prediction on the HR grid; every prediction is scored on the same voxels:
   `psnr_<region>`, `ssim_<region>` for every other region;
 - scores (`SCORES`): PSNR (dB, data range 1) and mean per-slice SSIM (2D Gaussian window, the
   loss's `ssim_window`, slices along the acquisition axis) from udean.metrics, the functions
-  the training loss uses.
-A new region or score is one entry in its table.
+  the training loss uses;
+- LR scores (`LR_SCORES`), which need no HR: `lr_psnr`, the LR-consistency of the prediction
+  (the SR decimated back to the LR grid with the model's own fixed decimation,
+  `udean.models.layers.downsample2`, vs the LR; whole LR volume). An LR-only volume (an acquired
+  LR scan without HR, own data) gets only these.
+A new region or score is one entry in its table. Every row names where its LR came from
+(`lr_source`: "synthetic", made from the HR by preprocessing, or "acquired").
 
 `udean evaluate`, for every paired volume of the group (default `test`, from the manifest):
     tricubic   cubic B-spline interpolation of LR onto the HR grid (Table II's first row)
@@ -160,6 +165,20 @@ SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None
     "psnr": _psnr, "ssim": _ssim}
 
 
+def _lr_psnr(pred: torch.Tensor, lr: torch.Tensor) -> float:
+    from udean.metrics import psnr
+    from udean.models.layers import downsample2
+
+    back = downsample2(pred[None])[0]
+    n = tuple(min(a, b) for a, b in zip(back.shape, lr.shape))
+    return float(psnr(back[:n[0], :n[1], :n[2]], lr[:n[0], :n[1], :n[2]], data_range=1.0))
+
+
+# name -> f(prediction on the x2 grid, LR) -> float: scores that need no HR
+LR_SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {"lr_psnr": _lr_psnr}
+SCORE_NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lr_psnr": "LR-consistency PSNR (dB)"}
+
+
 def score(pred: np.ndarray, hr: np.ndarray, *, window: int = 7, voxels: np.ndarray | None = None) -> dict[str, float]:
     """Every score of `pred` vs `hr`, both (D, H, W) slices first; `voxels` (bool, same shape):
     only those (SSIM: the mean of its map over them), None: all."""
@@ -176,33 +195,54 @@ def score_key(name: str, region: str) -> str:
 
 def score_grid(vol: VolumePair) -> Box:
     """The HR voxels every prediction is scored on: those the LR volume covers (x2 its shape),
-    i.e. all of HR unless an HR extent is odd."""
+    i.e. all of HR unless an HR extent is odd (an LR-only volume: the whole x2 grid)."""
+    if vol.hr is None:
+        return tuple(slice(0, SCALE * n) for n in vol.lr.shape)
     return tuple(slice(0, min(SCALE * n, m)) for n, m in zip(vol.lr.shape, vol.hr.shape))
+
+
+def hr_grid_shape(vol: VolumePair) -> tuple[int, int, int]:
+    """The shape of a prediction of `vol`: its HR's, or x2 the LR's for an LR-only volume."""
+    return tuple(vol.hr.shape) if vol.hr is not None else tuple(SCALE * n for n in vol.lr.shape)
 
 
 # --------------------------------------------------------------------------- the evaluator
 @dataclass
 class MethodResult:
     name: str
-    subjects: list[dict] = field(default_factory=list)  # {"subject", "psnr", "ssim"}, in volume order
+    # {"subject", "lr_source", "psnr", "ssim", "lr_psnr"}, in volume order (LR-only volumes: no psnr / ssim)
+    subjects: list[dict] = field(default_factory=list)
 
     def mean(self, key: str) -> float:
-        """Mean over subjects, summed in volume order (what validation logs)."""
-        return sum((s[key] for s in self.subjects), 0.0) / max(len(self.subjects), 1)
+        """Mean over the subjects that have `key`, summed in volume order (what validation
+        logs); NaN when none has it."""
+        v = [s[key] for s in self.subjects if key in s]
+        return sum(v, 0.0) / len(v) if v else float("nan")
 
     def stats(self, key: str) -> tuple[float, float]:
-        v = np.array([s[key] for s in self.subjects], dtype=np.float64)
+        v = np.array([s[key] for s in self.subjects if key in s], dtype=np.float64)
+        if not len(v):
+            return float("nan"), float("nan")
         return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
     def keys(self) -> list[str]:
-        """The score keys of the rows (psnr, ssim, psnr_head, ...), in order."""
-        return [k for k in (self.subjects[0] if self.subjects else {}) if k != "subject"]
+        """The score keys of the rows (psnr, ssim, psnr_head, ..., lr_psnr), in order of first use."""
+        return list(dict.fromkeys(k for s in self.subjects for k in s if k not in ("subject", "lr_source")))
 
     def to_dict(self) -> dict:
         d: dict = {"method": self.name}
-        for key in self.keys() or list(SCORES):
-            d[f"{key}_mean"], d[f"{key}_std"] = self.stats(key) if self.subjects else (float("nan"), float("nan"))
-        return {**d, "n": len(self.subjects), "subjects": self.subjects}
+        for key in self.keys() or [*SCORES, *LR_SCORES]:
+            d[f"{key}_mean"], d[f"{key}_std"] = self.stats(key)
+        return {**d, "n": len(self.subjects), "n_hr": sum("psnr" in s for s in self.subjects),
+                "lr_sources": lr_sources(self.subjects), "subjects": self.subjects}
+
+
+def lr_sources(rows: list[dict]) -> dict[str, int]:
+    """How many rows have each LR source ("synthetic" / "acquired")."""
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r.get("lr_source", "synthetic")] = out.get(r.get("lr_source", "synthetic"), 0) + 1
+    return out
 
 
 OnVolume = Callable[[VolumePair, dict[str, np.ndarray], dict[str, dict]], None]
@@ -224,21 +264,24 @@ class Evaluator:
                      ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
         """Every method on one volume -> ({name: prediction}, {name: scores of every region})."""
         grid = score_grid(vol)
-        hr = np.asarray(vol.hr, dtype=np.float32)
-        scored = {r: REGIONS[r][1](hr[grid], vol.mask[grid]) for r in self.regions}
+        hr = None if vol.hr is None else np.asarray(vol.hr, dtype=np.float32)
+        scored = {} if hr is None else {r: REGIONS[r][1](hr[grid], vol.mask[grid]) for r in self.regions}
+        lr = torch.as_tensor(np.ascontiguousarray(vol.lr, dtype=np.float32))
         preds, scores = {}, {}
         for name, fn in self.methods.items():
             if progress is not None:
                 progress(f"{vol.subject}: {name}")
             pred = fn(vol)
-            if pred.shape not in (hr.shape, tuple(SCALE * n for n in vol.lr.shape)):
-                raise ValueError(f"{name} on {vol.subject}: prediction {pred.shape} is neither the HR grid {hr.shape} "
-                                 f"nor x{SCALE} the LR grid {vol.lr.shape}")
+            if pred.shape not in (hr_grid_shape(vol), tuple(SCALE * n for n in vol.lr.shape)):
+                raise ValueError(f"{name} on {vol.subject}: prediction {pred.shape} is neither the HR grid "
+                                 f"{hr_grid_shape(vol)} nor x{SCALE} the LR grid {vol.lr.shape}")
             preds[name] = pred
             scores[name] = {}
             for r, (box, voxels) in scored.items():
                 got = score(pred[grid][box], hr[grid][box], window=self.window, voxels=voxels)
                 scores[name].update({score_key(k, r): v for k, v in got.items()})
+            p = torch.as_tensor(np.ascontiguousarray(pred[grid], dtype=np.float32))
+            scores[name].update({k: fn_lr(p, lr) for k, fn_lr in LR_SCORES.items()})
         return preds, scores
 
     def run(self, volumes: Sequence[VolumePair | str | os.PathLike], dist=None, *, on_volume: OnVolume | None = None,
@@ -253,7 +296,7 @@ class Evaluator:
         for i in range(rank, len(volumes), world):
             vol = volumes[i] if isinstance(volumes[i], VolumePair) else read_volume(volumes[i])
             preds, scores = self.score_volume(vol, progress)
-            mine.append((i, vol.subject, scores))
+            mine.append((i, vol.subject, vol.lr_source, scores))
             if on_volume is not None:
                 on_volume(vol, preds, scores)
         rows = mine
@@ -262,9 +305,9 @@ class Evaluator:
             rows = dist.broadcast_object(sorted((r for part in gathered for r in part), key=lambda r: r[0])
                                          if dist.rank == 0 else None)
         results = {name: MethodResult(name) for name in self.methods}
-        for _, subject, scores in rows:
+        for _, subject, source, scores in rows:
             for name, s in scores.items():
-                results[name].subjects.append({"subject": subject, **s})
+                results[name].subjects.append({"subject": subject, "lr_source": source, **s})
         return list(results.values())
 
 
@@ -275,31 +318,48 @@ def pm(mean: float, std: float, digits: int) -> str:
 
 
 def region_columns(regions: Sequence[str]) -> list[tuple[str, str, int]]:
-    """(score key, column title, decimals) of SSIM and PSNR for every region, in table order."""
+    """(score key, column title, decimals) of SSIM and PSNR for every region, then the LR
+    scores, in table order."""
     cols = []
     for r in regions:
         tag = "" if r == "volume" else f" ({r})"
         cols += [(score_key("ssim", r), f"SSIM{tag}", 4), (score_key("psnr", r), f"PSNR{tag} (dB)", 2)]
-    return cols
+    return cols + [(k, SCORE_NAMES[k], 2) for k in LR_SCORES]
+
+
+def describe_lr(sources: dict[str, int]) -> str:
+    """Where the LR came from, for table headers: "LR: 2 synthetic (made from the HR), 1 acquired"."""
+    text = {"synthetic": "synthetic (made from the HR by preprocessing)", "acquired": "acquired (authentic scans)"}
+    return "LR: " + ", ".join(f"{n} {text.get(k, k)}" for k, n in sorted(sources.items()))
+
+
+def _cell(x: float, digits: int) -> str:
+    return "–" if not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _pm(d: dict, key: str, digits: int) -> str:
+    return pm(d[f"{key}_mean"], d[f"{key}_std"], digits) if np.isfinite(d.get(f"{key}_mean", np.nan)) else "–"
 
 
 def markdown(results: list[MethodResult], meta: dict) -> str:
     regions = meta.get("regions", list(ALWAYS))
     cols = region_columns(regions)
-    lines = [f"# UDEAN evaluation: {meta.get('group', 'test')} set, {results[0].to_dict()['n'] if results else 0} subjects",
+    d0 = results[0].to_dict() if results else {"n": 0, "lr_sources": {}}
+    lines = [f"# UDEAN evaluation: {meta.get('group', 'test')} set, {d0['n']} subjects",
              "", f"x2 x2 x2 super-resolution; PSNR (data range 1) and SSIM (2D Gaussian window {meta.get('ssim_window', 7)}, "
              "per slice) over " + ", ".join(f"the {REGIONS[r][0]} ({r})" for r in regions) + "; "
              "mean ± sample std over subjects. The head region is where the anatomy is: a noisy background "
-             "makes whole-volume scores reward denoising a threshold would also give.", "",
+             "makes whole-volume scores reward denoising a threshold would also give. LR-consistency: the SR "
+             f"decimated back vs the LR (no HR needed). {describe_lr(d0['lr_sources'])}.", "",
              "| Method | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for r in results:
         d = r.to_dict()
-        lines.append(f"| {r.name} | " + " | ".join(pm(d[f"{k}_mean"], d[f"{k}_std"], n) for k, _, n in cols) + " |")
-    lines += ["", "## Per subject", "", "| Subject | " + " | ".join(f"{r.name} {c[1]}" for r in results for c in cols)
-              + " |", "|---|" + "---|" * (len(cols) * len(results))]
+        lines.append(f"| {r.name} | " + " | ".join(_pm(d, k, n) for k, _, n in cols) + " |")
+    lines += ["", "## Per subject", "", "| Subject | LR | " + " | ".join(f"{r.name} {c[1]}" for r in results for c in cols)
+              + " |", "|---|---|" + "---|" * (len(cols) * len(results))]
     for i, row in enumerate(results[0].subjects if results else []):
-        cells = " | ".join(f"{r.subjects[i][k]:.{n}f}" for r in results for k, _, n in cols)
-        lines.append(f"| {row['subject']} | {cells} |")
+        cells = " | ".join(_cell(r.subjects[i].get(k, np.nan), n) for r in results for k, _, n in cols)
+        lines.append(f"| {row['subject']} | {row.get('lr_source', 'synthetic')} | {cells} |")
     lines += ["", f"checkpoint: `{meta.get('checkpoint', '')}`  ", f"data: `{meta.get('data', '')}`", ""]
     return "\n".join(lines)
 
@@ -313,14 +373,16 @@ def rich_table(results: list[MethodResult], title: str, regions: Sequence[str] =
     t.add_column("Subject")
     for _, name, _ in cols:
         t.add_column(name, justify="right")
+    t.add_column("LR")
     for r in results:
         for s in r.subjects:
-            t.add_row(r.name, s["subject"], *(f"{s[k]:.{n}f}" for k, _, n in cols), style="dim")
+            t.add_row(r.name, s["subject"], *(_cell(s.get(k, np.nan), n) for k, _, n in cols),
+                      s.get("lr_source", "synthetic"), style="dim")
     t.add_section()
     for r in results:
         d = r.to_dict()
-        t.add_row(f"[bold]{r.name}[/]", f"mean ± std (n={d['n']})", *(pm(d[f"{k}_mean"], d[f"{k}_std"], n)
-                                                                       for k, _, n in cols))
+        t.add_row(f"[bold]{r.name}[/]", f"mean ± std (n={d['n']})", *(_pm(d, k, n) for k, _, n in cols),
+                  describe_lr(d["lr_sources"])[4:])
     return t
 
 
@@ -370,7 +432,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path
     def tiled(model) -> Method:
         return lambda v: inferer(v.lr, model)
 
-    methods: dict[str, Method] = {TRICUBIC: lambda v: tricubic(v.lr, v.hr.shape)}
+    methods: dict[str, Method] = {TRICUBIC: lambda v: tricubic(v.lr, hr_grid_shape(v))}
     if run_cfg.model.image_skip:  # what training added: the same tiles through the bare skip
         from udean.models.layers import upsample2
 
@@ -379,9 +441,9 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path
     shown: list[Path] = []
 
     def on_volume(vol: VolumePair, preds: dict, scores: dict) -> None:
-        if len(shown) < figures:
+        if len(shown) < figures and vol.hr is not None:
             shown.append(volume_figure(vol, preds, out / f"fig_{vol.subject}.png", scores=scores,
-                                       title=f"{vol.subject} ({group}): sagittal and axial, x2x2x2"))
+                                       title=f"{vol.subject} ({group}, LR {vol.lr_source}): sagittal and axial, x2x2x2"))
         if save_volumes:
             import nibabel as nib
 
@@ -404,6 +466,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path
         bar.update(task, completed=len(paths) * len(methods), description="done")
 
     meta = {"group": group, "regions": evaluator.regions, "ssim_window": run_cfg.loss.ssim_window,
+            "lr_sources": lr_sources(results[0].subjects) if results else {},
             "checkpoint": str(ckpt), "data": str(data), "device": str(device),
             "sliding_window": inferer.settings(), "seconds": round(time.perf_counter() - t0, 2)}
     js, md = write_results(results, meta, out)

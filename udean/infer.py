@@ -35,14 +35,27 @@ diag(2, 2, 2, 1)`). The network reproduces that geometry, so SR voxel i sits at 
 index i / 2 and the SR affine is `A_lr @ diag(.5, .5, .5, 1)`: half the voxel size, the same
 world position; on preprocessed data it equals the HR affine exactly (the SR volume overlays the
 HR scan in FSLeyes / ITK-SNAP). (The voxel-centre convention, HR i at LR (i - 0.5) / 2, would
-shift the SR volume by a quarter LR voxel against what the network outputs.)
+shift the SR volume by a quarter LR voxel against what the network outputs.) The network runs
+in canonical (RAS+) voxel order, so the convention holds there: canonical SR voxel i is at
+canonical LR voxel i / 2, in particular both first voxels (in canonical order) coincide; along an
+axis the input stores flipped (LPS, ...), the file's first SR voxel is half an LR voxel beyond
+the file's first LR voxel. The SR is written in the input's voxel order and orientation
+(`write_sr_nifti`), obliquity kept.
 
-Intensities: the input is scaled to [0, 1] with preprocessing's own scaling (what the network
-was trained on); the SR volume is clipped to [0, 1] and written as float32.
+Grid: an input at another voxel size than the training LR grid (data.voxel_size_mm x 2, beyond
+data.voxel_tolerance_mm) is resampled onto it first (preprocessing.geometry: same orientation
+and field of view), within data.own.max_resample per axis, and refused beyond; the SR then has
+half the training LR voxel size, and the convention above holds for the resampled grid.
+
+Intensities: the input is scaled to [0, 1] with preprocessing's own scaling of the checkpoint's
+data config (min-max for the paper protocol, the percentiles of data.own for own data: the
+network's training range), the SR volume is clipped to [0, 1], mapped back to the input's units
+by the inverse of the input's own scaling (`--keep-normalised`: left in [0, 1]), float32.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -204,6 +217,48 @@ def tile_count(shape: tuple[int, int, int], slab: int, patch: tuple[int, int], o
     return math.prod(len(a) for a in _grid(shape, slab, tuple(patch), overlap, slab_overlap))
 
 
+CPU_TILE_BATCH = 8  # infer.batch_size 0 on a CPU
+MAX_TILE_BATCH = 256  # beyond this a forward pass is long enough to fill any GPU
+MEMORY_SHARE = 0.5  # of the free device memory, for the tiles in flight (the rest: blending, other work)
+
+
+def tiles_per_batch(free_bytes: int, bytes_per_tile: int) -> int:
+    """Tiles per forward pass whose activations fit in MEMORY_SHARE of `free_bytes`, in
+    [1, MAX_TILE_BATCH]."""
+    if bytes_per_tile <= 0:
+        return MAX_TILE_BATCH
+    return max(1, min(MAX_TILE_BATCH, int(MEMORY_SHARE * free_bytes) // int(bytes_per_tile)))
+
+
+def auto_batch_size(net: Model, slab: int, patch: tuple[int, int], device: torch.device, amp: bool = False) -> int:
+    """`infer.batch_size: 0`: CPU_TILE_BATCH on a CPU; on CUDA, one tile's measured peak memory
+    through `net` (a forward of one zero tile; resets the device's peak-memory statistics) against
+    the memory free to this process (the driver's free memory plus what torch's allocator holds
+    unused), by `tiles_per_batch`."""
+    if device.type != "cuda":
+        return CPU_TILE_BATCH
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        net(torch.zeros((1, slab, *patch), device=device))
+    per_tile = torch.cuda.max_memory_allocated(device) - before
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return tiles_per_batch(free, per_tile)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """torch.backends.cudnn.benchmark = `on` inside, the caller's value restored after."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
 @dataclass(frozen=True)
 class Inferer:
     """The sliding window, configured once: `inferer(lr, net)` super-resolves a whole volume.
@@ -217,21 +272,25 @@ class Inferer:
     patch: tuple[int, int]
     overlap: float
     slab_overlap: int  # resolved: slab - 1 when infer.slab_overlap is null
-    batch_size: int
+    batch_size: int  # 0: `auto_batch_size` for the network and device of each call
     amp: bool = False
     device: torch.device = torch.device("cpu")
+    cudnn_benchmark: bool | None = None  # None: on unless torch's deterministic mode is on
 
     @classmethod
     def from_config(cls, infer: InferConfig, patches: PatchConfig, device: str | torch.device | None = None) -> "Inferer":
         """`device` overrides `infer.device` (validation runs on the engine's device)."""
         return cls(patches.slab, (int(patches.lr_size[0]), int(patches.lr_size[1])), infer.overlap,
                    resolve_slab_overlap(patches.slab, infer.slab_overlap), infer.batch_size, infer.amp,
-                   pick_device(infer.device) if device is None else torch.device(device))
+                   pick_device(infer.device) if device is None else torch.device(device), infer.cudnn_benchmark)
 
     def __call__(self, lr: np.ndarray, net: Model, progress: Progress | None = None) -> np.ndarray:
-        y = sliding_window(lr, net, slab=self.slab, patch=self.patch, overlap=self.overlap,
-                           slab_overlap=self.slab_overlap, batch_size=self.batch_size, device=self.device,
-                           amp=self.amp, progress=progress)
+        bench = not torch.are_deterministic_algorithms_enabled() if self.cudnn_benchmark is None else self.cudnn_benchmark
+        with cudnn_benchmark(bench):  # every tile has one shape: cuDNN's timing pays off at once
+            batch = self.batch_size or auto_batch_size(net, self.slab, self.patch, self.device, self.amp)
+            y = sliding_window(lr, net, slab=self.slab, patch=self.patch, overlap=self.overlap,
+                               slab_overlap=self.slab_overlap, batch_size=batch, device=self.device,
+                               amp=self.amp, progress=progress)
         return np.clip(y, 0.0, 1.0, out=y)
 
     def tiles(self, shape: tuple[int, int, int]) -> int:
@@ -258,59 +317,103 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """The inference weights named by `path`: a `.pt` file, a `best/` folder, or a training run
-    folder (its `best/generator.pt`, written by udean.checkpoint.save_best)."""
+def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
+    """What `--checkpoint` names: ("weights", a generator.pt) for a .pt file, a best/ or last/
+    folder, or a training run folder (its best/, else its last/); ("training", the folder) for
+    a training checkpoint (RUN/checkpoints/step_N, read through `udean.export`)."""
     path = Path(path)
-    for cand in (path, path / "generator.pt", path / "best" / "generator.pt"):
+    if path.is_file():
+        return "weights", path
+    if (path / "files.json").is_file() and (path / "G").is_dir():
+        return "training", path
+    for cand in (path / "generator.pt", path / "best" / "generator.pt", path / "last" / "generator.pt"):
         if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"{path}: no inference checkpoint (expected a .pt file, a best/ folder "
-                            "or a training run folder with best/generator.pt)")
+            return "weights", cand
+    raise FileNotFoundError(f"{path}: no inference checkpoint (expected a training run folder, its best/ or last/ "
+                            "folder, a generator.pt, or a training checkpoint RUN/checkpoints/step_N)")
 
 
 def checkpoint_config(weights: Path) -> Config:
-    """The config the weights were trained with: `config` in best.json beside them, else the
-    run's saved config (config.yaml in the run folder)."""
+    """The config the weights were trained with: config.yaml beside them or in the run folder
+    above, else `config` in a best.json beside them (older checkpoints)."""
     import json
 
     from udean.config import from_dict, load
 
+    for folder in (weights.parent, weights.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return load(folder / "config.yaml")
     info = weights.parent / "best.json"
     if info.is_file():
         d = json.loads(info.read_text())
         if isinstance(d.get("config"), dict):
             return from_dict(d["config"])
-    for folder in (weights.parent, weights.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return load(folder / "config.yaml")
-    raise FileNotFoundError(f"{weights}: no config beside it (best.json 'config' or config.yaml in "
-                            f"{weights.parent} or {weights.parent.parent})")
+    raise FileNotFoundError(f"{weights}: no config beside it (config.yaml in {weights.parent} or "
+                            f"{weights.parent.parent}, or best.json 'config')")
+
+
+def checkpoint_input(checkpoint: str | Path, cfg: Config) -> dict:
+    """What inference conforms an input to, as the checkpoint recorded it (`input` in the json
+    beside the weights: the data set's own config, udean.checkpoint.inference_input); a
+    training checkpoint: from its run's data set; an older inference checkpoint: from `cfg.data`."""
+    import json
+
+    from udean.checkpoint import dataset_config, inference_input
+
+    kind, path = resolve_checkpoint(checkpoint)
+    if kind == "training":
+        return inference_input(dataset_config(cfg))
+    for info in sorted(path.parent.glob("*.json")):
+        try:
+            d = json.loads(info.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("input"), dict):
+            return d["input"]
+    return inference_input(cfg.data)
 
 
 def load_sr_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
-    """Inference checkpoint (see `find_checkpoint`) -> (SRNet in eval mode on `device`, the
-    Config it was trained with). Weights are loaded with weights_only=True (no unpickling)."""
+    """Inference checkpoint (see `resolve_checkpoint`) -> (SRNet in eval mode on `device`, the
+    Config it was trained with). Weights are loaded with weights_only=True (no unpickling);
+    ValueError naming the file when they cannot be read or do not fit the config."""
     from udean.models.udean import load_inference
 
-    weights = find_checkpoint(checkpoint)
-    cfg = checkpoint_config(weights)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    net = load_inference(state, cfg.model).to(device).eval()
-    return net, cfg
+    kind, path = resolve_checkpoint(checkpoint)
+    if kind == "training":
+        from udean.export import from_training_checkpoint
+
+        state, cfg = from_training_checkpoint(path)
+    else:
+        cfg = checkpoint_config(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, or not weights only
+            raise ValueError(f"{path}: not readable inference weights ({type(exc).__name__}: {exc})") from None
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+    try:
+        net = load_inference(state, cfg.model)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        text = " ".join(str(exc).split())
+        raise ValueError(f"{path}: the weights do not fit the model of its config ({text[:300]})") from None
+    return net.to(device).eval(), cfg
 
 
 # --------------------------------------------------------------------------- NIfTI in / out
-def read_lr_nifti(path: str | Path):
-    """LR NIfTI in any orientation -> (volume (X, Y, Z) canonical RAS+ float32 in [0, 1],
-    canonical affine, the original image (its header and orientation, for writing back)).
+class LRInput(NamedTuple):
+    data: np.ndarray  # (X, Y, Z) canonical RAS+ float32 in [0, 1], on the training LR grid
+    affine: np.ndarray  # its canonical affine
+    original: object  # the input image (header and orientation, for writing back)
+    scaling: object  # preprocessing.intensity.Scaling of the input: inverted on the way out
+    record: dict  # voxel sizes / shapes in and out, resampled (preprocessing.nifti.Scan.record)
 
-    The loading, the checks (not NIfTI, not 3D, NaN/Inf, constant) and the [0, 1] scaling are
-    preprocessing's own (preprocessing.nifti.load), so inference sees what training saw; the
-    voxel-size check is off (an LR volume has twice the HR voxel size).
-    """
+
+def read_lr_nifti(path: str | Path, spec=None) -> LRInput:
+    """LR NIfTI in any orientation -> `LRInput`, conformed to `spec` (an `input_spec`; default:
+    any voxel size, min-max): preprocessing's own loading, checks (not NIfTI, not 3D, NaN/Inf,
+    constant, voxel size), resampling and scaling (preprocessing.nifti.load_scan), so inference
+    sees what training saw."""
     import nibabel as nib
 
     from preprocessing import nifti
@@ -318,9 +421,10 @@ def read_lr_nifti(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    vol = nifti.load(path, voxel_size_mm=1.0, voxel_tolerance_mm=math.inf)
+    spec = spec or nifti.ScanSpec("LR", 1.0, math.inf)
+    scan = nifti.load_scan(path, spec)
     original = nib.load(str(path))  # lazy: header and affine only
-    return vol.data, vol.affine, original
+    return LRInput(scan.data, scan.affine, original, scan.scaling, scan.record)
 
 
 def write_sr_nifti(sr: np.ndarray, canonical_lr_affine: np.ndarray, original, path: str | Path) -> np.ndarray:
@@ -354,33 +458,72 @@ def write_sr_nifti(sr: np.ndarray, canonical_lr_affine: np.ndarray, original, pa
 
 class InferResult(NamedTuple):
     sr_path: Path
-    lr_shape: tuple[int, int, int]  # canonical (X, Y, Z)
+    lr_shape: tuple[int, int, int]  # canonical (X, Y, Z), on the training LR grid
     sr_shape: tuple[int, int, int]
     sr_affine: np.ndarray  # as written, in the input's orientation
     tiles: int
     device: torch.device
+    input: dict  # the input as read: voxel sizes / shapes in and out, resampled, intensity lo / hi
+    value_range: tuple[float, float]  # of the SR volume written
+
+
+@dataclass
+class Predictor:
+    """A loaded inference checkpoint, for any number of inputs (one model load): the SR network,
+    the config it was trained with, the sliding window and the input spec.
+
+    `predictor(lr_path, sr_path)`: the input conformed to the training LR grid and intensity
+    scaling -> slices first along the training slice axis -> `Inferer` -> back to canonical ->
+    the input's intensity units (the scaling inverted; `keep_normalised`: [0, 1]) -> written in
+    the input's orientation with the SR affine."""
+
+    net: torch.nn.Module
+    cfg: Config
+    inferer: Inferer
+    spec: object  # preprocessing.nifti.ScanSpec of the training LR grid and scaling
+    slice_axis: int  # the training thin-slab axis (canonical)
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, infer_cfg: InferConfig) -> "Predictor":
+        from preprocessing.nifti import ScanSpec
+
+        device = pick_device(infer_cfg.device)
+        net, run_cfg = load_sr_model(checkpoint, device)
+        rec = dict(checkpoint_input(checkpoint, run_cfg))
+        axis = int(rec.pop("slice_axis"))
+        spec = ScanSpec(**{**rec, "percentiles": tuple(rec.get("percentiles", (0.5, 99.5)))})
+        return cls(net, run_cfg, Inferer.from_config(infer_cfg, run_cfg.data.patches, device), spec, axis)
+
+    def __call__(self, lr_path: str | Path, sr_path: str | Path, *, keep_normalised: bool = False,
+                 progress: Progress | None = None) -> InferResult:
+        from preprocessing import intensity
+
+        lr = read_lr_nifti(lr_path, self.spec)
+        ax = self.slice_axis
+        lr_s = to_stored(lr.data, ax)
+        try:
+            check_lr_volume(lr_s, self.inferer.slab, self.inferer.patch)
+        except ValueError as exc:
+            raise ValueError(f"{lr_path}: {exc}") from None
+        sr = from_stored(self.inferer(lr_s, self.net, progress), ax)
+        if not keep_normalised:
+            sr = intensity.invert(sr, lr.scaling)
+        affine = write_sr_nifti(sr, lr.affine, lr.original, sr_path)
+        return InferResult(Path(sr_path), tuple(lr.data.shape), tuple(sr.shape), affine, self.inferer.tiles(lr_s.shape),
+                           self.inferer.device, lr.record, (float(sr.min()), float(sr.max())))
 
 
 def infer(checkpoint: str | Path, lr_path: str | Path, sr_path: str | Path, infer_cfg: InferConfig,
-          progress: Progress | None = None) -> InferResult:
-    """One LR NIfTI -> x2 SR NIfTI with the weights at `checkpoint` (what `udean infer` runs):
-    canonical volume -> slices first along the training `slice_axis` -> `Inferer` -> back."""
-    device = pick_device(infer_cfg.device)
-    net, run_cfg = load_sr_model(checkpoint, device)
-    lr, affine, original = read_lr_nifti(lr_path)
-    patches = run_cfg.data.patches
-    inferer = Inferer.from_config(infer_cfg, patches, device)
-    lr_s = to_stored(lr, patches.slice_axis)
-    check_lr_volume(lr_s, inferer.slab, inferer.patch)
-    sr = from_stored(inferer(lr_s, net, progress), patches.slice_axis)
-    out_affine = write_sr_nifti(sr, affine, original, sr_path)
-    return InferResult(Path(sr_path), tuple(lr.shape), tuple(sr.shape), out_affine, inferer.tiles(lr_s.shape), device)
+          progress: Progress | None = None, keep_normalised: bool = False) -> InferResult:
+    """One LR NIfTI -> x2 SR NIfTI with the weights at `checkpoint` (`Predictor`, loaded for
+    this one input; a folder of inputs: load a `Predictor` once)."""
+    return Predictor.load(checkpoint, infer_cfg)(lr_path, sr_path, keep_normalised=keep_normalised, progress=progress)
 
 
 # --------------------------------------------------------------------------- CLI
 # the sliding-window flags of `udean infer` / `udean evaluate`: shortcuts for infer.* overrides
 INFER_FLAGS = (("--device", "device", str, "auto (cuda if available), cpu, cuda, cuda:N"),
-               ("--batch-size", "batch_size", int, "tiles per forward pass"),
+               ("--batch-size", "batch_size", int, "tiles per forward pass; 0: sized to the device"),
                ("--overlap", "overlap", float, "in-plane tile overlap, fraction of the patch"),
                ("--slab-overlap", "slab_overlap", int, "LR slices shared by consecutive slabs (null: slab - 1, a slab "
                                                        "centred on every slice)"))
@@ -407,27 +550,126 @@ def inferer_config(args: argparse.Namespace) -> InferConfig:
     return from_dict(args.cfg.to_dict(), given).infer if given else args.cfg.infer
 
 
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _writable(folder: Path) -> None:
+    """ValueError unless a file can be created in `folder` (made if missing)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".udean-infer-probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{folder}: cannot write the output there ({exc.strerror or exc})") from None
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether `b` is `a` (the same path, or the same file through a symlink or hardlink)."""
+    import os
+
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def plan_outputs(src: str | Path, dst: str | Path) -> list[tuple[Path, Path]]:
+    """(input, output) pairs of `udean infer IN OUT`, checked before any work. IN a file: OUT
+    is a .nii / .nii.gz file, or an existing folder that gets OUT/<input name>. IN a folder:
+    every *.nii / *.nii.gz directly in it -> OUT/<same name>, OUT a folder (made if missing).
+    ValueError when OUT is (or would overwrite) an input, is a file where a folder is needed, or
+    cannot be written."""
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        files = sorted(f for f in src.iterdir()
+                       if f.name.endswith(NIFTI_SUFFIXES) and not f.name.startswith(".") and not f.is_dir())
+        if not files:
+            raise ValueError(f"{src}: no NIfTI files (*.nii, *.nii.gz) in this folder")
+        if dst.exists() and not dst.is_dir():
+            raise ValueError(f"{dst}: is a file; the input {src} is a folder, so the output must be a folder")
+        if dst.exists() and _same(src, dst):
+            raise ValueError(f"{dst}: is the input folder; the SR volumes would overwrite the scans (give another folder)")
+        pairs = [(f, dst / f.name) for f in files]
+    elif src.is_file():
+        out = dst / src.name if dst.is_dir() else dst
+        if not out.name.endswith(NIFTI_SUFFIXES):
+            raise ValueError(f"{dst}: the output must be a .nii or .nii.gz file (or a folder)")
+        pairs = [(src, out)]
+    else:
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    for a, b in pairs:
+        if _same(a, b):
+            raise ValueError(f"{b}: is the input {a} (the same file); the SR volume would overwrite it")
+        if b.is_dir():
+            raise ValueError(f"{b}: is a folder; it cannot be an output file")
+    for folder in sorted({b.parent for _, b in pairs}):
+        _writable(folder)
+    return pairs
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("lr", metavar="LR.nii.gz", help="LR input volume (NIfTI, any orientation)")
-    p.add_argument("sr", metavar="SR.nii.gz", help="SR output volume (x2 per axis, float32 in [0, 1])")
+    p.description = f"""{p.description}.
+
+Each input is conformed as preprocessing conformed the training data: onto the training LR grid
+(resampled within data.own.max_resample, refused beyond) and its intensity scaling. The output
+has half the training LR voxel size, the input's orientation and world position (canonical SR
+voxel i at canonical LR voxel i / 2) and, unless --keep-normalised, the input's intensity units.
+A folder of inputs: one model load; a bad file is reported and skipped; exit 1 if any failed.
+
+  udean infer --checkpoint runs/mine clinical/ sr/
+  udean infer --checkpoint runs/mine/best scan.nii.gz scan_sr.nii.gz"""
+    p.add_argument("input", metavar="IN", help="LR NIfTI file (any orientation), or a folder of them "
+                                               "(*.nii, *.nii.gz directly in it)")
+    p.add_argument("output", metavar="OUT", help="SR NIfTI file (.nii / .nii.gz; an existing folder: OUT/<input "
+                                                 "name>), or for an input folder an output folder (made if missing)")
     p.add_argument("--checkpoint", required=True,
-                   help="inference checkpoint: a run's best/ folder, its file, or a training run folder")
+                   help="a training run folder (its best/, else last/), a best/ or last/ folder, a generator.pt, "
+                        "or a training checkpoint RUN/checkpoints/step_N")
+    p.add_argument("--keep-normalised", action="store_true",
+                   help="write the [0, 1] intensities the network works in instead of the input's units")
     add_inferer_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console()
+    from preprocessing.geometry import fmt
+
+    console, report = Console(stderr=True), Console()
     t0 = time.perf_counter()
-    with Progress(TextColumn("[bold]infer[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tiles"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task(Path(args.lr).name, total=None)
-        res = infer(args.checkpoint, args.lr, args.sr, inferer_config(args),
-                    progress=lambda done, total: bar.update(task, completed=done, total=total))
-    zooms = np.sqrt((res.sr_affine[:3, :3] ** 2).sum(0))
-    console.print(f"udean infer: {args.lr} {res.lr_shape} -> {args.sr} {res.sr_shape} canonical, "
-                  f"voxel {tuple(round(float(z), 4) for z in zooms)} mm, {res.tiles} tiles on {res.device}, "
-                  f"{time.perf_counter() - t0:.1f} s", highlight=False)
-    return 0
+    pairs = plan_outputs(args.input, args.output)  # every check on the output before the model loads
+    folder = Path(args.input).is_dir()
+    predictor = Predictor.load(args.checkpoint, inferer_config(args))
+    failed: list[tuple[Path, str]] = []
+    with Progress(TextColumn("[bold]infer[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+        files = bar.add_task("scans", total=len(pairs))
+        tiles = bar.add_task("", total=None)
+        for src, dst in pairs:
+            bar.update(tiles, description=src.name, completed=0, total=None)
+            try:
+                res = predictor(src, dst, keep_normalised=args.keep_normalised,
+                                progress=lambda done, total: bar.update(tiles, completed=done, total=total))
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                if not folder:
+                    raise
+                msg = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
+                failed.append((src, msg))
+                console.print(f"[red]udean infer: skipped:[/] {escape(msg)}", highlight=False)
+            else:
+                rec = res.input
+                how = (f"resampled from {fmt(rec['input_voxel_mm'])} mm, " if rec["resampled"] else "")
+                report.print(f"udean infer: {src} -> {dst}: {how}{res.lr_shape} -> {res.sr_shape} canonical, voxel "
+                              f"{fmt(np.sqrt((res.sr_affine[:3, :3] ** 2).sum(0)))} mm, values "
+                              f"{res.value_range[0]:.4g}..{res.value_range[1]:.4g}"
+                              f"{' (normalised)' if args.keep_normalised else ''}, {res.tiles} tiles on {res.device}",
+                              highlight=False, markup=False)
+            bar.advance(files)
+    done = len(pairs) - len(failed)
+    console.print(f"udean infer: {done} of {len(pairs)} scans super-resolved"
+                  + (f", {len(failed)} failed (above)" if failed else "") + f" in {time.perf_counter() - t0:.1f} s",
+                  highlight=False, style="bold red" if failed else "")
+    return 1 if failed else 0

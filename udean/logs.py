@@ -5,12 +5,19 @@
 fidelity rows the degradation's fidelity (udean/fidelity.py). `train.out/tb/`: the same scalars
 for TensorBoard, and the fidelity image summaries. Other ranks get a `Logs` that does nothing,
 so the training loop never asks which rank it is on.
+
+`open(step)` starts the files at the step training starts from: rows of later steps (written
+by a run that died after its last checkpoint, and about to be redone) move from metrics.jsonl
+to `metrics.replaced.jsonl`, and TensorBoard purges its events after `step`, so both hold
+every step exactly once. Before `open`, `warn` and `message` print only.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+from hpc.atomic import atomic_write_text
 from typing import Any
 
 from rich.console import Console
@@ -20,29 +27,45 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class Logs:
     """Rank 0's logs. Use as a context manager around the loop."""
 
-    def __init__(self, out: str | Path, total_steps: int, start_step: int, enabled: bool = True,
-                 console: Console | None = None):
+    def __init__(self, out: str | Path, total_steps: int, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
         self.console = console or Console(stderr=True)
-        self.total_steps, self._start = total_steps, start_step
+        self.out, self.total_steps = Path(out), total_steps
         self._jsonl = self._tb = self._progress = None
         self._task = None
-        if not enabled:
+        self.replaced = 0  # rows of steps after the start moved to metrics.replaced.jsonl
+
+    def open(self, start_step: int) -> None:
+        """Open the JSONL, TensorBoard and progress bar at `start_step` (0, or the resumed step)."""
+        if not self.enabled:
             return
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep, later = [], []
+            for line in path.read_text().splitlines():
+                try:
+                    step = json.loads(line).get("step", 0)
+                except (ValueError, AttributeError):
+                    step = None  # a torn last line of a killed run: not a row
+                (keep if step is not None and step <= start_step else later).append(line)
+            if later:
+                with open(self.out / "metrics.replaced.jsonl", "a") as f:
+                    f.write("".join(line + "\n" for line in later))
+                atomic_write_text(path, "".join(line + "\n" for line in keep))
+            self.replaced = len(later)
+        self._jsonl = open(path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(out / "tb"))
+            self._tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1)
         except ImportError:
             self.console.print("[yellow]tensorboard is not installed: no TensorBoard logs[/]")
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
             transient=False)
-        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
+        self._task = self._progress.add_task("train", total=self.total_steps, completed=start_step, info="")
 
     def __enter__(self) -> "Logs":
         if self._progress is not None:
@@ -71,10 +94,6 @@ class Logs:
         info = (f"ep {epoch} G {scalars.get('g.total', float('nan')):.4f} "
                 f"D {scalars.get('d.total', float('nan')):.4f} {scalars.get('patches_per_s', 0):.1f} patch/s")
         self._progress.update(self._task, completed=step, info=info)
-
-    def advance(self, step: int) -> None:
-        if self.enabled:
-            self._progress.update(self._task, completed=step)
 
     def val(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,20 +1,32 @@
 """`udean train`: UDEAN with DeepSpeed on preprocessed shards; resumes by itself.
 
-    udean train --config configs/demo.yaml                              # one process
-    torchrun --nproc_per_node=2 -m udean train --config configs/demo.yaml
-    mpirun -n 2 udean train --config configs/demo.yaml train.backend=gloo
-    srun udean train --config configs/paper.yaml                        # slurm/train_udean.sh
+    udean train --config demo                              # one process
+    torchrun --nproc_per_node=2 -m udean train --config demo
+    mpirun -n 2 udean train --config demo train.backend=gloo
+    srun udean train --config paper                        # slurm/train_udean.sh
 
 Every start resumes from the newest valid checkpoint in `train.out` (model, optimizers, LR
-schedules, step, sampler position, RNG). SIGTERM / SIGUSR1 finish the current step, write a
-checkpoint and exit with `hpc.signals.REQUEUE_EXIT_CODE` (75), which asks the launcher to
-requeue. `setup` builds what the loop runs on (manifest -> shards -> sampler -> models ->
-engines; benchmarks/scaling_train.py and loader.py build theirs with it too); `data_loader` is
-the one DataLoader; `train` below is the whole training procedure, top to bottom.
+schedules, step, sampler position, RNG), if that run has this start's config and data
+(udean/checkpoint.py; docs/architecture.md "Resume"): a changed config, checkpoints that exist
+but do not load, or a ZeRO checkpoint at another world size stop the start with the reason
+(exit 2), before any work where they can be told. `--restart` moves the old run aside
+(`<train.out>.old-<time>`, nothing is deleted) and starts over. Before the engines are built,
+train.out is locked (one writer, `hpc.lock`) and checked writable, and every source/target
+shard is checked against its manifest sha256 (split across ranks). SIGTERM / SIGUSR1 are agreed
+on by all ranks in the next step's flag all-reduce (udean/steps.py); that step finishes, every
+rank writes the checkpoint and exits with `hpc.signals.REQUEUE_EXIT_CODE` (75), which asks the
+launcher to requeue. torch's threads are sized to the CPUs this process owns (`hpc.threads`)
+unless OMP_NUM_THREADS is set. `setup` builds what the loop runs on (manifest -> shards ->
+sampler -> models -> engines; benchmarks/scaling_train.py and loader.py build theirs with it
+too); `data_loader` is the one DataLoader; `train` below is the whole training procedure, top
+to bottom.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import random
 import time
@@ -43,10 +55,13 @@ EXIT_NONFINITE = 3  # too many non-finite losses in a row
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (f"{parser.description}. Reads data.out/manifest.json, writes train.out "
                           "(checkpoints/, best/, metrics.jsonl, tb/, config.yaml).")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over: move the run in train.out aside to <train.out>.old-<time> (kept, "
+                             "not deleted); default: resume it (same config only)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return train(args.cfg)
+    return train(args.cfg, restart=args.restart)
 
 
 # --------------------------------------------------------------------------- setup
@@ -85,6 +100,17 @@ class Setup:
         return self.sampler.steps_per_epoch
 
 
+def _patch_shards(manifest, group: str) -> list[Path]:
+    paths = manifest.shard_paths(group)
+    if not paths:
+        from preprocessing.manifest import manifest_path
+
+        failed = sum(r.status == "failed" for r in manifest.subjects if r.group == group)
+        raise ValueError(f"{manifest_path(manifest.out)}: no {group} shards to train on (group {group!r}: "
+                         f"{failed} failed subject(s)); check `udean shards verify {manifest.out}`")
+    return paths
+
+
 def setup(cfg: Config, dist) -> Setup:
     """Seeds, data of `cfg.data.out`'s manifest sharded for this rank, the same initial models on
     every rank (seeded; DeepSpeed also broadcasts rank 0's), both engines."""
@@ -92,9 +118,10 @@ def setup(cfg: Config, dist) -> Setup:
 
     t = cfg.train
     _seed_everything(t.seed, t.deterministic)
+    torch.backends.cudnn.benchmark = t.cudnn_benchmark  # fixed patch shapes; off when deterministic
     manifest = load_manifest(cfg.data.out)
     check_source_margin(cfg.model.source_margin, manifest)
-    dataset, sampler = patch_data(manifest.shard_paths("source"), manifest.shard_paths("target"), t,
+    dataset, sampler = patch_data(_patch_shards(manifest, "source"), _patch_shards(manifest, "target"), t,
                                   t.steps_per_epoch, dist.rank, dist.world_size)
     val_volumes = [str(p) for p in manifest.volume_paths("val")] if t.val_every else []
     if t.val_subjects:
@@ -112,15 +139,17 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism needs it
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
 
-def train(cfg: Config, dist=None, preempt=None) -> int:
+def train(cfg: Config, dist=None, preempt=None, restart: bool = False) -> int:
     """Train UDEAN on `cfg.data.out` into `cfg.train.out` (resuming); returns the exit code (0,
-    EXIT_NONFINITE, or REQUEUE_EXIT_CODE after a checkpoint on a signal).
+    EXIT_NONFINITE, or REQUEUE_EXIT_CODE after a checkpoint on a signal). ValueError (on every
+    rank) for what the user must fix: the config differs from the run in train.out, its
+    checkpoints do not load, train.out is locked or unwritable, the shards do not verify.
 
     dist: hpc.dist.Dist (None: initialised here from the launcher's environment and shut down
-    at the end); preempt: anything with `.requested` (None: SIGTERM / SIGUSR1 handlers)."""
+    at the end); preempt: anything with `.requested` (None: SIGTERM / SIGUSR1 handlers);
+    restart: move the run in train.out aside and start over."""
     from hpc.dist import init
     from hpc.signals import Preemption
 
@@ -128,7 +157,9 @@ def train(cfg: Config, dist=None, preempt=None) -> int:
     dist = init(cfg.train.backend) if own_dist else dist
     preempt = Preemption.install() if own_preempt else preempt
     try:
-        code = _loop(cfg, dist, preempt)
+        with contextlib.ExitStack() as held:
+            _claim_out(cfg, dist, restart, held)
+            code = _loop(cfg, dist, preempt)
     finally:
         if own_preempt:
             preempt.uninstall()
@@ -137,21 +168,102 @@ def train(cfg: Config, dist=None, preempt=None) -> int:
     return code
 
 
+# --------------------------------------------------------------------------- before any work
+def _claim_out(cfg: Config, dist, restart: bool, held: contextlib.ExitStack) -> None:
+    """Collective, before the engines: (restart: move the old run aside), lock train.out (rank 0
+    holds it in `held`), check it is writable, and refuse a run of another config there. The
+    run's config.yaml is written once, when it starts from nothing; a resume never rewrites it."""
+    from hpc.atomic import OutputError
+    from hpc.lock import folder_lock
+    from udean.config import load as load_config
+
+    out = Path(cfg.train.out)
+    err = None
+    if dist.is_main:
+        try:
+            if restart and out.exists() and any(out.iterdir()):
+                with folder_lock(out, "udean train --restart"):
+                    aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                    out.rename(aside)
+                print(f"udean train: --restart: moved the previous run to {aside}", flush=True)
+            held.enter_context(folder_lock(out, "udean train"))
+            saved = out / "config.yaml"
+            if saved.exists():
+                try:
+                    previous = load_config(saved).to_dict()
+                except ValueError as exc:
+                    raise ValueError(f"{saved} (the config of the run in {out}): {exc}; use --restart or another "
+                                     "train.out") from None
+                keys = checkpoint.resume_mismatch(previous, cfg.to_dict())
+                if keys:
+                    raise checkpoint.ResumeRefused(
+                        f"{out} holds a run of another config ({saved}): {', '.join(keys[:10])} differ; resume it "
+                        "with its config, start over with --restart (the old run is moved aside, not deleted), or "
+                        "use another train.out")
+            elif not list(checkpoint.list_checkpoints(out)):
+                save_config(cfg, saved)
+        except (OSError, OutputError) as exc:
+            err = f"train.out {out} is not writable: {getattr(exc, 'strerror', None) or exc}"
+        except ValueError as exc:
+            err = str(exc)
+    err = dist.broadcast_object(err)
+    if err:
+        raise ValueError(err)
+
+
+def data_fingerprint(manifest) -> str:
+    """sha256 over the source/target shard rows (group, sha256, patches): what training learns from."""
+    rows = sorted((r.group, r.sha256, r.patches) for r in manifest.shards if r.group in ("source", "target"))
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def check_data(cfg: Config, dist) -> str:
+    """Collective: every source/target shard and val volume matches its manifest row (size,
+    sha256; rank r hashes rows r, r + world, ...); ValueError naming the first bad ones. Returns
+    `data_fingerprint`. Once per start: hashing reads the shards once (on the paper's data a few
+    GB, seconds per rank), and a shard that changed under a resumed run is caught here."""
+    from preprocessing.driver import verify_rows
+    from preprocessing.manifest import load_manifest, manifest_path
+
+    manifest = load_manifest(cfg.data.out)
+    rows = [r for r in manifest.shards if r.group in ("source", "target") or
+            (r.group == "val" and cfg.train.val_every)]
+    mine = [why for r in rows[dist.rank::dist.world_size] if (why := verify_rows(manifest.out, [r]))]
+    gathered = dist.gather_object(mine)  # collective: every rank calls it
+    found = dist.broadcast_object([w for part in gathered for w in part] if dist.is_main else None)
+    if found:
+        raise ValueError(f"{manifest_path(manifest.out)}: {len(found)} shard(s) do not match the manifest "
+                         f"({'; '.join(found[:3])}); run `udean shards verify {manifest.out}` / `regenerate`")
+    return data_fingerprint(manifest)
+
+
+def size_threads(cfg: Config, dist, say) -> None:
+    """torch intra-op threads from the CPUs this process owns (hpc.threads), unless OMP_NUM_THREADS is set."""
+    from hpc import threads
+
+    plan = threads.plan(dist.local_world_size, cfg.train.num_workers)
+    if plan is not None:
+        torch.set_num_threads(plan.threads)
+        say(f"threads: {plan.threads} intra-op ({plan.reason}; OMP_NUM_THREADS overrides)")
+
+
 def _loop(cfg: Config, dist, preempt) -> int:
     from hpc.signals import REQUEUE_EXIT_CODE
 
     t = cfg.train
     out = Path(t.out)
+    logs = Logs(out, 0, enabled=dist.is_main)
+    size_threads(cfg, dist, logs.message)
+    fingerprint = check_data(cfg, dist)
     s = setup(cfg, dist)
     dataset, sampler, engines, val_volumes, total_steps = s.dataset, s.sampler, s.engines, s.val_volumes, s.total_steps
     steps_per_epoch = s.steps_per_epoch
+    logs.total_steps = total_steps
 
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    logs = Logs(out, total_steps, 0, enabled=dist.is_main)
-    state = checkpoint.load_latest(out, engines, dist, warn=logs.warn)
+    state = checkpoint.load_latest(out, engines, dist, warn=logs.warn,
+                                   expect={"config": cfg.to_dict(), "data": fingerprint})
     step = int(state["step"]) if state else 0
+    logs.open(step)
     nonfinite_run = int(state["nonfinite_run"]) if state else 0
     nonfinite_total = int(state["nonfinite_total"]) if state else 0
     best = dict(state["best"]) if state else {"psnr": float("-inf"), "ssim": 0.0, "step": -1}
@@ -160,21 +272,27 @@ def _loop(cfg: Config, dist, preempt) -> int:
         if divmod(step, steps_per_epoch) != (sampler.epoch, sampler.position // t.batch_size):
             raise ValueError(f"the checkpoint in {out} was taken with another train.steps_per_epoch or "
                              "train.batch_size: resume with the same values, or use a new train.out")
-        logs.advance(step)
-        logs.message(f"resumed from step {step} (epoch {sampler.epoch}, batch {sampler.position // t.batch_size})")
-        logs.event(step, "resume")
+        logs.message(f"resumed from step {step} (epoch {sampler.epoch}, batch {sampler.position // t.batch_size})"
+                     + (f"; {logs.replaced} metrics rows of the steps redone moved to metrics.replaced.jsonl"
+                        if logs.replaced else ""))
+        logs.event(step, "resume", replaced_rows=logs.replaced)
     elif dist.is_main:
         logs.message(f"training from scratch: {total_steps} steps = {t.epochs} epochs x {steps_per_epoch}, "
                      f"{dist.world_size} rank(s) x {t.batch_size} patches, {len(dataset.source)} source / "
-                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}")
+                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}, "
+                     f"cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}")
 
     def save(step: int, reason: str) -> None:
         epoch, batch = divmod(step, steps_per_epoch)
         ours = {"step": step, "epoch": epoch, "sampler": {"epoch": epoch, "position": batch * t.batch_size},
                 "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total, "best": best,
-                "world_size": dist.world_size, "config_hash": cfg.hash()}
+                "world_size": dist.world_size, "config_hash": cfg.hash(), "config": cfg.to_dict(),
+                "data": fingerprint}
         path = checkpoint.save(out, step, engines, ours, dist, t.keep_last)
         logs.event(step, "checkpoint", path=str(path), reason=reason)
+        if dist.is_main:  # last/: the inference checkpoint of the newest checkpoint
+            checkpoint.save_inference(out / "last", inference_state_dict(engines.generator),
+                                      {"step": step, "epoch": epoch, "checkpoint": path.name}, cfg)
 
     probe = None
     if dist.is_main and (t.fidelity_every or t.image_every):  # udean/fidelity.py
@@ -192,7 +310,9 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 batches = iter(data_loader(dataset, sampler, t, dist.device))
             y_s, x_t = next(batches)
 
-            result = train_step(engines, y_s, x_t, cfg.loss, dist, adapt_scale(cfg.loss, step / total_steps))
+            # the preemption request is agreed on in the step's one flag all-reduce (udean/steps.py)
+            result = train_step(engines, y_s, x_t, cfg.loss, dist, adapt_scale(cfg.loss, step / total_steps),
+                                stop=preempt.requested)
             step += 1
 
             if result.skipped:
@@ -228,14 +348,16 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 if val_volumes and (epoch + 1) % t.val_every == 0:
                     scores = validate(engines, val_volumes, cfg, dist)
                     logs.val(step, epoch, scores)
-                    if scores["psnr"] > best["psnr"]:
-                        best = {"psnr": scores["psnr"], "ssim": scores["ssim"], "step": step, "epoch": epoch}
+                    # best by PSNR against HR where any val volume has one, else by LR-consistency
+                    by = "psnr" if scores["hr_volumes"] else "lr_psnr"
+                    if scores[by] > best.get("value", best["psnr"]):
+                        best = {"by": by, "value": scores[by], "psnr": scores["psnr"], "ssim": scores["ssim"],
+                                "lr_psnr": scores["lr_psnr"], "step": step, "epoch": epoch}
                         if dist.is_main:
-                            checkpoint.save_best(out, inference_state_dict(engines.generator), best)
-                            save_config(cfg, out / "best" / "config.yaml")
-                        logs.event(step, "best", psnr=best["psnr"], ssim=best["ssim"])
+                            checkpoint.save_best(out, inference_state_dict(engines.generator), best, cfg)
+                        logs.event(step, "best", **{k: best[k] for k in ("by", "psnr", "ssim", "lr_psnr")})
 
-            stop = dist.all_reduce_flag(preempt.requested)
+            stop = result.stop
             if stop or end_of_epoch or step % t.checkpoint_every == 0 or step == total_steps:
                 save(step, "signal" if stop else "end" if step == total_steps else "periodic")
             if stop:
@@ -244,7 +366,11 @@ def _loop(cfg: Config, dist, preempt) -> int:
                              "to be requeued")
                 logs.event(step, "preempted", signal=name)
                 return REQUEUE_EXIT_CODE
+    if dist.is_main and best["step"] < 0:  # no validation ran: best/ is the last weights, said so
+        checkpoint.save_best(out, inference_state_dict(engines.generator),
+                             {"by": "none: no validation ran, these are the last weights", "step": step}, cfg)
     if dist.is_main:
-        logs.message(f"done: {step} steps; best val PSNR {best['psnr']:.3f} dB at step {best['step']}"
-                     if best["step"] >= 0 else f"done: {step} steps")
+        logs.message(f"done: {step} steps; best val {best['by'] if 'by' in best else 'psnr'} "
+                     f"{best.get('value', best['psnr']):.3f} dB at step {best['step']}"
+                     if best["step"] >= 0 else f"done: {step} steps; no validation ran: best/ = last/")
     return 0

@@ -57,6 +57,9 @@ def test_train_step_smoke_figures(step_json):
         assert r["pct_of_bf16_peak"] == pytest.approx(100 * r["tflops"] / d["matmul_peak"]["tflops"])
         assert r["speedup_vs_baseline"] > 0
         assert r["speedup_vs_baseline"] == 1.0 if r["baseline"] else True
+        # the engines' ZeRO stage is the config's default for the precision; cudnn.benchmark as training's
+        assert r.get("zero_stage") == (None if r["baseline"] else 0 if r["setup"] == "fp32" else 1), r
+    assert (d["settings"]["zero_stage"], d["settings"]["cudnn_benchmark"]) == (None, True)
     for r in d["runs"]:
         if r["status"] != "ok":
             assert r["status"] == "skipped" and r["reason"], r  # nothing errored, nothing refused
@@ -104,6 +107,23 @@ def test_loader_smoke(repo, tmp_path):
     c = d["consumption"]
     assert c["step_patches_per_s"]["given"] == 10.0
     assert c["keeps_up"]["given"] == (c["best_loader_pairs_per_s"] >= 10.0)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_zero_precision_smoke_counts_the_optimizer_paths_host_syncs(repo, tmp_path):
+    out = tmp_path / "zp.json"
+    _run(repo, "zero_precision.py", "--smoke", "--precisions", "fp32", "bf16", "--steps", 1, "--warmup", 0, "--out", out)
+    d = json.loads(out.read_text())
+    _provenance_ok(d)
+    rows = {(r["precision"], r["zero_stage"]): r for r in d["rows"]}
+    assert set(rows) == {("fp32", 0), ("fp32", 1), ("bf16", 0), ("bf16", 1)}
+    assert [k for k, r in rows.items() if r["default"]] == [("fp32", 0), ("bf16", 1)]
+    tensors = sum(rows["bf16", 0]["param_tensors"].values())
+    # DeepSpeed's unfused bf16 optimizer (ZeRO 0) tests every gradient on the host; ZeRO 1 one flat buffer
+    assert rows["bf16", 0]["optimizer"]["g"] == "FP16_UnfusedOptimizer" and rows["bf16", 0]["syncs_per_step"] > tensors
+    assert rows["bf16", 1]["optimizer"]["g"] == "DeepSpeedZeroOptimizer" and rows["bf16", 1]["syncs_per_step"] < 10
+    for r in rows.values():
+        assert r["syncs_by_origin"]["udean"] == 1 and not r["skipped"] and r["step_s_median"] > 0  # the step's own
     assert out.with_suffix(".png").stat().st_size > 0
 
 

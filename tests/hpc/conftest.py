@@ -6,15 +6,10 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-# DeepSpeed JIT-builds its CPU shm op into ~/.cache/torch_extensions, one folder for every venv:
-# two checkouts (or the jobs of two venvs) rebuild it in turn, a minute each time. One per venv.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / ".ci" / "slurm-2node.sh"

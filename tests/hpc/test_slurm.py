@@ -107,7 +107,7 @@ def data(cluster, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("slurm")
     subprocess.run(["udean", "cohort", "--n", "6", "--out", str(work / "hcp"), "--shape", "48", "48", "48",
                     "--no-progress"], check=True, capture_output=True)
-    env = job_env(UDEAN_MPI_LAUNCH="mpirun", UDEAN_CONFIG="configs/tiny.yaml",
+    env = job_env(UDEAN_MPI_LAUNCH="mpirun", UDEAN_CONFIG="tiny",
                   UDEAN_DATA_ROOT=str(work / "hcp"), UDEAN_DATA=str(work / "data"))
     log = work / "preprocess.out"
     job = sbatch("slurm/preprocess_hcp.sh", [], ["--nodes=1", "--ntasks-per-node=2", f"--output={log}"], env)
@@ -167,7 +167,7 @@ def test_train_preempted_requeued_resumed(data, tmp_path):
     log = tmp_path / "train.out"
     job = sbatch("slurm/train_udean.sh", [f"data.out={data}", f"train.out={out}", *TRAIN_OVERRIDES],
                  ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-                  f"--output={log}"], job_env(UDEAN_CONFIG="configs/tiny.yaml"))
+                  f"--output={log}"], job_env(UDEAN_CONFIG="tiny"))
     wait_for(lambda: reached_step(out / "metrics.jsonl", 3) or job_info(job).get("JobState") in TERMINAL,
              180, "training to reach step 3")
     # what --signal=B:USR1@120 does near the time limit: SIGUSR1 to the batch shell only
@@ -184,7 +184,7 @@ def test_submitit_train_preempted_requeued_resumed(data, tmp_path):
     sub = subprocess.run(
         [sys.executable, "-m", "hpc.submit", "train", "--nodes", "1", "--tasks-per-node", "2", "--gpus-per-node", "0",
          "--cpus-per-task", "1", "--time", "10", "--job-dir", str(folder), "--",
-         "--config", "configs/tiny.yaml", f"data.out={data}", f"train.out={out}", *TRAIN_OVERRIDES],
+         "--config", "tiny", f"data.out={data}", f"train.out={out}", *TRAIN_OVERRIDES],
         cwd=REPO, env=job_env(), capture_output=True, text=True)
     assert sub.returncode == 0, sub.stderr
     job = re.search(r"job (\d+)", sub.stdout).group(1)

@@ -66,7 +66,7 @@ def data2(env2, tmp_path_factory) -> Path:
           "--shape", "48", "48", "48", "--no-progress"], env2)
     log = work / "preprocess.out"
     job = sbatch("slurm/preprocess_hcp.sh", [], [*ONE_PER_NODE, f"--output={log}"],
-                 {**env2, **MPIRUN, "UDEAN_CONFIG": "configs/tiny.yaml", "UDEAN_DATA_ROOT": str(work / "hcp"),
+                 {**env2, **MPIRUN, "UDEAN_CONFIG": "tiny", "UDEAN_DATA_ROOT": str(work / "hcp"),
                   "UDEAN_DATA": str(work / "data")})
     text = finished(job, env2, log)
     assert "2 tasks on udean-n[1-2], launch=mpirun" in text
@@ -95,7 +95,7 @@ def test_preprocess_mpirun_across_two_nodes(data2):
 def test_preprocess_srun_pmix_gives_the_same_bytes(data2, env2, tmp_path):
     log, out = tmp_path / "pmix.out", tmp_path / "data"
     job = sbatch("slurm/preprocess_hcp.sh", [], [*ONE_PER_NODE, f"--output={log}"],
-                 {**env2, "UDEAN_SRUN_MPI": "pmix", "UDEAN_CONFIG": "configs/tiny.yaml",
+                 {**env2, "UDEAN_SRUN_MPI": "pmix", "UDEAN_CONFIG": "tiny",
                   "UDEAN_DATA_ROOT": str(data2.parent / "hcp"), "UDEAN_DATA": str(out)})
     text = finished(job, env2, log)
     assert "srun --kill-on-bad-exit=0" in text and "--mpi=pmix" in text
@@ -107,7 +107,7 @@ def test_preprocess_srun_pmix_gives_the_same_bytes(data2, env2, tmp_path):
 def test_preprocess_srun_pmi2_is_refused_clearly(data2, env2, tmp_path):
     log, out = tmp_path / "pmi2.out", tmp_path / "data"
     job = sbatch("slurm/preprocess_hcp.sh", [], [*ONE_PER_NODE, f"--output={log}"],
-                 {**env2, "UDEAN_SRUN_MPI": "pmi2", "UDEAN_CONFIG": "configs/tiny.yaml",
+                 {**env2, "UDEAN_SRUN_MPI": "pmi2", "UDEAN_CONFIG": "tiny",
                   "UDEAN_DATA_ROOT": str(data2.parent / "hcp"), "UDEAN_DATA": str(out)})
     info = wait_job(job, 180, env2)
     text = log.read_text()
@@ -135,7 +135,7 @@ def test_train_four_ranks_on_two_nodes(data2, env2, tmp_path):
     job = sbatch("slurm/train_udean.sh", [f"data.out={data2}", f"train.out={out}", "train.epochs=1",
                                           "train.steps_per_epoch=4", "train.val_every=0"],
                  ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10",
-                  f"--output={log}"], {**env2, "UDEAN_CONFIG": "configs/tiny.yaml"})
+                  f"--output={log}"], {**env2, "UDEAN_CONFIG": "tiny"})
     text = finished(job, env2, log)
     assert "4 tasks on udean-n[1-2]" in text and "4 rank(s)" in " ".join(text.split())
     assert train_steps(out / "metrics.jsonl")[-1] == 4
@@ -174,7 +174,7 @@ def test_preempted_with_loader_workers_resumes_identically(data2, env2, tmp_path
     requeue, as PreemptMode=REQUEUE: SIGTERM to the batch shell and the step, SIGKILL after
     KillWait). Both stops checkpoint, resume at that step and end with the reference's state."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    env = {**env2, "UDEAN_CONFIG": "configs/tiny.yaml"}
+    env = {**env2, "UDEAN_CONFIG": "tiny"}
     sbatch_args = [*ONE_PER_NODE, "--gpus-per-node=0"]
     job = sbatch("slurm/train_udean.sh", [f"data.out={data2}", f"train.out={ref}", *PREEMPT, "train.checkpoint_every=1"],
                  [*sbatch_args, f"--output={tmp_path / 'ref.out'}"], env)

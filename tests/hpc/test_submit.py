@@ -31,8 +31,8 @@ def test_parse_time_rejects(bad):
 
 
 def test_split_argv_and_commands():
-    ours, rest = split_argv(["train", "--nodes", "2", "--", "--config", "configs/tiny.yaml", "train.lr=1"])
-    assert ours == ["train", "--nodes", "2"] and rest == ["--config", "configs/tiny.yaml", "train.lr=1"]
+    ours, rest = split_argv(["train", "--nodes", "2", "--", "--config", "tiny", "train.lr=1"])
+    assert ours == ["train", "--nodes", "2"] and rest == ["--config", "tiny", "train.lr=1"]
     assert UdeanJob("regenerate", ["/data"]).argv() == ["shards", "regenerate", "/data"]
     assert UdeanJob("train", ["--config", "x"]).argv() == ["train", "--config", "x"]
     with pytest.raises(ValueError):

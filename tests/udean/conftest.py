@@ -58,6 +58,17 @@ def write_tiny_shards(out: Path, n_per_shard: int = 16, nan_target_patch: int | 
     shards.append(ShardRow(rel, "val", "v0", "volume", "", 0, (out / rel).stat().st_size))
     subjects.append(SubjectRow("v0", "val", "", "ok", shards={"volume": rel}))
     write_manifest(Manifest(out, {}, "", subjects, shards))
+    return record_hashes(out)
+
+
+def record_hashes(out: Path) -> Path:
+    """Put the files' real size and sha256 into the manifest rows (training checks them)."""
+    from hpc.atomic import sha256_file
+
+    m = load_manifest(out)
+    for row in m.shards:
+        row.sha256, row.bytes = sha256_file(out / row.path), (out / row.path).stat().st_size
+    write_manifest(m)
     return out
 
 

@@ -1,5 +1,6 @@
 """udean.checkpoint: one name for writer and reader, atomic writes, keep-last-K, weights_only
-loads, and the fall back from a corrupt newest checkpoint (real `udean train` processes)."""
+loads, the fall back from a corrupt newest checkpoint, and the resume rule: only a run of the
+same config and data, never a silent start from 0 (real `udean train` processes)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import torch
 
 from tests.udean.test_train import rows, run_cmd, train_cmd
 from udean import checkpoint
-from udean.checkpoint import checkpoint_dir, list_checkpoints, verify
+from udean.checkpoint import ResumeRefused, checkpoint_dir, list_checkpoints, verify
 
 
 class OneRank:
@@ -86,6 +87,77 @@ def test_verify_names_the_damaged_file(tmp_path, damage):
     assert "G/ds/mp_rank_00_model_states.pt" in verify(folder)
 
 
+def test_pruning_never_deletes_the_new_checkpoint_nor_one_of_a_later_step(tmp_path):
+    """A run resumed from step 2 while steps 10 and 12 (corrupt) are on disk: every save keeps
+    itself and `latest` names a folder that exists (it used to prune by step number: the new
+    checkpoint was deleted right after it was written)."""
+    for step in (10, 12):
+        checkpoint.save(tmp_path, step, FakeEngines(step), {"step": step}, OneRank(), keep_last=2)
+        (checkpoint_dir(tmp_path, step) / "state_rank0.pt").write_bytes(b"corrupt")
+    for step in (3, 4, 5):
+        checkpoint.save(tmp_path, step, FakeEngines(step), {"step": step}, OneRank(), keep_last=2)
+        latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+        assert latest == f"step_{step:08d}" and (tmp_path / "checkpoints" / latest / "files.json").exists()
+    assert [checkpoint.step_of(c) for c in list_checkpoints(tmp_path)] == [12, 10, 5, 4]
+    state = checkpoint.load_latest(tmp_path, FakeEngines(0), OneRank(), warn=lambda _: None)
+    assert state["step"] == 5
+
+
+def test_when_no_checkpoint_loads_the_start_stops_and_deletes_nothing(tmp_path):
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, FakeEngines(step), {"step": step}, OneRank(), keep_last=3)
+        (checkpoint_dir(tmp_path, step) / "state_rank0.pt").write_bytes(b"corrupt")
+    with pytest.raises(ResumeRefused, match=r"2 checkpoint\(s\) and none loads .*step_00000002.*step_00000001"):
+        checkpoint.load_latest(tmp_path, FakeEngines(0), OneRank(), warn=lambda _: None)
+    assert len(list_checkpoints(tmp_path)) == 2
+    assert checkpoint.load_latest(tmp_path / "empty", FakeEngines(0), OneRank(), warn=pytest.fail) is None
+
+
+def _expect(*overrides: str, data: str = "d0") -> dict:
+    from udean.config import load
+
+    return {"config": load("tiny", list(overrides)).to_dict(), "data": data}
+
+
+@pytest.mark.parametrize("saved,now,world,refused", [
+    (("train.lr=1e-3",), ("train.lr=2e-3",), 1, "train.lr differ"),
+    (("model.features=16",), ("model.features=8",), 1, "model.features differ"),
+    # keys that cannot change the trained state may change on a resume
+    ((), ("train.log_every=7", "train.out=elsewhere", "train.num_workers=3", "train.val_every=0",
+          "infer.batch_size=2", "train.checkpoint_every=9"), 1, None),
+    (("train.zero_stage=1",), ("train.zero_stage=1",), 1, "ZeRO stage 1 optimizer state sharded over 2 rank"),
+    ((), (), 1, None),  # ZeRO 0: the module and optimizer are whole on every rank
+])
+def test_a_run_resumes_only_with_its_config_and_zero_layout(tmp_path, saved, now, world, refused):
+    checkpoint.save(tmp_path, 4, FakeEngines(4), {"step": 4, "world_size": 2, **_expect(*saved)}, OneRank(), 3)
+    engines = FakeEngines(0)
+    if refused is None:
+        assert checkpoint.load_latest(tmp_path, engines, OneRank(), pytest.fail, _expect(*now))["step"] == 4
+        return
+    with pytest.raises(ResumeRefused, match=refused) as err:
+        checkpoint.load_latest(tmp_path, engines, OneRank(), pytest.fail, _expect(*now))
+    assert "--restart" in str(err.value) and engines.g.value == 0.0  # refused before loading anything
+
+
+def test_a_run_resumes_only_on_its_data(tmp_path):
+    checkpoint.save(tmp_path, 4, FakeEngines(4), {"step": 4, "world_size": 1, **_expect()}, OneRank(), 3)
+    with pytest.raises(ResumeRefused, match="trained on other data"):
+        checkpoint.load_latest(tmp_path, FakeEngines(0), OneRank(), pytest.fail, _expect(data="d1"))
+
+
+def test_only_the_own_device_rng_is_saved_and_an_older_all_gpu_list_still_restores():
+    """Issue 17 item 9: saving every visible GPU's generator made a resume with fewer visible
+    GPUs raise (and count as corruption). Now one tensor, the process's own device; a list from
+    an older checkpoint gives this device's entry, or nothing when it has none."""
+    assert "cuda" not in checkpoint.rng_state("cpu")
+    a, b = torch.arange(4, dtype=torch.uint8), torch.arange(4, 8, dtype=torch.uint8)
+    assert checkpoint.cuda_state_for(a, 3) is a
+    assert checkpoint.cuda_state_for([a, b], 1) is b
+    assert checkpoint.cuda_state_for([a, b], 5) is None and checkpoint.cuda_state_for(None, 0) is None
+    state = checkpoint.rng_state("cpu")
+    checkpoint.set_rng_state({**state, "cuda": [a, b]}, "cpu")  # a CPU resume of a GPU checkpoint
+
+
 def test_fall_back_skips_every_corrupt_checkpoint_with_a_warning(tmp_path):
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, step, FakeEngines(step), {"step": step}, OneRank(), keep_last=3)
@@ -112,20 +184,73 @@ def test_rng_state_round_trips_through_weights_only(tmp_path):
 @pytest.mark.parametrize("damage", ["bytes", "unloadable"])
 def test_train_falls_back_from_a_corrupt_newest_checkpoint(tiny_data, tmp_path, damage):
     """Real runs: 'bytes' fails the sha256 check; 'unloadable' passes it (files.json rewritten)
-    but DeepSpeed cannot read the file: both fall back to the previous checkpoint and say so."""
+    but DeepSpeed cannot read the file: both fall back to the previous checkpoint and say so,
+    and metrics.jsonl holds every step once (the rows of the steps redone are replaced)."""
     out = tmp_path / "run"
-    first = run_cmd(train_cmd(tiny_data, out, "train.val_every=0", "train.checkpoint_every=2"))
+    args = ("train.val_every=0", "train.checkpoint_every=2", "train.epochs=2")
+    first = run_cmd(train_cmd(tiny_data, out, *args))
     assert first.returncode == 0, first.stderr[-3000:]
-    newest = checkpoint_dir(out, 4)
+    newest = checkpoint_dir(out, 8)
     victim = newest / "G" / "ds" / "mp_rank_00_model_states.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     if damage == "unloadable":
         (newest / "files.json").write_text(json.dumps(checkpoint._inventory(newest)))
         assert verify(newest) is None
-    again = run_cmd(train_cmd(tiny_data, out, "train.val_every=0", "train.checkpoint_every=2", "train.epochs=2"))
+    again = run_cmd(train_cmd(tiny_data, out, *args))
     assert again.returncode == 0, again.stderr[-3000:]
     err = " ".join(again.stderr.split())  # rich wraps long lines
-    assert "checkpoint step_00000004 is corrupt" in err and "falling back to step_00000002" in err
-    assert "resumed from step 2" in err
-    steps = [t["step"] for t in rows(out, "train")]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]
+    assert "checkpoint step_00000008 is corrupt" in err and "falling back to step_00000006" in err
+    assert "resumed from step 6" in err
+    assert [t["step"] for t in rows(out, "train")] == list(range(1, 9))
+    replaced = [json.loads(line)["step"] for line in (out / "metrics.replaced.jsonl").read_text().splitlines()]
+    assert {7, 8} <= set(replaced)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_changed_config_never_overwrites_a_run_and_restart_keeps_it(tiny_data, tmp_path):
+    """Issue 18 item 1: model.features=8 into a finished train.out was 'corrupt', trained from
+    step 0 with rc 0 and overwrote the checkpoints, best/ and config.yaml; a changed train.lr
+    resumed and rewrote config.yaml. Now both stop before any work, naming the key, and leave
+    every file as it was; --restart moves the run aside and starts over."""
+    out = tmp_path / "run"
+    first = run_cmd(train_cmd(tiny_data, out, "train.val_every=1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _tree(out)
+    assert (out / "best" / "generator.pt").exists() and (out / "config.yaml").exists()
+    for change in ("model.features=4", "train.lr=2e-3"):
+        r = run_cmd(train_cmd(tiny_data, out, "train.val_every=1", change))
+        err = " ".join(r.stderr.split())
+        assert r.returncode == 2 and f"{change.split('=')[0]} differ" in err and "Traceback" not in err, err[-2000:]
+        assert _tree(out) == before, change
+    r = run_cmd(train_cmd(tiny_data, out, "train.val_every=1", "train.log_every=2"))  # free key: resumes
+    assert r.returncode == 0 and "resumed from step 4" in r.stderr, r.stderr[-2000:]
+    assert (out / "config.yaml").read_bytes() == before["config.yaml"]
+    r = run_cmd([*train_cmd(tiny_data, out, "train.val_every=0", "model.features=4"), "--restart"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and _tree(aside[0])["best/generator.pt"] == before["best/generator.pt"]
+    assert "training from scratch" in r.stderr and [t["step"] for t in rows(out, "train")] == [1, 2, 3, 4]
+
+
+def test_no_loadable_checkpoint_stops_the_start_with_the_reason(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert run_cmd(train_cmd(tiny_data, out, "train.val_every=0")).returncode == 0
+    for ck in list_checkpoints(out):
+        (ck / "state_rank0.pt").write_bytes(b"corrupt")
+    before = _tree(out)
+    r = run_cmd(train_cmd(tiny_data, out, "train.val_every=0"))
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "none loads" in err and "not starting over from step 0" in err, err[-2000:]
+    assert _tree(out) == before
+
+
+def test_an_unwritable_train_out_is_reported_before_the_engines(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    r = run_cmd(train_cmd(tiny_data, tmp_path / "file" / "run"))
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "is not writable" in err and "Traceback" not in err, err[-2000:]
+    assert "training from scratch" not in err and "threads:" not in err  # before setup

@@ -34,7 +34,8 @@ def test_shipped_configs_load(name):
         ("bogus.x=1", "bogus", "allowed keys here"),
         ("train.lr=abc", "train.lr", "valid number"),
         ("train.lr=-1", "train.lr", "greater than 0"),
-        ("train.zero_stage=4", "train.zero_stage", "less than or equal to 3"),
+        ("train.zero_stage=2", "train.zero_stage", "not tested by this suite: use 0 or 1"),
+        ("train.zero_stage=-1", "train.zero_stage", "greater than or equal to 0"),
         ("model.variant=4d", "model.variant", "'thin_slab' or '3d'"),
         ("train.precision=fp8", "train.precision", "'bf16', 'fp16' or 'fp32'"),
         ("loss.ssim_window=8", "loss", "odd"),
@@ -46,6 +47,15 @@ def test_bad_values_fail_naming_the_key(override, key, hint):
         load("demo", [override])
     msg = str(err.value)
     assert f"'{key}" in msg and hint in msg
+
+
+def test_zero_stage_and_cudnn_benchmark_follow_precision_and_determinism():
+    # null: ZeRO 1 for the low precisions (DeepSpeed's flat optimizer), 0 for fp32 (torch Adam)
+    assert [load("paper", [f"train.precision={p}"]).train.zero_stage for p in ("bf16", "fp16", "fp32")] == [1, 1, 0]
+    assert load("paper", ["train.precision=fp32", "train.zero_stage=1"]).train.zero_stage == 1
+    assert load("paper").train.cudnn_benchmark and not load("paper", ["train.deterministic=true"]).train.cudnn_benchmark
+    with pytest.raises(ConfigError, match=r"'train.cudnn_benchmark'.*contradicts train.deterministic=true"):
+        load("paper", ["train.deterministic=true", "train.cudnn_benchmark=true"])
 
 
 def test_overrides_apply_with_yaml_types():

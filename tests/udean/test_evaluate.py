@@ -147,7 +147,7 @@ def test_head_region_scores_psnr_and_ssim_on_the_head_voxels_only():
     reach = lambda v: ndimage.binary_dilation(evaluate.head_mask(v.hr), np.ones((1, 7, 7)))  # noqa: E731
     bad_background = lambda v: np.where(reach(v), v.hr, 1.0)  # noqa: E731
     row = evaluate.Evaluator({"m": bad_background}).run([v])[0].subjects[0]
-    assert set(row) == {"subject", "psnr", "ssim", "psnr_head", "ssim_head"}
+    assert set(row) == {"subject", "lr_source", "psnr", "ssim", "psnr_head", "ssim_head", "lr_psnr"}
     assert row["psnr_head"] == float("inf") and row["ssim_head"] == pytest.approx(1.0, abs=1e-6)
     assert row["psnr"] < 10 and row["ssim"] < 0.9  # the whole volume sees the ruined background
     m = evaluate.head_mask(hr)
@@ -164,7 +164,7 @@ def test_tables_report_both_regions(tmp_path):
     assert {"psnr_mean", "ssim_mean", "psnr_head_mean", "ssim_head_mean", "psnr_head_std"} <= set(m)
     assert m["psnr_head_mean"] != m["psnr_mean"]
     header = next(ln for ln in md.read_text().splitlines() if ln.startswith("| Method"))
-    assert header == "| Method | SSIM | PSNR (dB) | SSIM (head) | PSNR (head) (dB) |"
+    assert header == "| Method | SSIM | PSNR (dB) | SSIM (head) | PSNR (head) (dB) | LR-consistency PSNR (dB) |"
 
 
 def test_every_method_is_scored_on_the_hr_voxels_the_lr_covers():
@@ -176,8 +176,9 @@ def test_every_method_is_scored_on_the_hr_voxels_the_lr_covers():
     ev = evaluate.Evaluator({"hr grid": lambda v: evaluate.tricubic(v.lr, v.hr.shape),
                              "x2 lr": lambda v: evaluate.tricubic(v.lr)})
     a, b = (r.subjects[0] for r in ev.run([v]))
-    assert a == b
-    assert {k: a[k] for k in ("psnr", "ssim")} == evaluate.score(evaluate.tricubic(v.lr)[grid], v.hr[grid])
+    want = {"subject": v.subject, "lr_source": "synthetic", **evaluate.score(evaluate.tricubic(v.lr)[grid], v.hr[grid])}
+    assert a == b and {k: a[k] for k in want} == want
+    assert set(a) == set(want) | {"psnr_head", "ssim_head"} | set(evaluate.LR_SCORES)
     with pytest.raises(ValueError, match=r"prediction \(8, 24, 20\)"):
         evaluate.Evaluator({"lr": lambda v: v.lr}).run([v])
 

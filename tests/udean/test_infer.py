@@ -87,6 +87,42 @@ def test_inferer_is_configured_once_from_the_infer_section_and_clips_to_the_data
         infer.Inferer.from_config(load("tiny", ["infer.slab_overlap=3"]).infer, cfg.data.patches, "cpu")
 
 
+def test_batch_size_0_is_sized_to_the_device_and_cudnn_benchmark_is_set_while_tiling():
+    cfg = load("tiny")  # infer.batch_size: 0, infer.cudnn_benchmark: null
+    assert cfg.infer.batch_size == 0
+    inf = infer.Inferer.from_config(cfg.infer, cfg.data.patches, "cpu")
+    lr = np.random.default_rng(3).random((6, 40, 40), dtype=np.float32)
+    calls, bench = [], []
+
+    def model(x):
+        calls.append(x.shape[0])
+        bench.append(torch.backends.cudnn.benchmark)
+        return nearest_x2(x)
+
+    before = torch.backends.cudnn.benchmark
+    np.testing.assert_allclose(inf(lr, model), whole_volume_nearest(lr), atol=1e-6)
+    assert inf.tiles(lr.shape) > infer.CPU_TILE_BATCH and max(calls) == infer.CPU_TILE_BATCH == 8  # CPU: 8
+    assert all(bench) and torch.backends.cudnn.benchmark == before  # on while tiling, restored after
+    torch.use_deterministic_algorithms(True)
+    try:
+        bench.clear()
+        inf(lr, model)
+        assert not any(bench)  # null: off under torch's deterministic mode (train.deterministic)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    bench.clear()
+    infer.Inferer.from_config(load("tiny", ["infer.cudnn_benchmark=false"]).infer, cfg.data.patches, "cpu")(lr, model)
+    assert not any(bench)
+
+
+def test_tiles_per_batch_fills_a_share_of_the_free_memory():
+    gib, mib = 2**30, 2**20
+    assert infer.tiles_per_batch(8 * gib, 64 * mib) == 64  # MEMORY_SHARE 0.5 of 8 GiB / 64 MiB
+    assert infer.tiles_per_batch(80 * gib, 10 * mib) == infer.MAX_TILE_BATCH  # a big GPU: capped
+    assert infer.tiles_per_batch(50 * mib, 64 * mib) == 1  # never 0
+    assert infer.tiles_per_batch(gib, 0) == infer.MAX_TILE_BATCH
+
+
 def test_tile_starts_cover_and_stay_inside():
     for n in range(4, 40):
         for size in range(1, n + 1):
@@ -155,7 +191,7 @@ def test_written_sr_overlays_the_input_in_world_space(tmp_path, axcodes):
     src = tmp_path / f"lr_{axcodes}.nii.gz"
     nib.save(_lr_image(data, affine), src)
 
-    lr, canon_affine, original = infer.read_lr_nifti(src)
+    lr, canon_affine, original, _, _ = infer.read_lr_nifti(src)
     np.testing.assert_allclose(canon_affine, ras, atol=1e-5)
     np.testing.assert_allclose(lr, (canon - canon.min()) / np.ptp(canon), atol=1e-6)  # [0, 1] scaling
     sr = lr.repeat(2, 0).repeat(2, 1).repeat(2, 2)
@@ -202,6 +238,15 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         infer.read_lr_nifti(tmp_path / "missing.nii.gz")
 
+    # a voxel size the checkpoint's LR grid does not allow (preprocessing.nifti.scan_spec)
+    from preprocessing.nifti import ScanSpec
+
+    coarse = tmp_path / "coarse.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((8, 8, 8)).astype(np.float32), np.diag([4.0, 4, 4, 1])),
+             coarse)
+    with pytest.raises(ValueError, match="2.86x off the LR grid of 1.4 mm"):
+        infer.read_lr_nifti(coarse, ScanSpec("LR", 1.4, 0.1, 1.5))
+
 
 # --------------------------------------------------------------------------- the CLI
 def _checkpoint(run_dir):
@@ -222,18 +267,84 @@ def test_infer_cli_matches_the_network_and_writes_the_sr_geometry(tmp_path):
 
     gen, cfg = _checkpoint(tmp_path / "run")
     rng = np.random.default_rng(3)
-    lr = rng.random((5, 20, 18)).astype(np.float32)
+    lr = (200 + 800 * rng.random((5, 20, 18))).astype(np.float32)  # scanner units
     aff = np.diag([1.4, 1.4, 1.4, 1.0])
     aff[:3, 3] = [-10, 20, -30]
     nib.save(_lr_image(lr, aff), tmp_path / "lr.nii.gz")
-    rc = main(["infer", "--checkpoint", str(tmp_path / "run"), str(tmp_path / "lr.nii.gz"), str(tmp_path / "sr.nii.gz"),
-               "--device", "cpu", "--batch-size", "3"])
-    assert rc == 0
+    for flag, out in (([], "sr.nii.gz"), (["--keep-normalised"], "sr01.nii")):
+        rc = main(["infer", "--checkpoint", str(tmp_path / "run"), str(tmp_path / "lr.nii.gz"), str(tmp_path / out),
+                   "--device", "cpu", "--batch-size", "3", *flag])
+        assert rc == 0
     img = nib.load(tmp_path / "sr.nii.gz")
     assert img.shape == (10, 40, 36)
     np.testing.assert_allclose(img.affine, infer.sr_affine(aff), atol=1e-5)
     want = infer.Inferer.from_config(cfg.infer, cfg.data.patches, "cpu")((lr - lr.min()) / np.ptp(lr), gen.sr)
-    np.testing.assert_allclose(img.get_fdata(), want, atol=1e-5)
+    # the paper protocol's min-max scaling of the input, inverted: the input's units
+    np.testing.assert_allclose(img.get_fdata(), want * np.ptp(lr) + lr.min(), rtol=1e-5, atol=2e-3)
+    np.testing.assert_allclose(nib.load(tmp_path / "sr01.nii").get_fdata(), want, atol=1e-5)
+
+
+def test_infer_folder_one_model_load_bad_file_skipped_exit_1(tmp_path, capsys, monkeypatch):
+    from udean.cli import main
+
+    _checkpoint(tmp_path / "run")
+    rng = np.random.default_rng(4)
+    (tmp_path / "in").mkdir()
+    for name, shape, voxel in (("a.nii.gz", (5, 20, 18), 1.4), ("b.nii", (4, 18, 20), 1.4),
+                               ("c_resampled.nii.gz", (5, 18, 18), 1.6), ("d_4x.nii.gz", (3, 8, 8), 2.8)):
+        nib.save(_lr_image((100 * rng.random(shape)).astype(np.float32), np.diag([voxel] * 3 + [1.0])),
+                 tmp_path / "in" / name)
+    (tmp_path / "in" / "notes.txt").write_text("not a scan")
+    (tmp_path / "in" / "e_text.nii.gz").write_text("not an image")
+    loads = []
+    real = infer.load_sr_model
+    monkeypatch.setattr(infer, "load_sr_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    rc = main(["infer", "--checkpoint", str(tmp_path / "run" / "best"), str(tmp_path / "in"), str(tmp_path / "out"),
+               "--device", "cpu"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1 and len(loads) == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "b.nii", "c_resampled.nii.gz"]
+    assert "d_4x.nii.gz: voxel size (2.8 x 2.8 x 2.8) mm is 2.00x off the LR grid of 1.4 mm" in err
+    assert "e_text.nii.gz: not a gzip" in err and "3 of 5 scans super-resolved, 2 failed" in err
+    # the resampled input: onto the 1.4 mm training LR grid, then x2: 0.7 mm, the field of view kept
+    c = nib.load(tmp_path / "out" / "c_resampled.nii.gz")
+    np.testing.assert_allclose(c.header.get_zooms(), [0.7] * 3, atol=1e-6)
+    assert c.shape == (2 * round(5 * 1.6 / 1.4), 2 * round(18 * 1.6 / 1.4), 2 * round(18 * 1.6 / 1.4))
+
+
+def test_infer_refuses_an_output_that_is_its_input_before_loading_the_model(tmp_path, capsys):
+    import os
+
+    from udean.cli import main
+
+    lr = tmp_path / "in" / "a.nii.gz"
+    lr.parent.mkdir()
+    nib.save(_lr_image(np.ones((5, 20, 18), np.float32) * np.arange(18), np.diag([1.4] * 3 + [1.0])), lr)
+    before = lr.read_bytes()
+    os.symlink(lr, tmp_path / "link.nii.gz")
+    os.link(lr, tmp_path / "hard.nii.gz")
+    os.symlink(tmp_path / "in", tmp_path / "in_link")
+    (tmp_path / "afile").write_text("x")
+    cases = [(lr, lr, "is the input"), (lr, tmp_path / "link.nii.gz", "is the input"),
+             (lr, tmp_path / "hard.nii.gz", "is the input"), (lr, tmp_path / "in", "is the input"),  # in/a.nii.gz
+             (tmp_path / "in", tmp_path / "in", "is the input folder"),
+             (tmp_path / "in", tmp_path / "in_link", "is the input folder"),
+             (tmp_path / "in", tmp_path / "afile", "is a file"),
+             (lr, tmp_path / "sr.txt", "must be a .nii or .nii.gz"),
+             (lr, tmp_path / "afile" / "sr.nii.gz", "cannot write"),
+             (tmp_path / "missing", tmp_path / "o", "no such file")]
+    for src, dst, text in cases:
+        # the checkpoint does not exist: every refusal comes before the model is looked for
+        rc = main(["infer", "--checkpoint", str(tmp_path / "nothing"), str(src), str(dst)])
+        err = " ".join(capsys.readouterr().err.split())
+        assert rc == 2 and text in err and "Traceback" not in err, (src, dst, err)
+    assert lr.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.nii.gz"]
+    # a file into an existing folder: OUT/<input name>
+    _checkpoint(tmp_path / "run")
+    (tmp_path / "o").mkdir()
+    assert main(["infer", "--checkpoint", str(tmp_path / "run"), str(lr), str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert nib.load(tmp_path / "o" / "a.nii.gz").shape == (10, 40, 36)
 
 
 def test_infer_cli_bad_input_is_one_clear_line(tmp_path, capsys):

@@ -66,6 +66,30 @@ def test_ssim_float32_under_low_precision():
     assert half.item() == pytest.approx(full.item(), abs=1e-2)
 
 
+def _round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> nearest TF32 value (10 explicit mantissa bits): what a GPU's tensor cores read."""
+    i = t.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_ssim_keeps_full_fp32_where_convolutions_would_run_on_tf32(monkeypatch):
+    # On a GPU, float32 convolutions use TF32 by default. Emulated here (no GPU on CI): every conv2d
+    # rounds its inputs to TF32 and accumulates exactly. E[x^2] - mu^2 of a flat region (level 0.6,
+    # noise 0.003, variance ~1e-5 << C2 = 9e-4) then moved SSIM by 1e-2, past 1.
+    real = torch.nn.functional.conv2d
+
+    def conv2d_tf32(x, w, *args, **kw):
+        return real(_round_to_tf32(x).double(), _round_to_tf32(w).double(), *args, **kw).float()
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", conv2d_tf32)
+    rng = np.random.default_rng(4)
+    x = 0.6 + 0.003 * rng.standard_normal((3, 24, 24))
+    y = x + 0.003 * rng.standard_normal(x.shape)
+    got = ssim(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), reduction="none")
+    ref = [_ssim_slice_reference(x[k], y[k], 7) for k in range(3)]
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-4)
+
+
 def test_ssim_rejects_bad_input():
     with pytest.raises(ValueError):
         ssim(torch.rand(1, 1, 5, 5), torch.rand(1, 1, 5, 5), window=7)

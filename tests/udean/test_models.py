@@ -9,7 +9,7 @@ import torch
 
 from udean.config import ModelConfig
 from udean.losses import l1, ssim_loss
-from udean.models.layers import PixelShuffle3d
+from udean.models.layers import GlobalAvgPool, PixelShuffle3d
 from udean.models.udean import SRNet, build, inference_state_dict, load_inference
 
 TINY = dict(features=8, n_groups=2, n_rcab=1, reduction=2, encoder_layers=3, disc_features=4, disc_blocks=2)
@@ -47,6 +47,21 @@ def test_generator_shapes(variant, size):
         assert discs.d_lr(x_t).shape == lr_map
         assert discs.d_feat(out["f_t"]).shape == lr_map
         assert discs.d_hr(y_s).shape == hr_map
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (2, 8, 13, 17)), (3, (2, 8, 5, 13, 7))])
+def test_channel_attention_pool_is_adaptive_pooling_without_it(dims, shape):
+    # AdaptiveAvgPool has no deterministic CUDA backward (train.deterministic raised there)
+    adaptive = {2: torch.nn.AdaptiveAvgPool2d, 3: torch.nn.AdaptiveAvgPool3d}[dims](1)
+    x = torch.randn(shape, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    grad_out = torch.randn(*shape[:2], *(1,) * dims)
+    ours, old = GlobalAvgPool(dims)(x), adaptive(x)
+    torch.testing.assert_close(ours, old)
+    torch.testing.assert_close(*(torch.autograd.grad(y, x, grad_out)[0] for y in (ours, old)))
+    for variant in VARIANTS:
+        gen, discs = _build(variant)
+        pools = [m for net in (gen, discs) for m in net.modules() if "Adaptive" in type(m).__name__]
+        assert not pools, f"{variant}: adaptive pooling left in {sorted({type(m).__name__ for m in pools})}"
 
 
 def test_unpaired_batches_may_differ():

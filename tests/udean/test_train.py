@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.udean.conftest import write_tiny_shards
+from tests.udean.conftest import record_hashes, write_tiny_shards
 from udean.config import load
 from udean.engines import cosine_lr_factor, deepspeed_config
 
@@ -70,6 +70,8 @@ def test_two_ranks_train_and_the_g_loss_falls(tiny_data, tmp_path, launcher, pre
     r = run_cmd(train_cmd(tiny_data, out, "train.epochs=3", "train.steps_per_epoch=4", "train.lr=2e-3",
                           f"train.precision={precision}", f"train.zero_stage={zero}", launcher=launcher))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # what the process set (train.cudnn_benchmark null: on, as the benchmarks time it)
+    assert f"precision {precision}, ZeRO {zero}, cudnn.benchmark on" in r.stdout + r.stderr
     train = rows(out, "train")
     assert [t["step"] for t in train] == list(range(1, 13))
     assert all(math.isfinite(t["g.total"]) and math.isfinite(t["d.total"]) for t in train)
@@ -113,6 +115,7 @@ def test_too_many_nonfinite_steps_stop_the_run_with_a_message(tmp_path):
     for shard in (data / "shards" / "target").glob("*.h5"):
         with h5py.File(shard, "r+") as f:
             f["patches"][...] = np.nan
+    record_hashes(data)
     r = run_cmd(train_cmd(data, tmp_path / "run", "train.max_nonfinite=3", "train.val_every=0"))
     assert r.returncode == 3, r.stderr[-3000:]
     assert "3 consecutive steps had a non-finite loss" in r.stderr

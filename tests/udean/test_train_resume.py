@@ -114,6 +114,7 @@ def test_stop_at_random_steps_and_resume_equals_an_uninterrupted_run(tiny_data, 
     r = run_cmd([BIN / "torchrun", "--standalone", "--nproc_per_node=2", __file__, str(tiny_data), str(tmp_path),
                  *map(str, ks)], timeout=600)
     assert r.returncode == 0 and (tmp_path / "worker_ok").exists(), f"k={ks}\n" + r.stdout[-3000:] + r.stderr[-4000:]
+    assert "cudnn.benchmark off" in r.stdout + r.stderr  # train.deterministic: null resolves to off
     full = tmp_path / "full" / "checkpoints"
     full_g = {t["step"]: t["g.total"] for t in rows(tmp_path / "full", "train")}
     for k in ks:
@@ -152,6 +153,35 @@ def test_real_signal_checkpoints_exits_for_requeue_and_resumes(tiny_data, tmp_pa
     assert f"resumed from step {k}" in r.stderr
     steps = [t["step"] for t in rows(out, "train")]
     assert steps == list(range(1, 41))
+
+
+def test_sigkill_at_random_moments_then_rerun_is_bit_equal_to_an_uninterrupted_run(tmp_path):
+    """3 of the kill trials of benchmarks/kill_trials.py (which runs 10, results committed):
+    SIGKILL anywhere (start-up, a step, a checkpoint being written), rerun: the last checkpoint
+    is bit-equal to an uninterrupted run's and metrics.jsonl holds every step once."""
+    from benchmarks.kill_trials import passed, train_trials
+
+    trials = train_trials(3, tmp_path, seed=random.randrange(2**31))
+    assert passed(trials), trials
+    assert sum(t["killed"] for t in trials) >= 2
+
+
+def test_a_zero1_checkpoint_at_another_world_size_is_refused_not_treated_as_corrupt(tiny_data, tmp_path):
+    """Issue 17 item 9: a ZeRO-1 checkpoint of 2 ranks resumed by 1 raised inside DeepSpeed, was
+    taken for corruption, and the run restarted at step 0 (keep_last then deleted the good
+    checkpoints). Now the start stops (exit 2) saying how to resume, and nothing changes."""
+    from tests.udean.test_checkpoint import _tree
+
+    out = tmp_path / "run"
+    args = ("train.precision=bf16", "train.zero_stage=1", "train.val_every=0")
+    r = run_cmd(train_cmd(tiny_data, out, *args, launcher="mpirun"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    before = _tree(out)
+    r = run_cmd(train_cmd(tiny_data, out, *args))
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "ZeRO stage 1 optimizer state sharded over 2 rank(s)" in err, err[-3000:]
+    assert "resume it with 2 rank(s)" in err and "Traceback" not in err and "corrupt" not in err
+    assert _tree(out) == before
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ HR (B, 2S, 2H, 2W).
     loop.py          the one training loop (Adam, cosine LR, alternating optimizer stages)
     pairs.py         patch sets: misaligned / registered / synthetic-LR pairs, unpaired pools
     supervised.py    SupervisedTSRCAN: Table I benchmarks 1-3 (L1 + SSIM)
-    registration.py  rigid mutual-information registration (SimpleITK), benchmark 2
+    (preprocessing/registration.py: rigid mutual-information registration, SimpleITK, benchmark 2)
     zssr.py          ZSSR: per-volume internal learning (Table II)
     cyclegan.py      CycleGANSR: unpaired LR <-> HR translation, then SR (Table II)
     dasr.py          DASR: degradation network + domain distance map + weighted SR (Table II)

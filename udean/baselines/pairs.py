@@ -108,7 +108,7 @@ def registered_pairs(m: Manifest, progress: Callable[[str], None] | None = None,
     patching: patches are too small for a stable mutual-information estimate."""
     import h5py
 
-    from udean.baselines.registration import register_rigid
+    from preprocessing.registration import register_rigid
 
     cfg = data_config(m)
     lr_paths = _by_subject(m, "target")

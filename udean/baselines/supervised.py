@@ -17,7 +17,7 @@ Departures from the paper's benchmarks:
   where ours has the 6-layer LR encoder.
 - loss: L1 + alpha * L_SSIM (UDEAN Eq. 1-2, alpha 0.5), the reconstruction terms UDEAN itself
   uses; the paper does not state the benchmarks' loss.
-- registration: SimpleITK Mattes MI instead of Amira's extended MI (`registration.py`).
+- registration: SimpleITK Mattes MI instead of Amira's extended MI (`preprocessing/registration.py`).
 """
 from __future__ import annotations
 

@@ -30,8 +30,22 @@ def lrelu() -> nn.Module:
     return nn.LeakyReLU(0.2, inplace=True)
 
 
+class GlobalAvgPool(nn.Module):
+    """(B, F, *spatial) -> (B, F, 1, ...): the mean over the `dims` spatial axes.
+
+    What AdaptiveAvgPool(1) computes, as a plain mean: adaptive pooling has no deterministic
+    CUDA backward, so `train.deterministic` raised in channel attention."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.axes = tuple(range(-dims, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=self.axes, keepdim=True)
+
+
 def global_pool(dims: int) -> nn.Module:
-    return {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims](1)
+    return GlobalAvgPool(dims)
 
 
 def image_channels(dims: int, slab: int) -> int:

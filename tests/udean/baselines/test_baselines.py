@@ -13,7 +13,7 @@ from udean.baselines import pairs
 from udean.baselines.cyclegan import CycleGANSR
 from udean.baselines.dasr import DASR, distance_weights, lowpass
 from udean.baselines.loop import Budget, fit
-from udean.baselines.registration import register_rigid
+from preprocessing.registration import register_rigid
 from udean.baselines.supervised import SupervisedTSRCAN, sr_loss
 from udean.baselines.zssr import ZSSR, downscale, internal_pairs
 from udean.config import load

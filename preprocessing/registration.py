@@ -1,4 +1,5 @@
-"""Rigid mutual-information registration for Table I, benchmark 2 ("rigid-registered LR and HR").
+"""Rigid mutual-information registration: Table I, benchmark 2 ("rigid-registered LR and HR"),
+and the optional alignment of own paired val/test scans (data.own.registration).
 
 Paper: "The rigid image-registration were perform on Amira 3D with metrics of extended mutual
 information." We use SimpleITK (ITK's registration framework) instead of Amira: Mattes mutual
@@ -18,8 +19,17 @@ import math
 import numpy as np
 
 
+def _sitk():
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise ValueError("rigid registration needs SimpleITK: pip install 'udean-hpc[baselines]' "
+                         "(or SimpleITK>=2.3)") from None
+    return sitk
+
+
 def _image(a: np.ndarray, spacing: tuple[float, float, float]):
-    import SimpleITK as sitk
+    sitk = _sitk()
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32))
     img.SetSpacing([float(s) for s in spacing[::-1]])  # SimpleITK's axes are numpy's reversed
@@ -35,7 +45,7 @@ def register_rigid(fixed_lr: np.ndarray, moving_hr: np.ndarray, scale: tuple[int
     Returns (moving_hr resampled through the rigid transform onto the HR grid, float32 in
     [0, 1]; report {rotation_deg (3,), translation_vox (3,) in HR voxels, metric, iterations,
     stop}). Deterministic for a seed (random metric sampling is seeded)."""
-    import SimpleITK as sitk
+    sitk = _sitk()
 
     if threads is not None:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))

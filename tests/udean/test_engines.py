@@ -1,0 +1,100 @@
+"""Both DeepSpeed engines and the training step on 2 real ranks (torchrun, gloo), for every
+`train.precision` x `train.zero_stage` the config accepts: each engine has its own DeepSpeed
+dict and torch's Adam; every combination steps; the step agrees on its flags (non-finite loss,
+preemption) in one all-reduce with one host read.
+
+The worker below (this file run as a script by torchrun) records what it saw per rank in JSON;
+the test asserts on it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run by torchrun as a script: make `tests` and `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.udean.test_train import BIN, run_cmd
+
+COMBOS = [(p, z) for p in ("fp32", "bf16", "fp16") for z in (0, 1)]  # udean.config.TESTED_ZERO_STAGES
+TINY = ["model.features=8", "model.n_groups=1", "model.n_rcab=2", "model.reduction=2", "model.encoder_layers=2",
+        "model.disc_features=8", "model.disc_blocks=1", "data.patches.lr_size=[16,16]", "train.batch_size=2"]
+
+
+def worker(out: str) -> None:
+    import torch
+
+    from benchmarks.zero_precision import HostSyncs
+    from hpc.dist import init
+    from udean.config import load
+    from udean.engines import build_engines, deepspeed_config
+    from udean.models.udean import build
+    from udean.steps import train_step
+
+    dist = init("gloo")
+    seen = {}
+    for precision, zero in COMBOS:
+        cfg = load("paper", TINY + [f"train.precision={precision}", f"train.zero_stage={zero}"])
+        torch.manual_seed(0)
+        gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+        engines = build_engines(cfg, gen, discs, total_steps=100, device=dist.device)
+        g, d = engines.g, engines.d
+        y = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
+        x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+        def params():
+            return [p.detach().float().clone() for p in (*gen.parameters(), *discs.parameters())]
+
+        n_gen = len(list(gen.parameters()))
+
+        before = params()
+        with HostSyncs() as counted:
+            first = train_step(engines, y, x, cfg.loss, dist)
+        after = params()
+        stop = train_step(engines, y, x, cfg.loss, dist, stop=dist.rank == 1)  # only rank 1 was signalled
+        held = params()
+        nan = train_step(engines, y.clone().fill_(float("nan")) if dist.rank == 0 else y, x, cfg.loss, dist)
+        seen[f"{precision}/{zero}"] = {
+            "zero_stage": cfg.train.zero_stage,
+            "basic_optimizers": [f"{type(e.basic_optimizer).__module__}.{type(e.basic_optimizer).__name__}" for e in (g, d)],
+            "wrappers": [type(e.optimizer).__name__ for e in (g, d)],
+            "own_dicts": g.config is not d.config,
+            "dicts_unchanged": g.config == d.config == deepspeed_config(cfg.train),
+            "first": [first.skipped, first.stop], "stop": [stop.skipped, stop.stop], "nan": [nan.skipped, nan.stop],
+            # G and D both stepped (some G tensors sit behind the zero-initialised output convs)
+            "moved": [any(not torch.equal(a, b) for a, b in zip(before[sl], after[sl]))
+                      for sl in (slice(0, n_gen), slice(n_gen, None))],
+            "nan_left_weights": all(torch.equal(a, b) for a, b in zip(held, params())),
+            "our_syncs": sum(n for o, n in counted.syncs.items() if o in ("udean", "hpc")),
+            "our_collectives": sum(n for o, n in counted.collectives.items() if o in ("udean", "hpc")),
+        }
+        del engines, g, d
+    Path(out, f"rank{dist.rank}.json").write_text(json.dumps(seen))
+    dist.shutdown()
+
+
+def test_every_tested_precision_and_zero_stage_steps_and_the_step_agrees_on_its_flags(tmp_path):
+    r = run_cmd([BIN / "torchrun", "--standalone", "--nproc_per_node=2", __file__, tmp_path], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(seen) == {f"{p}/{z}" for p, z in COMBOS}
+        for combo, s in seen.items():
+            where = f"rank {rank}, {combo}: {s}"
+            assert s["zero_stage"] == int(combo[-1]), where
+            # each engine its own dict, left as built: DeepSpeed < 0.19.1 popped torch_adam out of a
+            # shared one and gave the D engine FusedAdam (a CUDA JIT build)
+            assert s["basic_optimizers"] == ["torch.optim.adam.Adam"] * 2 and s["own_dicts"] and s["dicts_unchanged"], where
+            assert s["wrappers"][0] == {"fp32/0": "Adam", "fp32/1": "DeepSpeedZeroOptimizer"}.get(
+                combo, "FP16_UnfusedOptimizer" if combo.endswith("/0") else "DeepSpeedZeroOptimizer"), where
+            assert s["first"] == [False, False] and s["moved"] == [True, True], where  # every combination trains
+            assert s["stop"] == [False, True], where  # one rank's request stops every rank
+            assert s["nan"] == [True, False] and s["nan_left_weights"], where  # one rank's NaN skips every rank
+            # the step's flags: one all-reduce and one host read (was: a read, then an all-reduce
+            # with a read of its own, and the preemption flag in another all-reduce after the step)
+            assert (s["our_syncs"], s["our_collectives"]) == (1, 1), where
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
