@@ -160,6 +160,38 @@ def _mpi_master_addr() -> str:
     return MPI.COMM_WORLD.bcast(socket.gethostname(), root=0)
 
 
+STALE_BUILD_LOCK_S = 600  # a JIT build lock older than this is a killed build's (DeepSpeed's CPU op builds in < 1 min)
+
+
+def clear_stale_build_locks(root: str | None = None, max_age_s: float = STALE_BUILD_LOCK_S,
+                            now: float | None = None) -> list[str]:
+    """Remove torch JIT-extension build locks (`<root>/<ext>/lock`, `<root>/<py..>/<ext>/lock`)
+    older than `max_age_s`, saying so on stderr; returns the removed paths. torch's build lock
+    (cpp_extension's FileBaton) is a bare file: a build killed mid-way (scancel, kill -9, OOM)
+    leaves it, and every later start then waits for it forever in a silent sleep loop, inside
+    `deepspeed.init_distributed` (its CPU shared-memory op). root: $TORCH_EXTENSIONS_DIR, else
+    torch's default build root."""
+    import glob
+    import time
+
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    now = time.time() if now is None else now
+    removed = []
+    for lock in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        try:
+            age = now - os.stat(lock).st_mtime
+            if age > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                print(f"hpc.dist: removed {lock}, a torch extension build lock {int(age)} s old (a killed "
+                      "build's: it would block this start forever)", file=sys.stderr, flush=True)
+        except OSError:  # another process removed or rebuilt it: not ours to judge
+            continue
+    return removed
+
+
 def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | None = None) -> Dist:
     """Detect the launcher, export its variables, pick device + backend, start the process group.
 
@@ -207,6 +239,8 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
         timeout = default_pg_timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         torch_dist.init_process_group(**process_group_options(backend, device, env.rank, env.world_size, timeout,
                                                               torch.__version__))
+    if env.local_rank == 0:  # one process per node looks; the build itself happens inside init_distributed
+        clear_stale_build_locks()
     # DeepSpeed adopts the group that exists (its comm backend, cdb) instead of starting its own
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return Dist(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,

@@ -1,11 +1,14 @@
 """hpc.dist under real launchers: one process, mpirun -n 2, torchrun --nproc-per-node 2."""
 import os
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from hpc.dist import Dist, device_index, free_port, process_group_options
+from hpc.dist import STALE_BUILD_LOCK_S, Dist, clear_stale_build_locks, device_index, free_port, process_group_options
 from hpc.env import allocated_gpus
 
 
@@ -28,6 +31,37 @@ def test_mpirun_two_ranks():
 def test_torchrun_two_ranks():
     line = run(["torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "hpc.dist", "gloo"])
     assert line.startswith("launcher=torchrun world=2 backend=gloo sum=2 ranks=[0, 1]")
+
+
+def test_a_killed_builds_lock_does_not_hang_the_start(tmp_path):
+    """torch's JIT build lock left by a killed build made every later start wait forever (seen:
+    the suite hung 10 min in deepspeed.init_distributed). The start removes it and goes on."""
+    ext = tmp_path / "ext"
+    src = Path(os.environ["TORCH_EXTENSIONS_DIR"])  # tests/conftest.py: the op built once per venv
+    shutil.copytree(src, ext, symlinks=True) if src.is_dir() else ext.mkdir()
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.touch()
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    out = subprocess.run([sys.executable, "-m", "hpc.dist", "gloo"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
+    assert out.returncode == 0 and "launcher=single world=1" in out.stdout, out.stdout + out.stderr
+    assert f"removed {lock}" in out.stderr
+
+
+def test_only_old_build_locks_are_removed(tmp_path):
+    now = time.time()
+    for name, age in (("old", STALE_BUILD_LOCK_S + 1), ("fresh", 5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "lock").touch()
+        os.utime(tmp_path / name / "lock", (now - age, now - age))
+    (tmp_path / "py311_cpu" / "nested").mkdir(parents=True)
+    (tmp_path / "py311_cpu" / "nested" / "lock").touch()
+    os.utime(tmp_path / "py311_cpu" / "nested" / "lock", (now - 2 * STALE_BUILD_LOCK_S,) * 2)
+    removed = clear_stale_build_locks(str(tmp_path), now=now)
+    assert sorted(removed) == sorted([str(tmp_path / "old" / "lock"), str(tmp_path / "py311_cpu" / "nested" / "lock")])
+    assert (tmp_path / "fresh" / "lock").exists()
 
 
 def test_uninitialized_dist_is_an_identity():
