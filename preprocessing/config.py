@@ -62,7 +62,7 @@ class MixedRanges(Section):
         return self
 
 
-# the acquisition effects of each named level (issue 19; docs/data-format.md "Degradation levels"):
+# the acquisition effects of each named level (issue 19; docs/shift.md "Degradation levels"):
 # partial Fourier fraction (zero-filled, along partial_fourier_axis), elliptical k-space, complex
 # noise sigma (of the max; Rician magnitude), Gaussian slice profile FWHM (HR voxels, slice axis)
 LEVELS: dict[str, dict[str, float | bool]] = {
