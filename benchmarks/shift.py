@@ -112,7 +112,7 @@ def configs(args, proto: Protocol, work: Path) -> dict[str, dict[str, dict]]:
     out = {}
     for level in sorted(set(args.levels) | ({"truncation"} if "sup_trunc" in args.methods else set())):
         out[level] = {}
-        for mode in ("unpaired", "misaligned"):
+        for mode in ("unpaired", "misaligned") if "udean_mis" in args.methods else ("unpaired",):
             cfg = load(name, base + [f"data.mode={mode}", f"data.degradation.level={level}",
                                      "data.degradation.truth=true", f"data.patches.source_margin={margin}",
                                      f"data.out={work / 'data' / level / mode}"])

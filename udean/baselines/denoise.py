@@ -2,8 +2,8 @@
 
 Non-local means (Buades, Coll, Morel, CVPR 2005; scikit-image `denoise_nl_means`: patch 3,
 search distance 4, fast mode, in 3D) on the LR volume, then `udean.evaluate.tricubic`. The
-strength is h = k * sigma_hat, sigma_hat scikit-image's wavelet estimate of the LR volume's noise
-(`estimate_sigma`), with k chosen on the val volumes by PSNR in the head (`choose_strength`;
+strength is h = k * sigma_hat, sigma_hat the LR volume's noise by the suite's one robust estimator
+(`udean.fidelity.noise_sigma`: MAD of the finest Haar band, median over slices), with k chosen on the val volumes by PSNR in the head (`choose_strength`;
 k = 0 is plain tricubic, so the row is never below tricubic on val).
 
 Rician-biased data: NLM assumes additive Gaussian noise, while magnitude MR noise is Rician,
@@ -27,18 +27,22 @@ NOTE = "NLM assumes Gaussian noise; the data are Rician (magnitude), so dark reg
 
 def _skimage():
     try:
-        from skimage.restoration import denoise_nl_means, estimate_sigma
+        from skimage.restoration import denoise_nl_means
     except ImportError:
         raise ImportError("denoise + tricubic needs scikit-image: pip install -e '.[bench]'") from None
-    return denoise_nl_means, estimate_sigma
+    return denoise_nl_means
 
 
 def nlm(lr: np.ndarray, k: float) -> np.ndarray:
     """Non-local means of an LR volume (D, H, W) in [0, 1] at strength k (0: unchanged), float32."""
     if k == 0:
         return np.asarray(lr, dtype=np.float32)
-    denoise_nl_means, estimate_sigma = _skimage()
-    sigma = float(estimate_sigma(lr))
+    import torch
+
+    from udean.fidelity import noise_sigma
+
+    denoise_nl_means = _skimage()
+    sigma = noise_sigma(torch.as_tensor(np.asarray(lr, dtype=np.float32)))
     return denoise_nl_means(lr, patch_size=3, patch_distance=4, h=k * sigma, sigma=sigma,
                             fast_mode=True).astype(np.float32)
 

@@ -1,0 +1,95 @@
+"""benchmarks/shift.py --protocol tiny end to end (the CI smoke test of issue 19's harness):
+real preprocessing at every level, every method trained by udean.baselines.methods (UDEAN
+through `udean train`), scored by the one Evaluator on each level's test volumes, both regions;
+a rerun resumes from the per-run results and does nothing new."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ROW_KEYS = {"method", "level", "region", "psnr_mean", "ssim_mean", "psnr_std", "ssim_std", "seeds"}
+
+
+def shift(tmp_path, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shift.py"), "--protocol", "tiny", "--jobs", "2",
+                           "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), *args],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads((tmp_path / "results" / "shift_tiny.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shift")
+    return tmp, *shift(tmp)
+
+
+def test_every_level_method_and_region_has_a_row(tiny):
+    from benchmarks import shift as sh
+
+    tmp, _, doc = tiny
+    rows = doc["rows"]
+    assert all(ROW_KEYS <= set(r) for r in rows)
+    got = {(r["level"], r["method"], r["region"]) for r in rows}
+    assert got == {(lv, m, reg) for lv in sh.LEVELS for m in sh.METHODS for reg in ("volume", "head")}
+    for r in rows:
+        assert r["seeds"] == [0] and r["n"] == 2  # tiny: one seed, two test subjects
+        assert all(math.isfinite(r[k]) for k in ("psnr_mean", "ssim_mean", "psnr_std", "ssim_std"))
+    assert all(r["psnr_mean"] != r2["psnr_mean"] for r in rows for r2 in rows  # the head is not the volume
+               if (r["level"], r["method"], r["region"], r2["region"]) == (r2["level"], r2["method"], "volume", "head"))
+    prov = doc["meta"]["provenance"]
+    assert prov["date"] and "benchmarks/shift.py --protocol tiny" in prov["command"]
+    md = (tmp / "results" / "shift_tiny.md").read_text()
+    assert all(f"## {lv}" in md for lv in sh.LEVELS) and "PSNR (head)" in md
+    for files in doc["figures"].values():
+        assert len(files) == 2 and all((REPO / f if not Path(f).is_absolute() else Path(f)).stat().st_size > 5_000
+                                       for f in files)
+
+
+def test_the_rows_follow_the_physics_of_the_levels(tiny):
+    """Tricubic sees each level's own test LR: noise on top of partial Fourier makes it worse
+    everywhere; the harness's tricubic row is the Evaluator's on the level's test volumes."""
+    from preprocessing.manifest import load_manifest
+    from udean.evaluate import Evaluator, tricubic
+
+    tmp, _, doc = tiny
+    tri = {(r["level"], r["region"]): r for r in doc["rows"] if r["method"] == "tricubic"}
+    for region in ("volume", "head"):
+        assert tri["pf_noise", region]["psnr_mean"] < tri["pf", region]["psnr_mean"]
+        assert tri["pf", region]["psnr_mean"] < tri["truncation", region]["psnr_mean"]
+    test = load_manifest(tmp / "work" / "data" / "pf_noise" / "unpaired").volume_paths("test")
+    (res,) = Evaluator({"t": lambda v: tricubic(v.lr, v.hr.shape)}).run(test)
+    assert tri["pf_noise", "head"]["psnr_mean"] == pytest.approx(res.stats("psnr_head")[0], abs=1e-9)
+
+
+def test_one_model_on_truncated_lr_serves_every_level_and_udean_logs_its_fidelity(tiny):
+    tmp, _, doc = tiny
+    runs = {(r["method"], r["level"]): r for r in doc["runs"]}
+    trunc = [runs["sup_trunc", lv] for lv in doc["meta"]["levels"]]
+    assert len({json.dumps(r["info"], sort_keys=True) for r in trunc}) == 1  # the same training, scored per level
+    # trained on truncation, sup_trunc is the oracle of the truncation level: the same pairs,
+    # the same seeded start, the same steps -> the same scores
+    rows = {(r["method"], r["level"], r["region"]): r for r in doc["rows"]}
+    for region in ("volume", "head"):
+        assert rows["sup_trunc", "truncation", region]["psnr_mean"] == pytest.approx(
+            rows["oracle", "truncation", region]["psnr_mean"], abs=1e-6)
+    for lv in doc["meta"]["levels"]:
+        fid = runs["udean_unp", lv]["info"]["fidelity"]
+        assert fid and all({"noise_st", "noise_t", "profile_distance", "psnr_truth"} <= set(f) for f in fid)
+        den = runs["denoise", lv]["info"]
+        assert den["val_psnr_head"][str(den["strength"])] == max(den["val_psnr_head"].values())
+
+
+def test_a_rerun_resumes_and_changes_nothing(tiny):
+    tmp, _, doc = tiny
+    out, again = shift(tmp)
+    assert "0 run(s) to do" in out
+    assert again["rows"] == doc["rows"]
