@@ -220,9 +220,6 @@ def prepare(cfg: DataConfig, out: Path, subjects: list[Subject], only: set[str] 
         if s.group == "unused":
             m.subjects.append(SubjectRow(s.id, s.group, s.input, status="ok"))
             continue
-        if s.error:  # found at discovery or planning: fails alone, nothing to process
-            m.subjects.append(SubjectRow(s.id, s.group, s.input, status="failed", error=s.error))
-            continue
         expect = prev_shards.get(s.id, []) if reuse and only is None else None
         m.subjects.append(SubjectRow(s.id, s.group, s.input))
         tasks.append(Task(s, expect, old if expect is not None else None))

@@ -85,7 +85,7 @@ SUBJECT_ROWS = {  # one bad subject beside a good one: that subject fails, the j
     "not NIfTI": (_nifti("notnifti"), "not a NIfTI"),
     "4D": (_nifti("fourd"), "expected a 3D image, got 4D"),
     "NaN voxels": (_nifti("nan"), "NaN/Inf"),
-    "wrong voxel size": (_nifti("voxel"), "voxel size (1.0, 1.0, 1.0) mm"),
+    "wrong voxel size": (_nifti("voxel"), "voxel size (1 x 1 x 1) mm, expected 0.7"),
     "folder name with a space": (_spaced, "not usable as a file name"),
     "subject folder is a symlink loop": (_loop, "symlink loop"),
     "T1w file is a symlink loop": (_loop_file, "symlink loop"),
@@ -265,7 +265,7 @@ def _width(run: Path, tmp_path: Path) -> None:
 
 def _lr(kind: str) -> Callable[[Path], Path]:
     def make(tmp_path: Path) -> Path:
-        write_bad_inputs(tmp_path / "lr", lambda k: f"{k}.nii.gz")
+        write_bad_inputs(tmp_path / "lr", lambda k: f"{k}.nii.gz", voxel=1.4)  # on the tiny config's LR grid
         return tmp_path / "lr" / f"{kind}.nii.gz"
     return make
 

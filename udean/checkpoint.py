@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -348,3 +349,12 @@ def generator_state(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: no module weights in it (a ZeRO-3 checkpoint keeps them partitioned: "
                          "export is for ZeRO stages 0-2)")
     return module
+
+
+def unreadable_weights(path: str | os.PathLike, exc: BaseException) -> str:
+    """The one-line error for a weights file torch.load (weights_only) refused or could not read."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    why = ("it holds pickled objects other than tensors (refused unread: loading them could run code)"
+           if isinstance(exc, pickle.UnpicklingError) else
+           f"truncated, or not a torch checkpoint ({type(exc).__name__}: {first[:160]})")
+    return f"{path}: cannot be loaded as weights: {why}"

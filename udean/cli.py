@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import pickle
 import sys
 import traceback
 
@@ -111,11 +110,9 @@ def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | No
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         code = frame.f_code
         if code.co_name == "load" and code.co_filename.endswith(os.path.join("torch", "serialization.py")):
-            path = frame.f_locals.get("f")
-            why = ("it holds pickled objects other than tensors (refused unread: loading them could run code)"
-                   if isinstance(exc, pickle.UnpicklingError) else
-                   f"truncated, or not a torch checkpoint ({type(exc).__name__}: {_first_lines(exc, 1)[:160]})")
-            return f"{path}: cannot be loaded as weights: {why}"
+            from udean.checkpoint import unreadable_weights
+
+            return unreadable_weights(frame.f_locals.get("f"), exc)
         if code.co_name == "load_state_dict" and code.co_filename.endswith(os.path.join("nn", "modules", "module.py")):
             where = f"{args.checkpoint}: " if getattr(args, "checkpoint", None) else ""
             return f"{where}the weights do not fit the model its config describes ({_first_lines(exc)[:400]})"

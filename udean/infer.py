@@ -385,18 +385,20 @@ def load_sr_model(checkpoint: str | Path, device: str | torch.device = "cpu") ->
 
         state, cfg = from_training_checkpoint(path)
     else:
+        from udean.checkpoint import unreadable_weights
+
         cfg = checkpoint_config(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, or not weights only
-            raise ValueError(f"{path}: not readable inference weights ({type(exc).__name__}: {exc})") from None
+            raise ValueError(unreadable_weights(path, exc)) from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
     try:
         net = load_inference(state, cfg.model)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         text = " ".join(str(exc).split())
-        raise ValueError(f"{path}: the weights do not fit the model of its config ({text[:300]})") from None
+        raise ValueError(f"{path}: the weights do not fit the model its config describes ({text[:300]})") from None
     return net.to(device).eval(), cfg
 
 

@@ -24,22 +24,23 @@ def save(path: Path, data: np.ndarray, voxel: float = 0.7, affine: np.ndarray | 
     return path
 
 
-def write_bad_inputs(folder: Path, name_of) -> dict[str, str]:
-    """One file per bad-input kind at folder/name_of(kind); returns kind -> expected error text."""
+def write_bad_inputs(folder: Path, name_of, voxel: float = 0.7) -> dict[str, str]:
+    """One file per bad-input kind at folder/name_of(kind), at `voxel` mm but for kind "voxel"
+    (1 mm); returns kind -> expected error text."""
     good = smooth_volume()
     p = lambda kind: folder / name_of(kind)
-    save(p("truncgz"), good)
+    save(p("truncgz"), good, voxel=voxel)
     raw = p("truncgz").read_bytes()
     p("truncgz").write_bytes(raw[: len(raw) // 2])
     p("notnifti").parent.mkdir(parents=True, exist_ok=True)
     p("notnifti").write_bytes(gzip.compress(b"this is not an image\n" * 50, mtime=0))
-    save(p("fourd"), np.stack([good, good], axis=-1))
-    save(p("twod"), good[:, :, :1])
+    save(p("fourd"), np.stack([good, good], axis=-1), voxel=voxel)
+    save(p("twod"), good[:, :, :1], voxel=voxel)
     nan = good.astype(np.float32)
     nan[3, 3, 3] = np.nan
     nan[4, 4, 4] = np.inf
-    save(p("nan"), nan)
-    save(p("zero"), np.zeros_like(good))
+    save(p("nan"), nan, voxel=voxel)
+    save(p("zero"), np.zeros_like(good), voxel=voxel)
     save(p("voxel"), good, voxel=1.0)
     return {"truncgz": "truncated or corrupt gzip", "notnifti": "not a NIfTI", "fourd": "expected a 3D image, got 4D",
             "twod": "expected a 3D image", "nan": "NaN/Inf", "zero": "constant image", "voxel": "voxel size",
