@@ -471,6 +471,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path
             "sliding_window": inferer.settings(), "seconds": round(time.perf_counter() - t0, 2)}
     js, md = write_results(results, meta, out)
     console.print(rich_table(results, f"{group} set: SR vs HR ({', '.join(evaluator.regions)})", evaluator.regions))
+    console.print(describe_lr(meta["lr_sources"]))  # also when a narrow terminal squeezes the LR column
     console.print(f"results: {js}\n         {md}")
     for f in shown:
         console.print(f"figure:  {f}")
