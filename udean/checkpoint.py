@@ -67,7 +67,15 @@ class ResumeRefused(ValueError):
 
 
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted config keys that differ between the run's config and this start's, `FREE_KEYS` aside."""
+    """Dotted config keys that differ between the run's config and this start's, `FREE_KEYS` aside.
+    The saved config is read with this version's defaults first: a key added since the run was
+    saved (a new switch, off by default) is not a difference."""
+    from udean.config import from_dict
+
+    try:
+        saved = from_dict(saved).to_dict()
+    except ValueError:  # a key this version no longer has: compared as saved, so it differs
+        pass
     return [k for k in diff_keys(saved, current) if not any(k == f or k.startswith(f + ".") for f in FREE_KEYS)]
 
 

@@ -254,3 +254,18 @@ def test_an_unwritable_train_out_is_reported_before_the_engines(tiny_data, tmp_p
     err = " ".join(r.stderr.split())
     assert r.returncode == 2 and "is not writable" in err and "Traceback" not in err, err[-2000:]
     assert "training from scratch" not in err and "threads:" not in err  # before setup
+
+
+def test_a_key_added_since_the_run_was_saved_is_not_a_difference():
+    """Upgrading the suite under a running job adds config keys (at defaults that keep the old
+    behaviour); the requeued job must resume, not be refused for keys its checkpoint lacks."""
+    from udean.config import load
+
+    current = load("tiny").to_dict()
+    saved = json.loads(json.dumps(current))
+    del saved["train"]["augment"], saved["model"]["degradation"]
+    assert checkpoint.resume_mismatch(saved, current) == []
+    saved["train"]["lr"] = current["train"]["lr"] * 2
+    assert checkpoint.resume_mismatch(saved, current) == ["train.lr"]
+    saved["train"]["gone"] = 1  # a key this version does not know: a difference, not an error
+    assert "train.gone" in checkpoint.resume_mismatch(saved, current)
