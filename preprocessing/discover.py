@@ -54,11 +54,16 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
+def _id_problem(sid: str, path: str) -> str | None:
+    """A subject id that cannot name the output files, said as such."""
+    if _SAFE_ID.match(sid):
+        return None
+    return (f"{path}: subject id {sid!r} is not usable as a file name (allowed: letters, digits, '.', '_', '-'); "
+            "rename it")
+
+
 def _checked(sid: str, path: str) -> Subject:
-    if not _SAFE_ID.match(sid):
-        return Subject(sid, path, error=f"{path}: subject id {sid!r} is not usable as a file name "
-                                        "(allowed: letters, digits, '.', '_', '-'); rename it")
-    return Subject(sid, path, error=_path_problem(path))
+    return Subject(sid, path, error=_id_problem(sid, path) or _path_problem(path))
 
 
 def subject_id_of(path: Path) -> str:
@@ -241,9 +246,8 @@ def _unique(subjects: list[Subject]) -> list[Subject]:
             out[s.id] = Subject(s.id, first.input, first.group, error=(
                 f"{first.input}: subject name {s.id!r} is also {s.input} ({s.group}); names must be unique across "
                 "roles (rename one of the files)"))
-        elif not _SAFE_ID.match(s.id):
-            out[s.id] = Subject(s.id, s.input, s.group, error=(
-                f"{s.input}: subject name {s.id!r} must match [A-Za-z0-9._-]+ (it names the output files)"))
+        elif problem := _id_problem(s.id, s.input):
+            out[s.id] = Subject(s.id, s.input, s.group, error=problem)
         else:
             out[s.id] = s
     return [out[k] for k in sorted(out)]

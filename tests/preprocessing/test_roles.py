@@ -148,7 +148,7 @@ def test_paired_folders_match_by_name_and_a_bad_name_fails_alone(tmp_path):
     both = subs["both"]
     assert str(tmp_path / "hr" / "both.nii.gz") in both.error and str(tmp_path / "lr" / "both.nii.gz") in both.error
     assert "unique across roles" in both.error
-    assert "must match" in subs["has space"].error and str(tmp_path / "thr" / "has space.nii.gz") in subs["has space"].error
+    assert "not usable as a file name" in subs["has space"].error and str(tmp_path / "thr" / "has space.nii.gz") in subs["has space"].error
     assert [s.id for s in subs.values() if s.error] == ["both", "has space"]
     # failed at once by `process`, naming the file; nothing written
     res = process(both, cfg, tmp_path / "out")
