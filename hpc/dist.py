@@ -83,6 +83,7 @@ class Dist:
     device: Any = "cpu"  # torch.device
     device_rank: int = -1  # CUDA index of this task, -1 on CPU
     _torch_dist: Any = field(default=None, repr=False)
+    _exported: tuple | None = field(default=None, repr=False)  # (environ, values before): put back by shutdown
 
     @property
     def is_main(self) -> bool:
@@ -145,12 +146,18 @@ class Dist:
         return argparse.Namespace(local_rank=self.local_rank, device_rank=self.device_rank)
 
     def shutdown(self) -> None:
-        if self.initialized:
-            try:
-                self._torch_dist.barrier()
-            finally:
-                self._torch_dist.destroy_process_group()
-        self._torch_dist = None
+        """End the process group and put back the launcher variables `init` exported."""
+        try:
+            if self.initialized:
+                try:
+                    self._torch_dist.barrier()
+                finally:
+                    self._torch_dist.destroy_process_group()
+        finally:
+            self._torch_dist = None
+            if self._exported is not None:
+                launch.unexport(self._exported[1], self._exported[0])
+                self._exported = None
 
 
 def _mpi_master_addr() -> str:
@@ -211,7 +218,7 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
         env = launch.LaunchEnv(**{**env.__dict__, "master_port": free_port()})
     if not env.master_addr:
         env = launch.LaunchEnv(**{**env.__dict__, "master_addr": _mpi_master_addr()})
-    launch.export(env, environ)
+    before = launch.export(env, environ)
 
     cuda = torch.cuda.is_available()
     if not cuda and (given := launch.allocated_gpus(environ)):
@@ -245,7 +252,7 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return Dist(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                 local_world_size=env.local_world_size, launcher=env.launcher, backend=backend,
-                device=device, device_rank=device_rank, _torch_dist=torch_dist)
+                device=device, device_rank=device_rank, _torch_dist=torch_dist, _exported=(environ, before))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -277,9 +277,14 @@ def detect(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     return env
 
 
-def export(env: LaunchEnv, environ: MutableMapping[str, str] | None = None) -> None:
-    """Write the variables torch.distributed (env://) and DeepSpeed read."""
+EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def export(env: LaunchEnv, environ: MutableMapping[str, str] | None = None) -> dict[str, str | None]:
+    """Write the variables torch.distributed (env://) and DeepSpeed read (`EXPORTED`); returns
+    their values before, for `unexport`."""
     environ = os.environ if environ is None else environ
+    before = {k: environ.get(k) for k in EXPORTED}
     environ.update({
         "RANK": str(env.rank),
         "WORLD_SIZE": str(env.world_size),
@@ -288,3 +293,15 @@ def export(env: LaunchEnv, environ: MutableMapping[str, str] | None = None) -> N
         "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(env.master_port),
     })
+    return before
+
+
+def unexport(before: dict[str, str | None], environ: MutableMapping[str, str] | None = None) -> None:
+    """Put back what `export` replaced: a process that starts a job, ends it and then starts
+    child processes (or another job) does not hand them this job's rank and port."""
+    environ = os.environ if environ is None else environ
+    for key, value in before.items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = value

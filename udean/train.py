@@ -160,10 +160,14 @@ def train(cfg: Config, dist=None, preempt=None, restart: bool = False) -> int:
         with contextlib.ExitStack() as held:
             _claim_out(cfg, dist, restart, held)
             code = _loop(cfg, dist, preempt)
+    except BaseException:
+        if own_dist and dist.world_size == 1:  # no peer to wait for: end the group, put the environment back
+            dist.shutdown()
+        raise  # more ranks: shutdown's barrier would wait forever for a rank that died; the process exits
     finally:
         if own_preempt:
             preempt.uninstall()
-    if own_dist:  # not on an exception: shutdown's barrier would wait forever for a rank that died
+    if own_dist:
         dist.shutdown()
     return code
 

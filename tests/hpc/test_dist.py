@@ -64,6 +64,25 @@ def test_only_old_build_locks_are_removed(tmp_path):
     assert (tmp_path / "fresh" / "lock").exists()
 
 
+def test_shutdown_puts_back_the_launcher_variables_it_exported():
+    """An in-process job (udean.train.train(cfg) in a notebook or a test) left RANK, MASTER_PORT,
+    ... in os.environ: every child process started afterwards then bound that job's port and
+    failed with EADDRINUSE (seen in CI). shutdown puts them back; a second job in the same
+    process works."""
+    code = (
+        "import os, sys; from hpc.dist import init; from hpc.env import EXPORTED\n"
+        "os.environ['MASTER_ADDR'] = '127.0.0.1'\n"
+        "for _ in range(2):\n"
+        "    d = init('gloo'); assert os.environ['MASTER_PORT'] and d.all_reduce_sum(1.0) == 1.0; d.shutdown()\n"
+        "    left = {k: os.environ.get(k) for k in EXPORTED if k in os.environ}\n"
+        "    assert left == {'MASTER_ADDR': '127.0.0.1'}, left\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                           "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
 def test_uninitialized_dist_is_an_identity():
     d = Dist()
     assert d.all_reduce_flag(True) and not d.all_reduce_flag(False)

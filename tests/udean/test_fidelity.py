@@ -4,6 +4,7 @@ PSNR = inf against the truth; a training run logs fidelity rows and image summar
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -119,6 +120,7 @@ def test_training_logs_fidelity_rows_and_image_summaries(truth_data, tmp_path):
     from udean.config import load
     from udean.train import train
 
+    port = os.environ.get("MASTER_PORT")
     physics = ["model.degradation=physics", "model.degradation_noise=true", "model.decimation=kspace"]
     cfg = load("tiny", [f"data.out={truth_data}", f"train.out={tmp_path / 'run'}", "train.fidelity_every=2",
                         "train.image_every=4", "model.source_margin=[1,2]", *physics])
@@ -139,3 +141,6 @@ def test_training_logs_fidelity_rows_and_image_summaries(truth_data, tmp_path):
                           *physics])
     with pytest.raises(ValueError, match="source_margin"):
         train(wrong)
+    # also after the refusal, the in-process job has put the launcher variables back: children
+    # started later by this process choose their own port (CI saw EADDRINUSE in every later test)
+    assert os.environ.get("MASTER_PORT") == port
