@@ -58,7 +58,7 @@ class ModelConfig(Section):
     # ours: LR voxels of real context around every source HR patch (slab axis, in-plane); the
     # physics degradation runs on the whole patch, then X_{s~t} and Y_s are cropped to the centre,
     # so X_{s~t} has no replicated edges (a 3-slice slab has 2 edge slices of 3). The source
-    # shards must hold patches 2 * (slab + 2 m0, size + 2 m1) HR voxels (not written by preprocessing yet).
+    # shards must hold patches 2 * (slab + 2 m0, size + 2 m1) HR voxels (data.patches.source_margin, the same values).
     source_margin: tuple[int, int] = (0, 0)
     # the physics degradation's fixed x2 decimation: the image skip's Lanczos, or k-space
     # truncation of the mirror-extended patch (layers.kspace_downsample2), closer to the data's
