@@ -350,7 +350,7 @@ def _read_tree(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"config file {p}: base must be a config name or path (got {name!r})")
     path = Path(name) if Path(name).is_absolute() else p.parent / name
-    base = path if path.exists() else _shipped(Path(name))
+    base = path if path.is_file() else _shipped(Path(name))
     if base is None:
         raise ConfigError(f"config file {p}: base {name!r} not found (no file {path}; shipped: {_shipped_names()})")
     return _merge(_read_tree(base, (*chain, p.resolve())), tree)
