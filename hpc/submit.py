@@ -2,18 +2,22 @@
 submitted from Python with submitit (MAE/DINO style: this file only describes resources and
 calls the same command line the shell scripts run).
 
-    python -m hpc.submit train --nodes 2 --gpus-per-node 4 --partition gpu --time 24:00:00 \\
-        -- --config paper train.out=runs/paper
     python -m hpc.submit preprocess --nodes 2 --tasks-per-node 32 --time 6:00:00 \\
-        -- --config paper --data-root /data/HCP_1200 --out /scratch/udean-data
+        -- --data-root /data/HCP_1200 --out /scratch/udean-data
+    python -m hpc.submit train --nodes 2 --gpus-per-node 4 --partition gpu --time 24:00:00 \\
+        -- data.out=/scratch/udean-data train.out=runs/udean
+    python -m hpc.submit train --nodes 2 --gpus-per-node 4 \\
+        -- --config paper data.out=/scratch/udean-data-paper train.out=runs/paper   # preprocessed with paper too
     python -m hpc.submit regenerate --tasks-per-node 16 -- /scratch/udean-data
     python -m hpc.submit bench --nodes 4 --gpus-per-node 4 -- benchmarks/scaling.py --out x.json
     python -m hpc.submit train --local --tasks-per-node 2 -- --config tiny
 
 Everything after `--` goes to the command (`udean train`, `udean preprocess`, `udean shards
-regenerate`, or a Python script for `bench`). `python -m hpc.submit COMMAND --help` lists the
-resources of that job with their defaults (train and bench: 4 GPUs and 8 CPUs per task, as
-slurm/train_udean.sh; pass --gpus-per-node 0 for a CPU job).
+regenerate`, or a Python script for `bench`); without --config, `udean` uses the shipped
+`recommended` config (README "Which config"; `--config paper`: the paper as written).
+`python -m hpc.submit COMMAND --help` lists the resources of that job with their defaults
+(train and bench: 4 GPUs and 8 CPUs per task, as slurm/train_udean.sh; pass --gpus-per-node 0
+for a CPU job).
 
 Each task runs the command as a child process (`python -m udean ...`: hpc imports nothing from
 udean or preprocessing, STYLE.md) and forwards SIGUSR1/SIGTERM/SIGINT to it, so the preemption
@@ -243,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
             command, help=text, description=text, formatter_class=_DefaultsShown,
             epilog="arguments after -- go to the command" + (
                 ", e.g. -- benchmarks/scaling.py train --data DIR" if command == "bench" else
-                ", e.g. -- --config paper train.out=runs/paper" if command == "train" else "")),
+                ", e.g. -- train.out=runs/a (no --config: recommended)" if command == "train" else "")),
             command)
     return p
 

@@ -7,7 +7,8 @@
 #
 #   UDEAN_DATA_ROOT  HCP root (subject folders), default: data.root of the config
 #   UDEAN_DATA       output folder (manifest.json, shards/), default: data.out of the config
-#   UDEAN_CONFIG     config file, or a shipped config: paper|demo|tiny (default paper)
+#   UDEAN_CONFIG     config file, or a shipped config: recommended|paper|demo|tiny (default
+#                    recommended, as slurm/train_udean.sh: train with the config you preprocessed with)
 # A rerun (or a requeue after preemption) skips subjects whose shards verify and redoes the rest.
 # MPI: UDEAN_MPI_LAUNCH=srun (default; set UDEAN_SRUN_MPI to the site's PMI, e.g. pmix) or mpirun.
 # Site variables: slurm/common.sh.
@@ -23,7 +24,7 @@ set -eo pipefail
 source "${UDEAN_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"
 udean_setup
 
-args=(--config "${UDEAN_CONFIG:-paper}" --no-progress)
+args=(--config "${UDEAN_CONFIG:-recommended}" --no-progress)
 [[ -n "${UDEAN_DATA_ROOT:-}" ]] && args+=(--data-root "$UDEAN_DATA_ROOT")
 [[ -n "${UDEAN_DATA:-}" ]] && args+=(--out "$UDEAN_DATA")
 

@@ -6,11 +6,13 @@
 #
 # run with bash (not sbatch) it submits one job per node count (sbatch -N n, the rest of the
 # options from the #SBATCH lines below or the command line of sbatch via SBATCH_* variables);
-# when every job is done, `python benchmarks/scaling.py report` merges the points.
+# when every job is done, `python benchmarks/scaling.py report` merges the points (give it the
+# same `--config` for the projection's gradient bytes: its default is paper).
 # Submitted directly (`sbatch -N 4 slurm/scaling_benchmark.sh`) it measures one point.
 #
 #   UDEAN_DATA         preprocessed data (holds manifest.json), required
-#   UDEAN_CONFIG       model/train config, default paper
+#   UDEAN_CONFIG       model/train config, default recommended (as slurm/train_udean.sh); paper: the
+#                      paper as written (the data in UDEAN_DATA must be preprocessed with the same one)
 #   UDEAN_BENCH_MODE   weak (fixed per-GPU batch, default) or strong (fixed global batch)
 #   UDEAN_BENCH_OUT    results folder, default benchmarks/results
 # Site variables: slurm/common.sh.
@@ -42,6 +44,6 @@ udean_setup
 : "${UDEAN_DATA:?set UDEAN_DATA to the preprocessed data folder}"
 
 rc=0
-udean_run python benchmarks/scaling.py train --data "$UDEAN_DATA" --config "${UDEAN_CONFIG:-paper}" \
+udean_run python benchmarks/scaling.py train --data "$UDEAN_DATA" --config "${UDEAN_CONFIG:-recommended}" \
     --mode "${UDEAN_BENCH_MODE:-weak}" --out "${UDEAN_BENCH_OUT:-benchmarks/results}" "$@" || rc=$?
 exit "$rc"

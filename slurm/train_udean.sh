@@ -2,12 +2,16 @@
 # Train UDEAN with DeepSpeed: one task per GPU on every node, resumed from its checkpoint after
 # every requeue. Submit from the repository root:
 #
-#   sbatch slurm/train_udean.sh                                   # --config paper (shipped)
+#   sbatch slurm/train_udean.sh                                   # --config recommended (shipped)
+#   UDEAN_CONFIG=paper sbatch slurm/train_udean.sh train.out=runs/paper   # the paper as written
 #   UDEAN_CONFIG=demo sbatch slurm/train_udean.sh train.lr=3e-4 train.out=runs/a
 #   sbatch -N 4 -p gpu -A proj123 --time=24:00:00 slurm/train_udean.sh train.out=runs/big
 #
-# Arguments are passed to `udean train` (config overrides key.sub=value, or --config PATH|paper|demo|tiny).
-# UDEAN_CONFIG picks the config when no --config is given. Site variables: slurm/common.sh.
+# Arguments are passed to `udean train` (config overrides key.sub=value, or --config PATH|NAME).
+# UDEAN_CONFIG picks the config when no --config is given (default recommended: the paper's sizes
+# with the switches the shift benchmark keeps; README "Which config"). Preprocess with the same
+# config (slurm/preprocess_hcp.sh has the same default): the source patches must carry the margin
+# the model needs. Site variables: slurm/common.sh.
 # Change --gpus-per-node and --ntasks-per-node together: one task per GPU.
 #
 # Preemption: SLURM sends SIGUSR1 to this shell 120 s before the time limit (--signal=B:USR1@120),
@@ -29,7 +33,7 @@ source "${UDEAN_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"
 udean_setup
 
 config_args=()
-[[ " $* " == *" --config "* || " $* " == *" --config="* ]] || config_args=(--config "${UDEAN_CONFIG:-paper}")
+[[ " $* " == *" --config "* || " $* " == *" --config="* ]] || config_args=(--config "${UDEAN_CONFIG:-recommended}")
 
 rc=0
 udean_run udean train "${config_args[@]}" "$@" || rc=$?

@@ -54,7 +54,9 @@ EXIT_OUTPUT = 74
 
 EPILOG = """config overrides: append key.sub=value after the options, e.g.
   udean train --config demo train.lr=3e-4 model.variant=3d
-shipped configs: paper (every paper hyper-parameter), demo (CPU, minutes), tiny (tests)
+shipped configs: recommended (the default: the paper's sizes with the switches the shift
+  benchmark keeps), paper (the paper as written, every hyper-parameter), demo (CPU, minutes),
+  tiny (tests); README "Which config"
 exit codes:
 """ + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
 
@@ -91,8 +93,11 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     if uses_config:
-        p.add_argument("--config", default=None,
-                       help="YAML config (path, or a shipped name: paper, demo, tiny); none: the paper's values")
+        from udean.config import DEFAULT
+
+        p.add_argument("--config", default=DEFAULT,
+                       help="YAML config (path, or a shipped name: recommended, paper, demo, tiny); default: "
+                            "%(default)s (paper: the paper as written)")
     importlib.import_module(module).add_arguments(p)
     if uses_config:
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

@@ -1,9 +1,13 @@
 """One config tree: YAML files -> typed, validated pydantic models.
 
 Every hyper-parameter of the paper (section II-B/C/D) lives here with its paper default;
-the shipped configs (package data in `udean/configs/`, named by `--config paper|demo|tiny`):
-`paper.yaml` spells them out, `demo.yaml` and `tiny.yaml` shrink them for a CPU. Validation happens on load, before any work: an unknown key, a wrong type or an
-out-of-range value raises `ConfigError` naming the dotted key and what is allowed.
+the shipped configs (package data in `udean/configs/`, named by `--config NAME`): `paper.yaml`
+spells them out, `recommended.yaml` (`DEFAULT`: what a command without --config gets) is the
+paper's sizes with the switches the shift benchmark keeps, `demo.yaml` and `tiny.yaml` shrink
+them for a CPU. A config may name a `base:` (a shipped name, or a path relative to itself) and
+holds only what differs from it (`_read_tree`). Validation happens on load, before any work: an
+unknown key, a wrong type or an out-of-range value raises `ConfigError` naming the dotted key
+and what is allowed.
 
 CLI overrides are `key.sub=value`; the value is parsed as YAML (`train.lr=3e-4`,
 `data.patches.lr_size=[32,32]`, `model.variant=3d`).
@@ -226,6 +230,7 @@ class Config(Section):
 
 # --------------------------------------------------------------------------- loading
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped configs: package data
+DEFAULT = "recommended"  # the config of every command and slurm script without --config (README "Which config")
 
 
 def _format_error(err: ValidationError) -> str:
@@ -295,29 +300,69 @@ def from_dict(tree: dict[str, Any], overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def _shipped(p: Path) -> Path | None:
+    """The shipped config a name means (`demo`, `demo.yaml`, or `configs/demo.yaml`, its
+    location before it became package data, as scripts still write it), or None."""
+    shipped = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if shipped.exists() and (len(p.parts) == 1 or p.parent == Path("configs")):
+        return shipped
+    return None
+
+
+def _shipped_names() -> str:
+    return ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+
+
 def resolve_path(name: str | os.PathLike) -> Path:
     """A config path, or a shipped config named by its name (`demo`, `demo.yaml`) or by its
     location before it became package data (`configs/demo.yaml`, as scripts still write it)."""
     p = Path(name)
     if p.exists():
         return p
-    shipped = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
-    if shipped.exists() and (len(p.parts) == 1 or p.parent == Path("configs")):
-        return shipped
-    raise ConfigError(f"config file {str(name)!r} not found (shipped: {', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+    shipped = _shipped(p)
+    if shipped is None:
+        raise ConfigError(f"config file {str(name)!r} not found (shipped: {_shipped_names()})")
+    return shipped
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` deep-merged onto `base`: mappings merge key by key, anything else (lists,
+    scalars) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML tree of config file `p` with its `base:` chain resolved (docs/architecture.md
+    "Invariants"): the base (a shipped name, or a path relative to `p`), read the same way, with
+    this file deep-merged over it; `base` itself is not part of the result."""
+    if p.resolve() in chain:
+        cycle = " -> ".join(str(q) for q in (*chain, p.resolve()))
+        raise ConfigError(f"config file {p}: its base chain is a cycle: {cycle}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    if "base" not in tree:
+        return tree
+    name = tree.pop("base")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"config file {p}: base must be a config name or path (got {name!r})")
+    path = Path(name) if Path(name).is_absolute() else p.parent / name
+    base = path if path.is_file() else _shipped(Path(name))
+    if base is None:
+        raise ConfigError(f"config file {p}: base {name!r} not found (no file {path}; shipped: {_shipped_names()})")
+    return _merge(_read_tree(base, (*chain, p.resolve())), tree)
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = resolve_path(path)
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p}: not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    """Load a YAML config (or the defaults, the paper's values, when `path` is None), resolve its
+    `base:` chain and apply overrides. The CLI's default is `DEFAULT` (udean/cli.py)."""
+    tree = {} if path is None else _read_tree(resolve_path(path))
     return from_dict(tree, overrides)
 
 

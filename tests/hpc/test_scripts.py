@@ -46,3 +46,22 @@ def test_install_rejects_bad_options_before_any_work(args, message, tmp_path):
                          env={"PATH": "/usr/bin:/bin", "UDEAN_VENV": str(tmp_path / "venv")}, timeout=30)
     assert out.returncode == 2 and message in out.stderr
     assert not (tmp_path / "venv").exists()
+
+
+@pytest.mark.parametrize("script, env, want", [
+    ("train_udean.sh", {}, "udean train --config recommended train.lr=-1"),
+    ("preprocess_hcp.sh", {}, "udean preprocess --config recommended --no-progress train.lr=-1"),
+    ("preprocess_hcp.sh", {"UDEAN_CONFIG": "paper"}, "udean preprocess --config paper --no-progress train.lr=-1"),
+])
+def test_scripts_run_udean_with_the_recommended_config_by_default(script, env, want):
+    # the script itself, outside SLURM (one task, mpirun): it starts udean with the config, which
+    # refuses the bad override before any work
+    import os
+    import sys
+
+    venv = Path(sys.executable).parent.parent
+    r = subprocess.run(["bash", str(REPO / "slurm" / script), "train.lr=-1"], capture_output=True, text=True,
+                       cwd=REPO, timeout=120, env={**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+                                                   "UDEAN_VENV": str(venv), "UDEAN_MPI_LAUNCH": "mpirun", **env})
+    assert want in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "config key 'train.lr'" in r.stderr, r.stderr[-2000:]

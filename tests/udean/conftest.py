@@ -92,4 +92,10 @@ def tiny_data(tmp_path_factory) -> Path:
     return build_tiny_data(tmp_path_factory.getbasetemp() / "tiny_data")
 
 
+@pytest.fixture(scope="session")
+def tiny_cohort(tiny_data) -> Path:
+    """The synthetic cohort `tiny_data` was preprocessed from (6 subjects, 64x64x48)."""
+    return tiny_data.parent / "tiny_cohort"
+
+
 # --------------------------------------------------------------------------- sampler

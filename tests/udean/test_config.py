@@ -108,3 +108,103 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "train.lr" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- base: inheritance
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_is_deep_merged_lists_replace_and_paths_are_relative_to_the_naming_file(tmp_path, monkeypatch):
+    # child -> sub/mid.yaml (relative to child) -> ../grand.yaml (relative to mid) -> tiny (shipped)
+    _write(tmp_path / "grand.yaml", "base: tiny\nmodel: {features: 6, n_rcab: 3}\ntrain: {seed: 5}\n")
+    _write(tmp_path / "sub" / "mid.yaml", "base: ../grand.yaml\nmodel: {n_groups: 2}\n"
+                                          "data: {split: {counts: [3, 3, 1, 1]}}\n")
+    child = _write(tmp_path / "conf" / "child.yaml", "base: ../sub/mid.yaml\nmodel: {features: 12}\n"
+                                                     "data: {split: {counts: [4, 4, 1, 2]}, patches: {lr_size: [32, 32]}}\n")
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "x" / "y")  # paths are relative to the file, not to the working folder
+    cfg = load(child, ["train.lr=3e-3"])
+    tiny = load("tiny")
+    assert (cfg.model.features, cfg.model.n_groups, cfg.model.n_rcab) == (12, 2, 3)  # each from its own level
+    assert cfg.model.reduction == tiny.model.reduction and cfg.train.seed == 5  # untouched keys come through
+    assert cfg.data.split.counts == (4, 4, 1, 2)  # a list replaces ...
+    assert cfg.data.split.preset == "counts"  # a mapping merges: tiny's preset stays beside the new counts
+    assert cfg.data.patches.lr_size == (32, 32) and cfg.data.patches.stride == tiny.data.patches.stride
+    assert cfg.train.lr == 3e-3  # overrides come last
+    # ... whole (the tree before validation: not merged item by item, not appended)
+    from udean.config import _read_tree
+
+    _write(tmp_path / "long.yaml", "k: [1, 2, 3]\nm: {a: [1, 2], b: 2}\n")
+    short = _write(tmp_path / "short.yaml", "base: long.yaml\nk: [9]\nm: {a: [7]}\n")
+    assert _read_tree(short) == {"k": [9], "m": {"a": [7], "b": 2}}
+
+
+def test_a_resolved_config_has_no_base_and_saves_as_the_same_values_written_flat(tmp_path):
+    child = _write(tmp_path / "child.yaml", "base: tiny\nmodel: {features: 12}\ntrain: {seed: 7}\n")
+    cfg = load(child)
+    assert "base" not in cfg.to_dict()
+    save(cfg, tmp_path / "inherited.yaml")
+    save(load("tiny", ["model.features=12", "train.seed=7"]), tmp_path / "flat.yaml")
+    text = (tmp_path / "inherited.yaml").read_text()
+    assert text == (tmp_path / "flat.yaml").read_text() and "base" not in yaml.safe_load(text)
+    again = load(tmp_path / "inherited.yaml")
+    assert again == cfg and again.hash() == cfg.hash()
+
+
+def test_a_base_cycle_or_a_missing_base_is_one_error_naming_the_files(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    _write(a, "base: b.yaml\n")
+    _write(b, "base: a.yaml\ntrain: {seed: 1}\n")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        load(a)
+    assert str(a) in str(err.value) and str(b) in str(err.value)
+    _write(a, "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=f"config file {a}: its base chain is a cycle"):
+        load(a)
+    _write(a, "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=rf"config file {a}: base 'nowhere.yaml' not found .*shipped: .*recommended"):
+        load(b)  # named through b: the error names the file that names the missing base
+    _write(a, "base: [paper]\n")
+    with pytest.raises(ConfigError, match=f"config file {a}: base must be a config name or path"):
+        load(a)
+
+
+# the recipe of issue 19 phase 1: every key recommended.yaml changes from paper.yaml, with its
+# value (the spec; README "Which config")
+RECIPE = {
+    "model.degradation": "physics", "model.degradation_noise": True, "model.cycle_detach": True,
+    "model.source_margin": [2, 4], "model.decimation": "kspace", "model.spectral_norm": True,
+    "model.hr_discriminator": False,
+    "loss.adversarial": "lsq", "loss.f_cyc_stop_gradient": True, "loss.adapt_start": 0.5, "loss.adapt_ramp": 0.2,
+    "loss.lambda_spectrum": 1.0,
+    "data.patches.source_margin": [2, 4],
+    "train.augment": "flips", "train.augment_source": "dihedral",
+}
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_recommended_is_the_paper_with_exactly_the_recipe_switched():
+    paper, ours = _flat(load("paper").to_dict()), _flat(load("recommended").to_dict())
+    assert paper.keys() <= ours.keys()  # data.patches.source_margin is left out of a dump while it is 0
+    assert {k: v for k, v in ours.items() if paper.get(k) != v} == RECIPE
+    assert yaml.safe_load((CONFIG_DIR / "recommended.yaml").read_text())["base"] == "paper"
+
+
+def test_every_config_command_defaults_to_recommended_and_says_so():
+    from udean.cli import COMMANDS, _command_parser
+
+    for name in [n for n, (_, _, uses_config) in COMMANDS.items() if uses_config]:
+        parser = _command_parser(name)
+        want = "demo" if name == "demo" else "recommended"  # udean demo keeps its own config
+        assert parser.get_default("config") == want, name
+        text = " ".join(parser.format_help().split())
+        assert f"default: {want} (paper: the paper as written)" in text, name

@@ -119,3 +119,33 @@ def test_too_many_nonfinite_steps_stop_the_run_with_a_message(tmp_path):
     r = run_cmd(train_cmd(data, tmp_path / "run", "train.max_nonfinite=3", "train.val_every=0"))
     assert r.returncode == 3, r.stderr[-3000:]
     assert "3 consecutive steps had a non-finite loss" in r.stderr
+
+
+# the model and patch sizes of udean/configs/tiny.yaml, by overrides over the default config
+TINY_SIZES = ["model.features=8", "model.n_groups=1", "model.n_rcab=1", "model.reduction=2", "model.encoder_layers=2",
+              "model.disc_features=8", "model.disc_blocks=1", "data.split.preset=counts", "data.split.counts=[2,2,1,1]",
+              "data.patches.lr_size=[16,16]", "data.patches.stride=[8,8]", "data.patches.max_per_subject=8",
+              "data.patches.min_foreground=0.1"]
+
+
+def test_without_config_preprocess_and_train_run_the_recommended_recipe(tiny_cohort, tmp_path):
+    """`udean preprocess` then `udean train`, neither given --config: both get `recommended`, so
+    the source patches carry the margin its physics degradation needs and the run finishes
+    (DeepSpeed, fp32 on CPU, the adaptation terms ramping in within its 4 steps)."""
+    from preprocessing.manifest import load_manifest
+    from tests.udean.test_config import RECIPE, _flat
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    r = run_cmd([BIN / "udean", "preprocess", "--data-root", tiny_cohort, "--out", data, "--no-progress", *TINY_SIZES])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert load_manifest(data).config["patches"]["source_margin"] == [2, 4]
+    r = run_cmd([BIN / "udean", "train", f"data.out={data}", f"train.out={out}", *TINY_SIZES, "train.epochs=1",
+                 "train.steps_per_epoch=4", "train.batch_size=2", "train.precision=fp32", "train.num_workers=0",
+                 "train.log_every=1", "train.checkpoint_every=2"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [t["step"] for t in rows(out, "train")] == [1, 2, 3, 4] and len(rows(out, "val")) == 1
+    assert (out / "best" / "generator.pt").exists() and json.loads((out / "last" / "last.json").read_text())["step"] == 4
+    import yaml
+
+    saved = _flat(yaml.safe_load((out / "config.yaml").read_text()))
+    assert {k: saved[k] for k in RECIPE} == RECIPE and "base" not in saved
