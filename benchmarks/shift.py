@@ -28,7 +28,7 @@ same `udean.evaluate.Evaluator` on the level's test volumes, whole volume and he
 Seeds (`--seeds N`): UDEAN, the supervised rows and the oracle train with seeds 0..N-1 (default
 3), CycleGAN and DASR with seed 0; mean ± std over test subjects x seeds. The UDEAN recipe is
 `--udean-config PATH|name` plus trailing overrides (they apply to the one config every method
-and data set is built from); by default `demo` with the phase-1 switches of issue 19 (PHASE1).
+and data set is built from); by default the protocol's config with the recommended recipe (`recipe()`).
 
 Resumes: every run (level, method, seed) writes <work>/results/<level>/<method>/s<seed>.json
 when it is done (weights are cached under <work>/weights/<hash of config + budget>/), and a
@@ -67,15 +67,26 @@ METHODS = {
     "dasr_unp": ("DASR, unpaired", False),
 }
 TRAINED = ("sup_trunc", "oracle", "udean_unp", "udean_mis", "cyclegan_unp", "dasr_unp")
-# the phase-1 recipe of issue 19 (the research log's summary): physics degradation with learned
-# noise, a detached cycle, the 3D spectrum match, source margins, k-space decimation
-PHASE1 = ["model.degradation=physics", "model.degradation_noise=true", "model.cycle_detach=true",
-          "loss.lambda_spectrum=1.0", "model.source_margin=[2,4]", "model.decimation=kspace"]
+def recipe() -> list[str]:
+    """The recommended recipe as overrides: every key where udean/configs/recommended.yaml differs
+    from paper.yaml (one home for it: the `tiny` protocol's config gets it this way; `demo` is
+    based on recommended already)."""
+    from preprocessing.config import diff_keys
+    from udean.config import load
+
+    paper, rec = load("paper").to_dict(), load("recommended").to_dict()
+
+    def at(tree, key):
+        for part in key.split("."):
+            tree = tree[part]
+        return tree
+
+    return [f"{k}={json.dumps(at(rec, k))}" for k in diff_keys(paper, rec)]
 
 
 @dataclass
 class Protocol:
-    udean_config: str  # the default --udean-config (PHASE1 is added to it)
+    udean_config: str  # the default --udean-config (`recipe()` is added to it)
     shape: tuple[int, int, int]  # synthetic cohort
     counts: tuple[int, int, int, int]  # source / target / val / test subjects
     data: list[str] = field(default_factory=list)  # data: overrides (patches)
@@ -101,7 +112,7 @@ def configs(args, proto: Protocol, work: Path) -> dict[str, dict[str, dict]]:
     """{level: {"unpaired" | "misaligned": config as a dict}}: the one config, per data set."""
     from udean.config import load
 
-    base = ([] if args.udean_config else list(PHASE1)) + [
+    base = ([] if args.udean_config else recipe()) + [
         f"data.root={work / 'cohort'}", "data.split.preset=counts", f"data.split.counts={list(proto.counts)}",
         *proto.data, f"train.batch_size={args.batch or proto.batch}", f"model.features={args.width or proto.width}",
         "train.precision=fp32", "train.num_workers=0", "train.fidelity_every=100", "train.log_every=50",
@@ -129,6 +140,27 @@ def _cfg(d: dict):
 # --------------------------------------------------------------------------- jobs (one process each)
 def result_path(work: Path, level: str, method: str, seed: int) -> Path:
     return work / "results" / level / method / f"s{seed}.json"
+
+
+def claim(work: Path, cfgs: dict, steps: int) -> None:
+    """A work folder's results belong to one recipe: each level's folder records the configs
+    and budget its runs were made with (results/<level>/config.json), and a later invocation
+    with another one is refused (naming the keys) instead of reporting the old runs as its own."""
+    from hpc.atomic import atomic_write_text
+    from preprocessing.config import diff_keys
+
+    for level, modes in cfgs.items():
+        want = json.loads(json.dumps({"configs": modes, "steps": steps}, default=str))
+        path = work / "results" / level / "config.json"
+        if path.is_file():
+            have = json.loads(path.read_text())
+            if have != want:
+                keys = diff_keys(have, want)
+                raise SystemExit(f"shift.py: {path} holds {level} runs of another recipe or budget (differs in: "
+                                 f"{', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}); choose another --work")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(want, indent=1) + "\n")
 
 
 def prepare(data_cfg: dict) -> str:
@@ -350,7 +382,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="patches per step (default 8)")
     p.add_argument("--width", type=int, default=None, help="model.features of every network (default 16, the demo's)")
     p.add_argument("--udean-config", default=None,
-                   help="the UDEAN recipe, a config PATH or shipped name (default: the protocol's + the phase-1 switches)")
+                   help="the UDEAN recipe, a config PATH or shipped name (default: the protocol's + the recommended recipe)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process with one thread")
     p.add_argument("--work", default=None, help="cohort, data, weights, per-run results; default shift_out/<protocol>")
     p.add_argument("--results", default=str(RESULTS), help="where the tables and figures go")
@@ -380,6 +412,7 @@ def main(argv=None) -> int:
     with pool(args.jobs) as ex:  # data: every level x mode
         for f in as_completed([ex.submit(prepare, d) for lv in cfgs.values() for d in lv.values()]):
             print(f"data: {relative(f.result())}", flush=True)
+    claim(work, cfgs, steps)
     todo = jobs(args, work, cfgs, steps, seeds)
     print(f"{len(todo)} run(s) to do, {args.jobs} at a time", flush=True)
     with pool(args.jobs) as ex:
@@ -400,7 +433,7 @@ def main(argv=None) -> int:
         "jobs": args.jobs, "shape": list(proto.shape), "counts": list(proto.counts),
         "budget": budget_of(first, steps, "cpu").to_dict(), "width": first.model.features,
         "udean_config": args.udean_config or proto.udean_config,
-        "udean_overrides": ([] if args.udean_config else PHASE1) + list(args.overrides),
+        "udean_overrides": ([] if args.udean_config else recipe()) + list(args.overrides),
         "config": first.to_dict(), "provenance": provenance(argv)}}
     doc["figures"] = figures(doc, work, cfgs, results, tag)
     doc["meta"]["seconds"] = round(time.perf_counter() - t0, 1)

@@ -101,6 +101,9 @@ class LossConfig(Section):
     # (losses.spectrum_loss): second-order statistics of blur and noise, which the LR adversary
     # alone did not pin down (issue 19); 0: off
     lambda_spectrum: float = Field(0.0, ge=0.0)
+    # ours, not the paper's: weight of a match of X_{s~t}'s noise level to X_t's (losses.noise_loss,
+    # the finest Haar band): holds the spectrum match off its noise-and-blur ridge (issue 19); 0: off
+    lambda_noise: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":

@@ -38,9 +38,8 @@ QUICK = [
     "train.epochs=1", "train.steps_per_epoch=4", "train.batch_size=2", "train.checkpoint_every=4", "train.log_every=1",
 ]
 # The demo's schedule for 2 CPU cores (configs/demo.yaml, then these, then the user's overrides):
-# 1000 steps instead of 120, under 5 minutes of training. Measured on the 96x96x80 cohort (whole
-# test volumes, 2026-11-25, `udean demo --fresh`): UDEAN 25.98 dB / 0.8332, tricubic 25.64 dB /
-# 0.8302; docs/quality.md has the runs that chose configs/demo.yaml's stabilisers.
+# 1000 steps instead of 120. Measured (2026-12-01, `udean demo --fresh`, pf_noise target): 660 s
+# of training; UDEAN 24.58 dB / 0.7707, tricubic 24.30 dB / 0.7614 (README).
 DEMO = ["train.epochs=10", "train.steps_per_epoch=100", "train.checkpoint_every=100"]
 QUICK_SHAPE = (64, 64, 48)
 DEMO_SHAPE = (96, 96, 80)

@@ -3,7 +3,7 @@ target's degradation of Y_s?
 
 Three measurements, each a function of image batches (LR (B, S, H, W) in [0, 1]):
 
-- `noise_sigma`: the noise level of an LR batch, robustly: the finest in-plane Haar diagonal
+- `noise_sigma` (and `noise_level`, its differentiable twin for `loss.lambda_noise`): the noise level of an LR batch, robustly: the finest in-plane Haar diagonal
   band d = (x00 - x01 - x10 + x11) / 2 (white Gaussian noise of std sigma gives d of std sigma;
   smooth anatomy gives d ~ 0), median |d| / 0.6745 per patch (the MAD estimator of Donoho and
   Johnstone), the median over patches. Compared between X_{s~t} and X_t.
@@ -31,16 +31,34 @@ import torch
 from udean.metrics import psnr
 
 MAD = 0.6745  # median |N(0, 1)|
+LOW_HALF = 4 * (1 - math.exp(-MAD ** 2 / 2)) / math.sqrt(2 * math.pi)  # E |N(0,1)| over its smaller half: 0.3247
 
 
-def noise_sigma(x: torch.Tensor) -> float:
-    """Robust noise std of a batch (B, S, H, W) (any leading shape, last two the image plane)."""
+def haar_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """The finest in-plane Haar diagonal band (x00 - x01 - x10 + x11) / 2 of a batch (any leading
+    shape, last two the image plane; an odd row / column dropped), float32: std sigma for white
+    noise of std sigma, about 0 on smooth anatomy."""
     x = torch.as_tensor(x).float()
     h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
     x = x[..., :h, :w]
-    d = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
+    return (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
+
+
+def noise_sigma(x: torch.Tensor) -> float:
+    """Robust noise std of a batch (B, S, H, W): median |d| / 0.6745 per patch (`haar_diagonal`),
+    the median over patches (for the logs)."""
+    d = haar_diagonal(x)
     per_patch = d.reshape(d.shape[0], -1).abs().median(dim=1).values / MAD
     return float(per_patch.median())
+
+
+def noise_level(x: torch.Tensor) -> torch.Tensor:
+    """A differentiable robust noise std of a batch (`loss.lambda_noise`): the mean of the smaller
+    half of |d| over the whole batch, divided by its value for unit white Gaussian noise (0.3247),
+    so that edges (the large |d|) do not count and every voxel of the smaller half carries a
+    gradient (a median passes it to one voxel). A 0-d tensor."""
+    d = haar_diagonal(x).abs().flatten()
+    return torch.topk(d, max(1, d.numel() // 2), largest=False, sorted=False).values.mean() / LOW_HALF
 
 
 def radial_profile(x: torch.Tensor, bins: int | None = None) -> torch.Tensor:

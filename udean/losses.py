@@ -23,6 +23,7 @@ Choices where the paper is open (also in LossConfig / ModelConfig):
   `adapt_start` / `adapt_ramp` scale lambda_da and lambda_fa by `adapt_scale` (a warm-up);
   `lambda_spectrum` adds `spectrum_loss` (X_{s~t}'s log power spectrum against X_t's; not
   warmed up: with `model.cycle_detach` it only moves the degradation network).
+  `lambda_noise` adds `noise_loss` (X_{s~t}'s noise level against X_t's; not warmed up either).
 """
 from __future__ import annotations
 
@@ -78,6 +79,17 @@ def spectrum_loss(x_st: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     return (log_spectrum(x_st) - log_spectrum(x_t).detach()).abs().mean()
 
 
+def noise_loss(x_st: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Ours: |log noise(X_{s~t}) - log noise(X_t)| (`udean.fidelity.noise_level`; X_t is data).
+    The spectrum match alone has a ridge (more noise and more blur give nearly the same log
+    spectrum as less of both): without a degradation shift to learn, it walked along it to 2x the
+    target's noise and a strong blur (docs/shift.md). The finest Haar band of the smoother half of
+    the voxels is mostly noise, so this pins the noise level to the target's."""
+    from udean.fidelity import noise_level
+
+    return (torch.log(noise_level(x_st)) - torch.log(noise_level(x_t)).detach()).abs()
+
+
 def _image_term(pred: torch.Tensor, target: torch.Tensor, disc, cfg, parts: dict, name: str) -> torch.Tensor:
     """L1 + alpha * L_SSIM + beta * L_adv(pred) (Eq. 4, 6, 7); the pieces go into `parts`."""
     parts[f"{name}.l1"] = l1(pred, target)
@@ -118,6 +130,9 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
     if cfg.lambda_spectrum:
         t["spectrum"] = spectrum_loss(out["x_st"], x_t)
         total = total + cfg.lambda_spectrum * t["spectrum"]
+    if cfg.lambda_noise:
+        t["noise"] = noise_loss(out["x_st"], x_t)
+        total = total + cfg.lambda_noise * t["noise"]
     t["total"] = total
     return total, t
 

@@ -97,3 +97,17 @@ def test_a_rerun_resumes_and_changes_nothing(tiny):
     out, again = shift(tmp)
     assert "0 run(s) to do" in out
     assert again["rows"] == doc["rows"]
+
+
+def test_another_recipe_in_the_same_work_folder_is_refused(tiny):
+    """The per-run results are the work folder's recipe: a rerun with another one must not
+    report them as its own."""
+    tmp, _, doc = tiny
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shift.py"), "--protocol", "tiny", "--jobs", "2",
+                           "--work", str(tmp / "work"), "--results", str(tmp / "other"), "--levels", *LEVELS,
+                           "--methods", *METHODS, "loss.lambda_noise=0.5"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp)
+    assert proc.returncode != 0
+    assert "another recipe or budget (differs in:" in proc.stderr and "lambda_noise" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp / "other" / "shift_tiny.json").exists()

@@ -42,6 +42,9 @@ def test_noise_estimator_returns_a_known_sigma_within_10_percent(sigma):
     rician = torch.sqrt((x + sigma * torch.randn(x.shape, generator=g)) ** 2 + (sigma * torch.randn(x.shape, generator=g)) ** 2)
     assert fidelity.noise_sigma(rician) == pytest.approx(sigma, rel=0.1)  # high SNR: Rician ~ Gaussian
     assert fidelity.noise_sigma(x) < 0.25 * 0.005  # the anatomy alone reads far below the smallest noise
+    for est in (fidelity.noise_level(noisy), fidelity.noise_level(rician)):  # the loss's twin
+        assert float(est) == pytest.approx(sigma, rel=0.1)
+    assert float(fidelity.noise_level(x)) < 0.25 * 0.005
 
 
 def test_profile_distance_is_zero_for_one_distribution_and_moved_by_a_known_blur():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from udean import losses
+from udean import fidelity, losses
 from udean.config import LossConfig, ModelConfig
 from udean.metrics import ssim
 from udean.models.udean import build
@@ -255,3 +255,42 @@ def test_generator_loss_adds_the_weighted_spectrum_term(setup):
     assert "spectrum" not in t0
     assert t["spectrum"].item() == pytest.approx(losses.spectrum_loss(out["x_st"], x_t).item(), rel=1e-6)
     assert total.item() == pytest.approx(base.item() + 0.3 * t["spectrum"].item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- noise match (ours)
+def test_noise_loss_pins_the_noise_level_and_ignores_edges():
+    """Near 0 for one noise level across different anatomy (a sharp diagonal edge in one batch,
+    none in the other: the band's RMS would read 3.7x), log 2 for twice the noise; trained alone
+    it takes a learned sigma to the target's."""
+    from udean.models.degradation import RicianNoise
+
+    g = torch.Generator().manual_seed(0)
+    flat = 0.5 + torch.zeros(64, 3, 16, 16)
+    edge = flat + 0.4 * torch.ones(16, 16).triu(1)  # a diagonal step: 1/8 of the Haar diagonal band reads 0.2
+    assert fidelity.haar_diagonal(edge).abs().gt(0.1).float().mean().item() == pytest.approx(1 / 8)
+    n = lambda: 0.02 * torch.randn(flat.shape, generator=g)  # noqa: E731
+    a, b = edge + n(), flat + n()
+    rms = lambda x: fidelity.haar_diagonal(x).pow(2).mean().sqrt()  # noqa: E731
+    assert torch.log(rms(a) / rms(b)).item() > 1.2
+    assert losses.noise_loss(a, b).item() < 0.2
+    assert losses.noise_loss(flat + 2 * n(), flat + n()).item() == pytest.approx(0.6931, abs=0.06)
+    noise = RicianNoise(sigma_init=0.002)
+    opt = torch.optim.Adam(noise.parameters(), lr=3e-3)
+    x_t = edge + n()
+    for _ in range(150):
+        loss = losses.noise_loss(noise(edge), x_t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(noise.sigma()) == pytest.approx(0.02, rel=0.1)
+
+
+def test_generator_loss_adds_the_weighted_noise_term(setup):
+    gen, discs, y_s, x_t = setup
+    with torch.no_grad():
+        out = gen(y_s, x_t)
+        base, t0 = losses.generator_loss(out, y_s, x_t, discs, LossConfig())
+        total, t = losses.generator_loss(out, y_s, x_t, discs, LossConfig(lambda_noise=0.5))
+    assert "noise" not in t0
+    assert t["noise"].item() == pytest.approx(losses.noise_loss(out["x_st"], x_t).item(), rel=1e-6)
+    assert total.item() == pytest.approx(base.item() + 0.5 * t["noise"].item(), rel=1e-5)
