@@ -105,8 +105,8 @@ def test_another_recipe_in_the_same_work_folder_is_refused(tiny):
     tmp, _, doc = tiny
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shift.py"), "--protocol", "tiny", "--jobs", "2",
-                           "--work", str(tmp / "work"), "--results", str(tmp / "other"), "--levels", *LEVELS,
-                           "--methods", *METHODS, "loss.lambda_noise=0.5"],
+                           "--work", str(tmp / "work"), "--results", str(tmp / "other"), "loss.lambda_noise=0.5",
+                           "--levels", *LEVELS, "--methods", *METHODS],
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp)
     assert proc.returncode != 0
     assert "another recipe or budget (differs in:" in proc.stderr and "lambda_noise" in proc.stderr, proc.stderr[-2000:]

@@ -48,7 +48,7 @@ def test_non_editable_install_in_a_fresh_venv_runs_from_another_folder(tmp_path)
     assert Path(module).is_relative_to(site) and Path(demo_yaml).is_relative_to(site) and Path(demo_yaml).is_file()
     udean = venv / "bin" / "udean"
     demo = run(udean, "demo", "--help")
-    assert "--quick" in demo and "(default: demo)" in demo  # --help shows the defaults
+    assert "--quick" in demo and "default: demo" in demo  # --help shows the defaults
     info = run(udean, "model-info", "--config", "demo")
     assert "thin_slab" in info and "3d" in info and "FLOP" in info
     assert "train.out" in run(udean, "train", "--config", "demo", "--help")
