@@ -71,17 +71,12 @@ def recipe() -> list[str]:
     """The recommended recipe as overrides: every key where udean/configs/recommended.yaml differs
     from paper.yaml (one home for it: the `tiny` protocol's config gets it this way; `demo` is
     based on recommended already)."""
-    from preprocessing.config import diff_keys
+    from preprocessing.config import diff_keys, flatten
     from udean.config import load
 
     paper, rec = load("paper").to_dict(), load("recommended").to_dict()
-
-    def at(tree, key):
-        for part in key.split("."):
-            tree = tree[part]
-        return tree
-
-    return [f"{k}={json.dumps(at(rec, k))}" for k in diff_keys(paper, rec)]
+    values = flatten(rec)
+    return [f"{k}={json.dumps(values[k])}" for k in diff_keys(paper, rec)]
 
 
 @dataclass

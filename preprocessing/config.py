@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -276,6 +276,14 @@ class DataConfig(Section):
         are not reused."""
         d = self.model_dump(mode="json", exclude={"out"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A config tree (as a JSON dict) as {dotted key: value} over its leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from udean.fidelity import noise_level
 from udean.metrics import ssim
 
 TERMS = ("i_cyc", "f_cyc", "hr_con", "lr_con", "da", "fa")  # order of LossConfig.lambdas (Eq. 10)
@@ -85,8 +86,6 @@ def noise_loss(x_st: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     spectrum as less of both): without a degradation shift to learn, it walked along it to 2x the
     target's noise and a strong blur (docs/shift.md). The finest Haar band of the smoother half of
     the voxels is mostly noise, so this pins the noise level to the target's."""
-    from udean.fidelity import noise_level
-
     return (torch.log(noise_level(x_st)) - torch.log(noise_level(x_t)).detach()).abs()
 
 

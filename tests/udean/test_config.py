@@ -185,15 +185,10 @@ RECIPE = {
 }
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def test_recommended_is_the_paper_with_exactly_the_recipe_switched():
-    paper, ours = _flat(load("paper").to_dict()), _flat(load("recommended").to_dict())
+    from preprocessing.config import flatten
+
+    paper, ours = flatten(load("paper").to_dict()), flatten(load("recommended").to_dict())
     assert paper.keys() <= ours.keys()  # data.patches.source_margin is left out of a dump while it is 0
     assert {k: v for k, v in ours.items() if paper.get(k) != v} == RECIPE
     assert yaml.safe_load((CONFIG_DIR / "recommended.yaml").read_text())["base"] == "paper"
