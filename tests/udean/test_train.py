@@ -132,8 +132,9 @@ def test_without_config_preprocess_and_train_run_the_recommended_recipe(tiny_coh
     """`udean preprocess` then `udean train`, neither given --config: both get `recommended`, so
     the source patches carry the margin its physics degradation needs and the run finishes
     (DeepSpeed, fp32 on CPU, the adaptation terms ramping in within its 4 steps)."""
+    from preprocessing.config import flatten
     from preprocessing.manifest import load_manifest
-    from tests.udean.test_config import RECIPE, _flat
+    from tests.udean.test_config import RECIPE
 
     data, out = tmp_path / "data", tmp_path / "run"
     r = run_cmd([BIN / "udean", "preprocess", "--data-root", tiny_cohort, "--out", data, "--no-progress", *TINY_SIZES])
@@ -147,5 +148,5 @@ def test_without_config_preprocess_and_train_run_the_recommended_recipe(tiny_coh
     assert (out / "best" / "generator.pt").exists() and json.loads((out / "last" / "last.json").read_text())["step"] == 4
     import yaml
 
-    saved = _flat(yaml.safe_load((out / "config.yaml").read_text()))
+    saved = flatten(yaml.safe_load((out / "config.yaml").read_text()))
     assert {k: saved[k] for k in RECIPE} == RECIPE and "base" not in saved
