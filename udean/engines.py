@@ -145,8 +145,19 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
             config=copy.deepcopy(ds), lr_scheduler=lambda opt: cosine_schedule(opt, cfg.train, total_steps),
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
+        _cast_buffers(engine.module, PRECISION_DTYPE[cfg.train.precision])
         engines.append(engine)
     return Engines(g=engines[0], d=engines[1], dtype=PRECISION_DTYPE[cfg.train.precision])
+
+
+def _cast_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    """Floating buffers to the engine's dtype. DeepSpeed's bf16 / fp16 casts the parameters only:
+    spectral normalization's power-iteration vectors (`model.spectral_norm`) stayed float32
+    against a bf16 weight, and the first step failed (addmv of mixed dtypes)."""
+    for m in module.modules():
+        for name, b in m.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != dtype:
+                setattr(m, name, b.to(dtype))
 
 
 @contextlib.contextmanager

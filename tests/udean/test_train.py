@@ -131,7 +131,8 @@ TINY_SIZES = ["model.features=8", "model.n_groups=1", "model.n_rcab=1", "model.r
 def test_without_config_preprocess_and_train_run_the_recommended_recipe(tiny_cohort, tmp_path):
     """`udean preprocess` then `udean train`, neither given --config: both get `recommended`, so
     the source patches carry the margin its physics degradation needs and the run finishes
-    (DeepSpeed, fp32 on CPU, the adaptation terms ramping in within its 4 steps)."""
+    (DeepSpeed in the recipe's own bf16 + ZeRO-1, whose spectral norm once failed on its first
+    step, the adaptation terms ramping in within its 4 steps)."""
     from preprocessing.config import flatten
     from preprocessing.manifest import load_manifest
     from tests.udean.test_config import RECIPE
@@ -141,7 +142,7 @@ def test_without_config_preprocess_and_train_run_the_recommended_recipe(tiny_coh
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert load_manifest(data).config["patches"]["source_margin"] == [2, 4]
     r = run_cmd([BIN / "udean", "train", f"data.out={data}", f"train.out={out}", *TINY_SIZES, "train.epochs=1",
-                 "train.steps_per_epoch=4", "train.batch_size=2", "train.precision=fp32", "train.num_workers=0",
+                 "train.steps_per_epoch=4", "train.batch_size=2", "train.num_workers=0",
                  "train.log_every=1", "train.checkpoint_every=2"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert [t["step"] for t in rows(out, "train")] == [1, 2, 3, 4] and len(rows(out, "val")) == 1
@@ -150,3 +151,4 @@ def test_without_config_preprocess_and_train_run_the_recommended_recipe(tiny_coh
 
     saved = flatten(yaml.safe_load((out / "config.yaml").read_text()))
     assert {k: saved[k] for k in RECIPE} == RECIPE and "base" not in saved
+    assert saved["train.precision"] == "bf16" and saved["model.spectral_norm"] is True
