@@ -323,6 +323,13 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _relative_tree(tree):
+    """A config tree with every path inside the repository written relative to it (`relative`)."""
+    if isinstance(tree, dict):
+        return {k: _relative_tree(v) for k, v in tree.items()}
+    return relative(tree) if isinstance(tree, str) and Path(tree).is_absolute() else tree
+
+
 def figures(doc: dict, work: Path, cfgs: dict, results: Path, tag: str) -> dict[str, list[str]]:
     """Per level: a bar chart (PSNR / SSIM minus tricubic's, head and whole volume) and the
     slices of the first test subject for every method (seed 0)."""
@@ -429,7 +436,7 @@ def main(argv=None) -> int:
         "budget": budget_of(first, steps, "cpu").to_dict(), "width": first.model.features,
         "udean_config": args.udean_config or proto.udean_config,
         "udean_overrides": ([] if args.udean_config else recipe()) + list(args.overrides),
-        "config": first.to_dict(), "provenance": provenance(argv)}}
+        "config": _relative_tree(first.to_dict()), "provenance": provenance(argv)}}
     doc["figures"] = figures(doc, work, cfgs, results, tag)
     doc["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(results / f"shift_{tag}.json", doc)

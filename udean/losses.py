@@ -85,7 +85,10 @@ def noise_loss(x_st: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     The spectrum match alone has a ridge (more noise and more blur give nearly the same log
     spectrum as less of both): without a degradation shift to learn, it walked along it to 2x the
     target's noise and a strong blur (docs/shift.md). The finest Haar band of the smoother half of
-    the voxels is mostly noise, so this pins the noise level to the target's."""
+    the voxels is mostly noise, so this pins the noise level to the target's. `generator_loss`
+    passes X_{s~t} with its noise-free part detached (`x_st_sigma`): the term moves sigma only;
+    through the kernel it sharpened X_{s~t} to raise the band, and the degradation left the truth
+    (docs/shift.md)."""
     return (torch.log(noise_level(x_st)) - torch.log(noise_level(x_t)).detach()).abs()
 
 
@@ -130,7 +133,7 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
         t["spectrum"] = spectrum_loss(out["x_st"], x_t)
         total = total + cfg.lambda_spectrum * t["spectrum"]
     if cfg.lambda_noise:
-        t["noise"] = noise_loss(out["x_st"], x_t)
+        t["noise"] = noise_loss(out.get("x_st_sigma", out["x_st"]), x_t)
         total = total + cfg.lambda_noise * t["noise"]
     t["total"] = total
     return total, t

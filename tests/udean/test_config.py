@@ -179,7 +179,7 @@ RECIPE = {
     "model.source_margin": [2, 4], "model.decimation": "kspace", "model.spectral_norm": True,
     "model.hr_discriminator": False,
     "loss.adversarial": "lsq", "loss.f_cyc_stop_gradient": True, "loss.adapt_start": 0.5, "loss.adapt_ramp": 0.2,
-    "loss.lambda_spectrum": 1.0,
+    "loss.lambda_spectrum": 1.0, "loss.lambda_noise": 1.0, "loss.lambdas": [1.0, 0.0, 0.0, 0.0, 0.1, 0.0],
     "data.patches.source_margin": [2, 4],
     "train.augment": "flips", "train.augment_source": "dihedral",
 }

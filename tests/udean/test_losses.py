@@ -285,3 +285,27 @@ def test_noise_loss_pins_the_noise_level_and_ignores_edges():
         loss.backward()
         opt.step()
     assert float(noise.sigma()) == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("margin", [(0, 0), (1, 2)])
+def test_noise_term_moves_only_sigma_and_the_branch_leaves_the_rng_alone(margin):
+    """With lambda_noise the G step asks for `x_st_sigma`: the noise term's gradient reaches
+    log sigma and nothing else (through the kernel it sharpened X_{s~t}, docs/shift.md); the
+    spectrum term still reaches the kernel. Without the branch, outputs and RNG are as before."""
+    cfg = ModelConfig(**TINY, degradation="physics", degradation_noise=True, source_margin=margin)
+    gen, discs = build(cfg)
+    m0, m1 = margin
+    y_s, x_t = torch.rand(2, 6 + 4 * m0, 32 + 4 * m1, 32 + 4 * m1), torch.rand(2, 3, 16, 16)
+    torch.manual_seed(1)
+    plain = gen(y_s, x_t)
+    torch.manual_seed(1)
+    out = gen(y_s, x_t, sigma_branch=True)
+    assert "x_st_sigma" not in plain and out["x_st_sigma"].shape == out["x_st"].shape
+    assert torch.equal(plain["x_st"], out["x_st"])
+    _, t = losses.generator_loss(out, y_s, x_t, discs, LossConfig(lambda_noise=1.0, lambda_spectrum=1.0))
+    assert t["noise"].item() == pytest.approx(losses.noise_loss(out["x_st_sigma"], x_t).item(), rel=1e-6)
+    reached = lambda term: {n for n, p in gen.named_parameters()  # noqa: E731
+                            if (g := torch.autograd.grad(t[term], p, retain_graph=True, allow_unused=True)[0]) is not None
+                            and g.abs().sum() > 0}
+    assert reached("noise") == {"noise.log_sigma"}
+    assert {"blur.plane", "blur.slab", "noise.log_sigma"} <= reached("spectrum")

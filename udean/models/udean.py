@@ -98,34 +98,43 @@ class Generator(nn.Module):
         self.blur = LearnedBlur(blur_size, odd=blur_odd) if degradation == "physics" else None
         self.noise = RicianNoise(sigma_spread=noise_spread) if degradation_noise else None
 
+    def _clean(self, y_s: torch.Tensor, f_s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """X_{s~t} before the noise layer: (real part, imaginary part or None)."""
+        if self.blur is not None:
+            return self.blur(self.decimate(y_s))
+        x_st = self.lr_decoder(self.down_extractor(y_s) if f_s is None else f_s)
+        return (x_st + downsample2(y_s) if self.image_skip else x_st), None
+
+    def _noisy(self, x: torch.Tensor, im: torch.Tensor | None, noise: bool = True) -> torch.Tensor:
+        return self.noise(x, im, noise) if self.noise is not None else magnitude(x, im)
+
     def degrade(self, y_s: torch.Tensor, f_s: torch.Tensor | None = None, noise: bool = True) -> torch.Tensor:
         """X_{s~t} of source HR (B, 2S, 2H, 2W) -> (B, S, H, W); `f_s` (the decoder's input) is
         computed when not given; `noise=False`: without the noise layer (fidelity metrics)."""
-        if self.blur is not None:
-            x_st, im = self.blur(self.decimate(y_s))
-        else:
-            x_st, im = self.lr_decoder(self.down_extractor(y_s) if f_s is None else f_s), None
-            if self.image_skip:
-                x_st = x_st + downsample2(y_s)
-        return self.noise(x_st, im, noise) if self.noise is not None else magnitude(x_st, im)
+        return self._noisy(*self._clean(y_s, f_s), noise)
 
-    def forward(self, y_s: torch.Tensor, x_t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, y_s: torch.Tensor, x_t: torch.Tensor, sigma_branch: bool = False) -> dict[str, torch.Tensor]:
         """y_s (B, 2S, 2H, 2W) source HR, x_t (B', S, H', W') target LR (unpaired: B' and the
         grid may differ from y_s's) -> dict of every tensor the losses of Eq. 4-9 need:
 
         f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
         y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images; with `source_margin`, also y_s: the centre
-        of the source patch, the Y_s every loss compares with.
+        of the source patch, the Y_s every loss compares with; with `sigma_branch` (and the noise
+        layer), also x_st_sigma: X_{s~t} with its noise-free part detached and its own noise draw,
+        whose only gradient is into sigma (`losses.noise_loss`; off, the RNG stream is unchanged).
         """
         extra = {}
-        if any(self.source_margin):  # degrade with real context, then keep the centre
+        if any(self.source_margin):  # degrade with real context, then keep the centre (noise is pointwise)
             m0, m1 = self.source_margin
-            x_st = crop(self.degrade(y_s), (m0, m1, m1))
+            x, im = (None if v is None else crop(v, (m0, m1, m1)) for v in self._clean(y_s, None))
             y_s = extra["y_s"] = crop(y_s, (2 * m0, 2 * m1, 2 * m1))
             f_s = self.down_extractor(y_s)
         else:
             f_s = self.down_extractor(y_s)
-            x_st = self.degrade(y_s, f_s)
+            x, im = self._clean(y_s, f_s)
+        x_st = self._noisy(x, im)
+        if sigma_branch and self.noise is not None:
+            extra["x_st_sigma"] = self.noise(x.detach(), None if im is None else im.detach())
         x_in = x_st.detach() if self.cycle_detach else x_st  # pseudo-supervision: SR learns, D is not fooled for it
         f_sts = self.lr_encoder(x_in)
         y_sts = self.sr_decoder(f_sts)
