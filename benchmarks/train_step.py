@@ -182,10 +182,10 @@ class EagerStep:
 
     def __call__(self, y_s: torch.Tensor, x_t: torch.Tensor):
         from udean.engines import frozen
-        from udean.losses import discriminator_loss, generator_loss
+        from udean.losses import discriminator_loss, forward_args, generator_loss
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            out = self.gen(y_s, x_t)
+            out = self.gen(y_s, x_t, **forward_args(self.cfg.loss))
             with frozen(self.discs):
                 g_loss, _ = generator_loss(out, y_s, x_t, self.discs, self.cfg.loss)
             d_loss, _ = discriminator_loss(out, y_s, x_t, self.discs, self.cfg.loss)

@@ -33,6 +33,21 @@ from udean.fidelity import noise_level
 from udean.metrics import ssim
 
 TERMS = ("i_cyc", "f_cyc", "hr_con", "lr_con", "da", "fa")  # order of LossConfig.lambdas (Eq. 10)
+# the Generator.forward outputs each term reads (x_st, always there, for da, spectrum and noise)
+NEEDS = {"i_cyc": ("y_sts",), "f_cyc": ("f_sts", "f_s"), "hr_con": ("y_hat_s",), "lr_con": ("x_hat_t",),
+         "da": ("x_st",), "fa": ("f_t", "f_s")}
+
+
+def active_terms(cfg) -> tuple[str, ...]:
+    """The terms of Eq. 10 whose lambda is not 0: the only ones computed (a 0 weight adds nothing
+    to the loss or to any gradient, so skipping it changes no update)."""
+    return tuple(k for w, k in zip(cfg.lambdas, TERMS) if w)
+
+
+def forward_args(cfg) -> dict:
+    """The keyword arguments of `Generator.forward` for this loss: the outputs its active terms
+    read, and the sigma branch when `lambda_noise` is on."""
+    return {"outputs": sorted({o for k in active_terms(cfg) for o in NEEDS[k]}), "sigma_branch": bool(cfg.lambda_noise)}
 
 
 def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,19 +131,26 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
     """Eq. 10: Loss_G = sum_k lambda_k * L_k over (i_cyc, f_cyc, hr_con, lr_con, da, fa).
 
     `adapt` multiplies lambda_da and lambda_fa (`adapt_scale`, the warm-up; 1: Eq. 10 as written).
-    Returns (total, terms): terms holds the six L_k, their pieces ("i_cyc.l1", "i_cyc.ssim",
-    "i_cyc.adv", ...) and "total", all scalar tensors (only `total` needs backward).
+    Returns (total, terms): terms holds the active L_k (`active_terms`: lambda not 0), their
+    pieces ("i_cyc.l1", "i_cyc.ssim", "i_cyc.adv", ...) and "total", all scalar tensors (only
+    `total` needs backward). `out` needs the outputs of `forward_args(cfg)`.
     Freeze the discriminators (requires_grad_(False)) around this in the G step.
     """
     y_s = out.get("y_s", y_s)  # model.source_margin: the patch's centre
+    terms = {
+        "i_cyc": lambda: _image_term(out["y_sts"], y_s, discs.d_hr, cfg, t, "i_cyc"),  # Eq. 4
+        "f_cyc": lambda: l1(out["f_sts"], out["f_s"].detach() if cfg.f_cyc_stop_gradient else out["f_s"]),  # Eq. 5
+        "hr_con": lambda: _image_term(out["y_hat_s"], y_s, discs.d_hr, cfg, t, "hr_con"),  # Eq. 6
+        "lr_con": lambda: _image_term(out["x_hat_t"], x_t, discs.d_lr, cfg, t, "lr_con"),  # Eq. 7
+        "da": lambda: adaptation(discs.d_lr(out["x_st"]), discs.d_lr(x_t), cfg.adversarial),  # Eq. 8
+        "fa": lambda: adaptation(discs.d_feat(out["f_t"]), discs.d_feat(out["f_s"]), cfg.adversarial),  # Eq. 9
+    }
     t: dict[str, torch.Tensor] = {}
-    t["i_cyc"] = _image_term(out["y_sts"], y_s, discs.d_hr, cfg, t, "i_cyc")  # Eq. 4
-    t["f_cyc"] = l1(out["f_sts"], out["f_s"].detach() if cfg.f_cyc_stop_gradient else out["f_s"])  # Eq. 5
-    t["hr_con"] = _image_term(out["y_hat_s"], y_s, discs.d_hr, cfg, t, "hr_con")  # Eq. 6
-    t["lr_con"] = _image_term(out["x_hat_t"], x_t, discs.d_lr, cfg, t, "lr_con")  # Eq. 7
-    t["da"] = adaptation(discs.d_lr(out["x_st"]), discs.d_lr(x_t), cfg.adversarial)  # Eq. 8
-    t["fa"] = adaptation(discs.d_feat(out["f_t"]), discs.d_feat(out["f_s"]), cfg.adversarial)  # Eq. 9
-    total = sum(w * (adapt if k in ("da", "fa") else 1.0) * t[k] for w, k in zip(cfg.lambdas, TERMS))
+    total = out["x_st"].new_zeros((), dtype=torch.float32)
+    for w, k in zip(cfg.lambdas, TERMS):
+        if w:  # active_terms: a term weighted 0 is not computed (nor its networks, forward_args)
+            t[k] = terms[k]()
+            total = total + w * (adapt if k in ("da", "fa") else 1.0) * t[k]
     if cfg.lambda_spectrum:
         t["spectrum"] = spectrum_loss(out["x_st"], x_t)
         total = total + cfg.lambda_spectrum * t["spectrum"]
@@ -152,15 +174,17 @@ def discriminator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, c
 
     d_lr: X_t vs X_{s~t}; d_feat: f_t vs f_s; d_hr (if any): Y_s vs {Y_{s~t~s}, Y^_s}.
     Returns (total, terms) with "d_lr", "d_lr.real", "d_lr.fake", ... and "total".
-    `cfg` (LossConfig) is accepted for a uniform signature; D's loss has no weights.
+    `cfg` (LossConfig): d_feat is trained only when lambda_fa is not 0, d_hr on the fakes of the
+    active HR terms (nothing reads a discriminator whose terms are off); None: all of them.
     """
     y_s = out.get("y_s", y_s)  # model.source_margin: the patch's centre
-    pairs = {
-        "d_lr": (discs.d_lr, x_t, [out["x_st"]]),
-        "d_feat": (discs.d_feat, out["f_t"], [out["f_s"]]),
-    }
-    if discs.d_hr is not None:
-        pairs["d_hr"] = (discs.d_hr, y_s, [out["y_sts"], out["y_hat_s"]])
+    active = TERMS if cfg is None else active_terms(cfg)
+    pairs = {"d_lr": (discs.d_lr, x_t, [out["x_st"]])}
+    if "fa" in active:
+        pairs["d_feat"] = (discs.d_feat, out["f_t"], [out["f_s"]])
+    fakes_hr = [out[o] for k, o in (("i_cyc", "y_sts"), ("hr_con", "y_hat_s")) if k in active]
+    if discs.d_hr is not None and fakes_hr:
+        pairs["d_hr"] = (discs.d_hr, y_s, fakes_hr)
     t: dict[str, torch.Tensor] = {}
     for name, (disc, real, fakes) in pairs.items():
         t[f"{name}.real"], t[f"{name}.fake"] = lsq_discriminator(disc, real, fakes)

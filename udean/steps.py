@@ -24,7 +24,7 @@ import torch
 from udean.engines import Engines, frozen
 from udean.evaluate import Evaluator
 from udean.infer import Inferer
-from udean.losses import discriminator_loss, generator_loss
+from udean.losses import discriminator_loss, forward_args, generator_loss
 
 
 @dataclass
@@ -57,7 +57,7 @@ def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg,
     g, d = engines.g, engines.d
     y_s = y_s.to(g.device, engines.dtype, non_blocking=True)
     x_t = x_t.to(g.device, engines.dtype, non_blocking=True)
-    out = g(y_s, x_t, sigma_branch=bool(loss_cfg.lambda_noise))
+    out = g(y_s, x_t, **forward_args(loss_cfg))
     with frozen(d.module):
         g_loss, g_terms = generator_loss(out, y_s, x_t, d.module, loss_cfg, adapt)
     d_loss, d_terms = discriminator_loss(out, y_s, x_t, d.module, loss_cfg)

@@ -309,3 +309,32 @@ def test_noise_term_moves_only_sigma_and_the_branch_leaves_the_rng_alone(margin)
                             and g.abs().sum() > 0}
     assert reached("noise") == {"noise.log_sigma"}
     assert {"blur.plane", "blur.slab", "noise.log_sigma"} <= reached("spectrum")
+
+
+def test_terms_weighted_0_are_not_computed_and_change_no_gradient():
+    """The recommended weights [1, 0, 0, 0, 0.1, 0]: the forward computes only what i_cyc and da
+    read (no Y^_s, X^_t, f_t: two decoders and an encoder pass fewer), D trains no d_feat, and
+    every generator and d_lr gradient equals the full computation's with those weights."""
+    torch.manual_seed(0)
+    gen, discs = build(ModelConfig(**TINY, degradation="physics", source_margin=(1, 2)))
+    y_s, x_t = torch.rand(2, 10, 40, 40), torch.rand(2, 3, 16, 16)
+    cfg = LossConfig(lambdas=(1.0, 0.0, 0.0, 0.0, 0.1, 0.0), lambda_spectrum=1.0)
+    args = losses.forward_args(cfg)
+    assert args == {"outputs": ["x_st", "y_sts"], "sigma_branch": False}
+    grads = []
+    for kwargs in ({}, args):
+        gen.zero_grad(), discs.zero_grad()
+        out = gen(y_s, x_t, **kwargs)
+        g_loss, t = losses.generator_loss(out, y_s, x_t, discs, cfg)
+        d_loss, d = losses.discriminator_loss(out, y_s, x_t, discs, cfg)
+        (g_loss + d_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in [*gen.named_parameters(), *discs.named_parameters()]
+                      if p.grad is not None})
+        assert {"i_cyc", "da", "spectrum"} <= set(t) and not {"f_cyc", "hr_con", "lr_con", "fa"} & set(t)
+        assert "d_feat" not in d and "d_lr" in d
+    full, lean = grads
+    assert set(out) == {"x_st", "f_sts", "y_sts", "y_s"}  # f_sts comes with y_sts
+    assert not any(n.startswith(("down_extractor", "lr_decoder", "d_feat")) for n in lean)
+    for n, g in lean.items():
+        assert torch.allclose(g, full[n], rtol=1e-5, atol=1e-8), n
+    assert all(full[n].abs().max() == 0 for n in full if n not in lean and not n.startswith("d_feat"))

@@ -23,6 +23,8 @@ whatever the variant; features are (B, F, H, W) (thin slab) or (B, F, S, H, W) (
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
@@ -33,6 +35,7 @@ from udean.models.layers import VARIANT_DIMS, downsample2, image_channels, kspac
 from udean.models.rcan import LRDecoder, SRDecoder
 
 INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
+OUTPUTS = ("f_s", "x_st", "f_sts", "y_sts", "y_hat_s", "f_t", "x_hat_t")  # Generator.forward's, by default all
 
 
 def crop(t: torch.Tensor, margins: tuple[int, int, int]) -> torch.Tensor:
@@ -113,39 +116,54 @@ class Generator(nn.Module):
         computed when not given; `noise=False`: without the noise layer (fidelity metrics)."""
         return self._noisy(*self._clean(y_s, f_s), noise)
 
-    def forward(self, y_s: torch.Tensor, x_t: torch.Tensor, sigma_branch: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, y_s: torch.Tensor, x_t: torch.Tensor, outputs: Collection[str] | None = None,
+                sigma_branch: bool = False) -> dict[str, torch.Tensor]:
         """y_s (B, 2S, 2H, 2W) source HR, x_t (B', S, H', W') target LR (unpaired: B' and the
-        grid may differ from y_s's) -> dict of every tensor the losses of Eq. 4-9 need:
+        grid may differ from y_s's) -> dict of the tensors the losses of Eq. 4-9 need (`OUTPUTS`):
 
         f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
-        y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images; with `source_margin`, also y_s: the centre
-        of the source patch, the Y_s every loss compares with; with `sigma_branch` (and the noise
-        layer), also x_st_sigma: X_{s~t} with its noise-free part detached and its own noise draw,
-        whose only gradient is into sigma (`losses.noise_loss`; off, the RNG stream is unchanged).
+        y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images. `outputs`: only these (and x_st, always),
+        skipping the networks nothing asked for (`losses.forward_args`: a term weighted 0 costs
+        nothing); None: all. With `source_margin`, also y_s: the centre of the source patch, the
+        Y_s every loss compares with; with `sigma_branch` (and the noise layer), also x_st_sigma:
+        X_{s~t} with its noise-free part detached and its own noise draw, whose only gradient is
+        into sigma (`losses.noise_loss`; off, the RNG stream is unchanged).
         """
-        extra = {}
+        want = set(OUTPUTS if outputs is None else outputs)
+        out: dict[str, torch.Tensor] = {}
+        f_s = None
         if any(self.source_margin):  # degrade with real context, then keep the centre (noise is pointwise)
             m0, m1 = self.source_margin
             x, im = (None if v is None else crop(v, (m0, m1, m1)) for v in self._clean(y_s, None))
-            y_s = extra["y_s"] = crop(y_s, (2 * m0, 2 * m1, 2 * m1))
-            f_s = self.down_extractor(y_s)
+            y_s = out["y_s"] = crop(y_s, (2 * m0, 2 * m1, 2 * m1))
         else:
-            f_s = self.down_extractor(y_s)
+            if self.blur is None:  # the decoder degradation reads f_s
+                f_s = self.down_extractor(y_s)
             x, im = self._clean(y_s, f_s)
-        x_st = self._noisy(x, im)
+        x_st = out["x_st"] = self._noisy(x, im)
         if sigma_branch and self.noise is not None:
-            extra["x_st_sigma"] = self.noise(x.detach(), None if im is None else im.detach())
-        x_in = x_st.detach() if self.cycle_detach else x_st  # pseudo-supervision: SR learns, D is not fooled for it
-        f_sts = self.lr_encoder(x_in)
-        y_sts = self.sr_decoder(f_sts)
-        y_hat_s = self.sr_decoder(f_s)
-        f_t = self.lr_encoder(x_t)
-        x_hat_t = self.lr_decoder(f_t)
-        if self.image_skip:
-            y_sts = y_sts + upsample2(x_in)
-            y_hat_s = y_hat_s + upsample2(downsample2(y_s))
-            x_hat_t = x_hat_t + x_t
-        return dict(f_s=f_s, x_st=x_st, f_sts=f_sts, y_sts=y_sts, y_hat_s=y_hat_s, f_t=f_t, x_hat_t=x_hat_t, **extra)
+            out["x_st_sigma"] = self.noise(x.detach(), None if im is None else im.detach())
+        if want & {"f_s", "y_hat_s"}:
+            f_s = self.down_extractor(y_s) if f_s is None else f_s
+            if "f_s" in want:
+                out["f_s"] = f_s
+            if "y_hat_s" in want:
+                y = self.sr_decoder(f_s)
+                out["y_hat_s"] = y + upsample2(downsample2(y_s)) if self.image_skip else y
+        if want & {"f_sts", "y_sts"}:
+            x_in = x_st.detach() if self.cycle_detach else x_st  # pseudo-supervision: SR learns, D is not fooled for it
+            f_sts = out["f_sts"] = self.lr_encoder(x_in)
+            if "y_sts" in want:
+                y = self.sr_decoder(f_sts)
+                out["y_sts"] = y + upsample2(x_in) if self.image_skip else y
+        if want & {"f_t", "x_hat_t"}:
+            f_t = self.lr_encoder(x_t)
+            if "f_t" in want:
+                out["f_t"] = f_t
+            if "x_hat_t" in want:
+                x_hat = self.lr_decoder(f_t)
+                out["x_hat_t"] = x_hat + x_t if self.image_skip else x_hat
+        return out
 
     def sr(self, x_lr: torch.Tensor) -> torch.Tensor:
         """Inference path: LR (B, S, H, W) -> SR (B, 2S, 2H, 2W) through lr_encoder + sr_decoder."""
