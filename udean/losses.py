@@ -182,7 +182,7 @@ def discriminator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, c
     pairs = {"d_lr": (discs.d_lr, x_t, [out["x_st"]])}
     if "fa" in active:
         pairs["d_feat"] = (discs.d_feat, out["f_t"], [out["f_s"]])
-    fakes_hr = [out[o] for k, o in (("i_cyc", "y_sts"), ("hr_con", "y_hat_s")) if k in active]
+    fakes_hr = [out[NEEDS[k][0]] for k in ("i_cyc", "hr_con") if k in active]  # Y_{s~t~s}, Y^_s
     if discs.d_hr is not None and fakes_hr:
         pairs["d_hr"] = (discs.d_hr, y_s, fakes_hr)
     t: dict[str, torch.Tensor] = {}
