@@ -160,14 +160,19 @@ def kspace_downsample2(y: torch.Tensor) -> torch.Tensor:
     `downsample2` to truncating the whole volume (measured on 96x96x80 source patches with 2 / 4
     LR voxels of context, centre compared: 34.8 dB vs Lanczos 32.5 dB): Lanczos loses energy near
     the LR Nyquist frequency, which a degradation learned from the target's spectrum then fills
-    with independent noise."""
-    q = torch.cat([y, y.flip(-3)], -3)
-    q = torch.cat([q, q.flip(-2)], -2)
-    q = torch.cat([q, q.flip(-1)], -1)
-    dims = (-3, -2, -1)
-    k = torch.fft.fftshift(torch.fft.fftn(q.float(), dim=dims), dim=dims)
-    for d in dims:
-        n = k.shape[d]
-        k = k.narrow(d, n // 2 - n // 4, n // 2)
-    x = torch.fft.ifftn(torch.fft.ifftshift(k, dim=dims), dim=dims).abs() / 8
-    return x[..., :y.shape[-3] // 2, :y.shape[-2] // 2, :y.shape[-1] // 2].to(y.dtype)
+    with independent noise.
+
+    One axis at a time (the 3D FFT is separable and mirroring one axis commutes with the FFT
+    along another), each spectrum cut to its kept half before the next axis is mirrored, and no
+    fftshift: 2x the patch at most instead of the 8x mirror volume (the shifted version was half
+    of the UDEAN CPU step, mostly torch.roll).
+    """
+    x = y.float()
+    for d in (-3, -2, -1):
+        n = 2 * x.shape[d]
+        k = torch.fft.fft(torch.cat([x, x.flip(d)], d), dim=d)
+        m = n // 2  # the central n // 2 bins of the centred spectrum: frequencies 0 .. ceil(m/2)-1, then -floor(m/2) .. -1
+        x = torch.cat([k.narrow(d, 0, (m + 1) // 2), k.narrow(d, n - m // 2, m // 2)], d)
+    for d in (-3, -2, -1):
+        x = torch.fft.ifft(x, dim=d).narrow(d, 0, x.shape[d] // 2)
+    return (x.abs() / 8).to(y.dtype)
