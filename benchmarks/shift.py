@@ -23,6 +23,9 @@ same `udean.evaluate.Evaluator` on the level's test volumes, whole volume and he
     oracle        supervised on the level's true degradation of the source HR (an upper bound)
     udean_unp     UDEAN on unpaired source HR / target LR (`udean train`, DeepSpeed)
     udean_mis     UDEAN on misaligned source HR (the target subjects moved) / target LR
+    udean_fixed   udean_unp with every target-matching weight 0 (lambda da, fa, spectrum, noise):
+                  the SR learns on the degradation network's start, which nothing moves; the
+                  control of the fidelity logs (seed 0 only)
     cyclegan_unp, dasr_unp   CycleGAN and DASR on the unpaired pools
 
 Seeds (`--seeds N`): UDEAN, the supervised rows and the oracle train with seeds 0..N-1 (default
@@ -63,10 +66,22 @@ METHODS = {
     "oracle": ("Supervised on the true degradation (oracle)", True),
     "udean_unp": ("UDEAN, unpaired", True),
     "udean_mis": ("UDEAN, misaligned", True),
+    "udean_fixed": ("UDEAN, degradation not adapted", False),
     "cyclegan_unp": ("CycleGAN, unpaired", False),
     "dasr_unp": ("DASR, unpaired", False),
 }
-TRAINED = ("sup_trunc", "oracle", "udean_unp", "udean_mis", "cyclegan_unp", "dasr_unp")
+TRAINED = ("sup_trunc", "oracle", "udean_unp", "udean_mis", "udean_fixed", "cyclegan_unp", "dasr_unp")
+
+
+def adaptation_off(cfg):
+    """`cfg` with every weight that matches X_{s~t} to X_t at 0 (lambda_da, lambda_fa,
+    lambda_spectrum, lambda_noise): method udean_fixed."""
+    from udean.config import from_dict
+
+    d = cfg.to_dict()
+    d["loss"].update(lambdas=[*d["loss"]["lambdas"][:4], 0.0, 0.0], lambda_spectrum=0.0, lambda_noise=0.0,
+                     noise_match="level")
+    return from_dict(d)
 def recipe() -> list[str]:
     """The recommended recipe as overrides: every key where udean/configs/recommended.yaml differs
     from paper.yaml (one home for it: the `tiny` protocol's config gets it this way; `demo` is
@@ -189,6 +204,8 @@ def run(spec: dict) -> dict:
     train_level = spec["train_level"]
     data = {mode: _cfg(d).model_copy(update={"train": _cfg(d).train.model_copy(update={"seed": seed})})
             for mode, d in spec["configs"][train_level].items()}
+    if method == "udean_fixed":
+        data = {mode: adaptation_off(c) for mode, c in data.items()}
     unp = data["unpaired"]
     budget = budget_of(unp, spec["steps"], "cpu")
     t = time.perf_counter()
@@ -197,7 +214,7 @@ def run(spec: dict) -> dict:
         fn = lambda v: tricubic(v.lr, v.hr.shape)  # noqa: E731
     else:
         runs = runs_dir(work / "weights", unp, budget, method=method)
-        net, info = train_one(method, data, budget, runs, "cpu")
+        net, info = train_one("udean_unp" if method == "udean_fixed" else method, data, budget, runs, "cpu")
         if method in VOLUME_METHODS:
             fn = net
         else:
@@ -251,7 +268,7 @@ def jobs(args, work: Path, cfgs: dict, steps: int, seeds: int) -> list[dict]:
                 if missing:
                     todo.append({"work": str(work), "method": method, "seed": seed, "train_level": level,
                                  "levels": missing, "configs": cfgs, "steps": steps})
-    order = {m: i for i, m in enumerate(("udean_unp", "udean_mis", "sup_trunc", "oracle", "dasr_unp", "cyclegan_unp",
+    order = {m: i for i, m in enumerate(("udean_unp", "udean_mis", "udean_fixed", "sup_trunc", "oracle", "dasr_unp", "cyclegan_unp",
                                          "denoise", "tricubic"))}
     return sorted(todo, key=lambda j: order[j["method"]])
 
@@ -317,10 +334,31 @@ def markdown(doc: dict) -> str:
                          f"{pm(v['psnr_mean'], v['psnr_std'], 2)} | {pm(h['ssim_mean'], h['ssim_std'], 4)} | "
                          f"{pm(h['psnr_mean'], h['psnr_std'], 2)} | {delta} | {np.mean(secs):.0f} |")
         lines.append("")
+        lines += fidelity_table(doc["runs"], level)
         for f in doc["figures"].get(level, []):
             lines.append(f"![{Path(f).stem}]({Path(f).name})")
         lines.append("")
     return "\n".join(lines)
+
+
+def fidelity_table(runs: list[dict], level: str) -> list[str]:
+    """Markdown: the fidelity logs (udean/fidelity.py) of each UDEAN run at `level`, at its first
+    and last measurement: is X_{s~t} becoming the target's degradation of Y_s?"""
+    rows = [r for r in runs if r["level"] == level and r["method"].startswith("udean_") and r["info"].get("fidelity")]
+    if not rows:
+        return []
+    out = ["Fidelity of the learned degradation (udean/fidelity.py, on fixed probe patches): PSNR of the noise-free "
+           "X_{s~t} against the true noise-free degradation of the same Y_s, the noise level of X_{s~t} and X_t, the "
+           "spread (std of log noise level over patches) of each, and the distance of their radial k-space profiles "
+           "(decades).", "", "| run | step | PSNR to truth (dB) | noise X_{s~t} / X_t | spread X_{s~t} / X_t "
+           "| profile distance |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (list(METHODS).index(r["method"]), r["seed"])):
+        fid = r["info"]["fidelity"]
+        for f in (fid[0], fid[-1]):
+            spread = (f"{f['noise_spread_st']:.3f} / {f['noise_spread_t']:.3f}" if "noise_spread_st" in f else "-")
+            out.append(f"| {METHODS[r['method']][0]}, seed {r['seed']} | {f['step']} | {f.get('psnr_truth', float('nan')):.2f} "
+                       f"| {f['noise_st']:.4f} / {f['noise_t']:.4f} | {spread} | {f['profile_distance']:.3f} |")
+    return out + [""]
 
 
 def _relative_tree(tree):

@@ -149,7 +149,7 @@ class TrainConfig(Section):
     val_every: int = Field(1, ge=0)  # epochs; 0: no validation
     val_subjects: int = Field(0, ge=0)  # 0: all val volumes
     # udean/fidelity.py: how close X_{s~t} is to the target (and to the true degradation where
-    # the data carry it), every N steps into metrics.jsonl / TensorBoard; image summaries
+    # the data carry it), at step 1, every N steps and at the last into metrics.jsonl / TensorBoard; image summaries
     # (Y_s, X_{s~t}, X_t, SR of X_t) every M steps; 0: off
     fidelity_every: int = Field(0, ge=0)
     image_every: int = Field(0, ge=0)

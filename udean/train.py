@@ -341,7 +341,7 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 logs.train(step, epoch, {**result.scalars(), "lr": engines.lr(), "patches_per_s": rate,
                                          "skipped": float(result.skipped)})
 
-            if probe is not None and t.fidelity_every and (step % t.fidelity_every == 0 or step == 1):
+            if probe is not None and t.fidelity_every and (step % t.fidelity_every == 0 or step in (1, total_steps)):
                 logs.fidelity(step, epoch, probe.measure(engines.generator, engines.dtype))
             if probe is not None and t.image_every and (step % t.image_every == 0 or step == 1):
                 logs.images(step, probe.images(engines.generator, engines.dtype))

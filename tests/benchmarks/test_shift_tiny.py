@@ -22,14 +22,14 @@ METHODS = ("tricubic", "denoise", "sup_trunc", "oracle", "udean_unp", "cyclegan_
 ROW_KEYS = {"method", "level", "region", "psnr_mean", "ssim_mean", "psnr_std", "ssim_std", "seeds"}
 
 
-def shift(tmp_path, *args):
+def shift(tmp_path, *args, levels=LEVELS, methods=METHODS, results="results"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shift.py"), "--protocol", "tiny", "--jobs", "2",
-                           "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
-                           "--levels", *LEVELS, "--methods", *METHODS, *args],
+                           "--work", str(tmp_path / "work"), "--results", str(tmp_path / results),
+                           "--levels", *levels, "--methods", *methods, *args],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads((tmp_path / "results" / "shift_tiny.json").read_text())
+    return proc.stdout, json.loads((tmp_path / results / "shift_tiny.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,23 @@ def test_one_model_on_truncated_lr_serves_every_level_and_udean_logs_its_fidelit
         assert fid and all({"noise_st", "noise_t", "profile_distance", "psnr_truth"} <= set(f) for f in fid)
         den = runs["denoise", lv]["info"]
         assert den["val_psnr_head"][str(den["strength"])] == max(den["val_psnr_head"].values())
+
+
+def test_the_fidelity_logs_move_with_adaptation_and_stay_without(tiny):
+    """udean_fixed (every target-matching weight 0) against udean_unp at pf_noise: with the
+    recipe's cycle_detach nothing moves its degradation, so its fidelity logs end where they
+    began; the adapting run's do not. Both in the report's fidelity table."""
+    tmp, _, doc = tiny
+    out, fixed = shift(tmp, levels=("pf_noise",), methods=("udean_unp", "udean_fixed"), results="fixed")
+    assert "1 run(s) to do" in out  # udean_unp is the cached run of the fixture
+    runs = {r["method"]: r["info"]["fidelity"] for r in fixed["runs"]}
+    for method, moves in (("udean_unp", True), ("udean_fixed", False)):
+        fid = runs[method]
+        assert [f["step"] for f in fid] == [1, 6]  # step 1 and the last (tiny: 6 steps)
+        for key in ("psnr_truth", "noise_st", "profile_distance"):
+            assert (abs(fid[-1][key] - fid[0][key]) > 1e-4) == moves, (method, key, fid)
+    md = (tmp / "fixed" / "shift_tiny.md").read_text()
+    assert "| UDEAN, degradation not adapted, seed 0 | 6 |" in md and "| UDEAN, unpaired, seed 0 | 1 |" in md
 
 
 def test_a_rerun_resumes_and_changes_nothing(tiny):
