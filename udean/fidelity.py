@@ -61,6 +61,12 @@ def noise_level(x: torch.Tensor) -> torch.Tensor:
     return torch.topk(d, max(1, d.numel() // 2), largest=False, sorted=False).values.mean() / LOW_HALF
 
 
+def noise_levels(x: torch.Tensor) -> torch.Tensor:
+    """`noise_level` of each patch of a batch (B, ...): (B,)."""
+    d = haar_diagonal(x).abs().flatten(1)
+    return torch.topk(d, max(1, d.shape[1] // 2), dim=1, largest=False, sorted=False).values.mean(1) / LOW_HALF
+
+
 def radial_profile(x: torch.Tensor, bins: int | None = None) -> torch.Tensor:
     """log10 of the mean in-plane power per radial frequency ring of a batch (B, S, H, W):
     (bins,), rings of equal width over 0 < |nu| <= 1/2 cycles per voxel (DC excluded); default
@@ -154,11 +160,15 @@ class Probe:
         return _crop(x, self.margin) if any(self.margin) else x
 
     def measure(self, gen, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-        """{noise_st, noise_t, profile_distance, psnr_truth (with truth)} of the generator's
-        degradation (`Generator.degrade`) on the probe patches."""
+        """{noise_st, noise_t, noise_spread_st, noise_spread_t, profile_distance, psnr_truth (with
+        truth)} of the generator's degradation (`Generator.degrade`) on the probe patches;
+        noise_spread_*: the std of the patches' log noise levels (`noise_levels`): large where the
+        scans' noise differs (level mixed; clinical scans from several scanners)."""
         def fn(device):
             x_st = self._degrade(gen, device, dtype, noise=True)
+            spread = lambda x: float(torch.log(noise_levels(x)).std()) if len(x) > 1 else 0.0  # noqa: E731
             out = {"noise_st": noise_sigma(x_st), "noise_t": noise_sigma(self.x_t),
+                   "noise_spread_st": spread(x_st), "noise_spread_t": spread(self.x_t),
                    "profile_distance": profile_distance(x_st, self.x_t)}
             if self.truth is not None:
                 out["psnr_truth"] = psnr_truth(self._degrade(gen, device, dtype, noise=False), self.truth)

@@ -45,6 +45,11 @@ def test_noise_estimator_returns_a_known_sigma_within_10_percent(sigma):
     for est in (fidelity.noise_level(noisy), fidelity.noise_level(rician)):  # the loss's twin
         assert float(est) == pytest.approx(sigma, rel=0.1)
     assert float(fidelity.noise_level(x)) < 0.25 * 0.005
+    per_patch = fidelity.noise_levels(torch.cat([x[:8] + sigma * torch.randn(x[:8].shape, generator=g),
+                                                 x[8:] + 2 * sigma * torch.randn(x[8:].shape, generator=g)]))
+    assert per_patch.shape == (16,)  # each patch its own level: the probe's noise_spread_*
+    assert per_patch[:8].numpy() == pytest.approx(sigma, rel=0.15)
+    assert per_patch[8:].numpy() == pytest.approx(2 * sigma, rel=0.15)
 
 
 def test_profile_distance_is_zero_for_one_distribution_and_moved_by_a_known_blur():

@@ -281,6 +281,8 @@ def test_rician_noise_has_the_learned_sigma():
     dark.mean().backward()
     assert noise.log_sigma.grad > 0
     spread = RicianNoise(sigma_init=0.02, sigma_spread=True)
+    spread(torch.full((8, 1, 16, 16), 0.8)).std(dim=(1, 2, 3)).log().std().backward()
+    assert float(spread.spread.grad.abs()) > 0  # at |spread| = 0 it has no gradient and never moves
     with torch.no_grad():
         spread.spread.fill_(0.05)  # log sigma spread 0.5 across samples
     per_sample = spread(torch.full((256, 1, 16, 16), 0.8)).std(dim=(1, 2, 3)).log().std()

@@ -49,7 +49,8 @@ class RicianNoise(nn.Module):
         super().__init__()
         # shape (1,), not (): DeepSpeed's broadcast views every parameter as bytes, which a 0-d one refuses
         self.log_sigma = nn.Parameter(torch.full((1,), math.log(sigma_init) / GAIN))
-        self.spread = nn.Parameter(torch.zeros(1)) if sigma_spread else None
+        # not 0: the gradient of |spread| vanishes there, and the spread never left it
+        self.spread = nn.Parameter(torch.full((1,), 1e-3)) if sigma_spread else None
 
     def sigma(self) -> torch.Tensor:
         return torch.exp(GAIN * self.log_sigma)
