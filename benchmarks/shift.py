@@ -28,6 +28,11 @@ same `udean.evaluate.Evaluator` on the level's test volumes, whole volume and he
                   control of the fidelity logs (seed 0 only)
     cyclegan_unp, dasr_unp   CycleGAN and DASR on the unpaired pools
 
+Real anatomy (`--real DIR`): a flat folder of held-out HR scans (NIfTI, isotropic; voxel size
+from the first file's header or `--real-voxel`), preprocessed as test volumes at every level
+(each scan gets the level's degradation; `mixed`: its own draw) and scored with every model
+trained on the synthetic cohort: the same rows, in tables of their own (results_real/).
+
 Seeds (`--seeds N`): UDEAN, the supervised rows and the oracle train with seeds 0..N-1 (default
 3), CycleGAN and DASR with seed 0; mean ± std over test subjects x seeds. The UDEAN recipe is
 `--udean-config PATH|name` plus trailing overrides (they apply to the one config every method
@@ -79,8 +84,7 @@ def adaptation_off(cfg):
     from udean.config import from_dict
 
     d = cfg.to_dict()
-    d["loss"].update(lambdas=[*d["loss"]["lambdas"][:4], 0.0, 0.0], lambda_spectrum=0.0, lambda_noise=0.0,
-                     noise_match="level")
+    d["loss"].update(lambdas=[*d["loss"]["lambdas"][:4], 0.0, 0.0], lambda_spectrum=0.0, lambda_noise=0.0)
     return from_dict(d)
 def recipe() -> list[str]:
     """The recommended recipe as overrides: every key where udean/configs/recommended.yaml differs
@@ -141,6 +145,27 @@ def configs(args, proto: Protocol, work: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
+def real_configs(args, cfgs: dict, work: Path) -> dict[str, dict]:
+    """{level: the config of the `--real` scans' test data at that level} ({} without --real):
+    the level's unpaired config with the scans as its only (test) subjects."""
+    if not args.real:
+        return {}
+    import nibabel as nib
+
+    root = Path(args.real).resolve()
+    scans = sorted(f for f in root.iterdir() if f.name.endswith((".nii", ".nii.gz")) and not f.name.startswith("."))
+    if not scans:
+        raise SystemExit(f"shift.py: --real {root}: no .nii / .nii.gz files in it")
+    voxel = args.real_voxel or float(np.mean(nib.load(scans[0]).header.get_zooms()[:3]))
+    out = {}
+    for level, modes in cfgs.items():
+        d = json.loads(json.dumps(modes["unpaired"]))
+        d["data"].update(root=str(root), layout="flat", out=str(work / "real" / level), voxel_size_mm=voxel)
+        d["data"]["split"].update(preset="counts", counts=[0, 0, 0, len(scans)])
+        out[level] = _cfg(d).to_dict()
+    return out
+
+
 def _cfg(d: dict):
     from udean.config import from_dict
 
@@ -148,8 +173,8 @@ def _cfg(d: dict):
 
 
 # --------------------------------------------------------------------------- jobs (one process each)
-def result_path(work: Path, level: str, method: str, seed: int) -> Path:
-    return work / "results" / level / method / f"s{seed}.json"
+def result_path(work: Path, level: str, method: str, seed: int, real: bool = False) -> Path:
+    return work / ("results_real" if real else "results") / level / method / f"s{seed}.json"
 
 
 def claim(work: Path, cfgs: dict, steps: int) -> None:
@@ -189,7 +214,8 @@ def prepare(data_cfg: dict) -> str:
 
 def run(spec: dict) -> dict:
     """Train (or load) one method at one seed and score it on the test volumes of every level in
-    spec["levels"] (sup_trunc: every level; the others: their own); writes the result files."""
+    spec["levels"] (sup_trunc: every level; the others: their own), and on the `--real` scans at
+    every level in spec["real_levels"]; writes the result files."""
     import torch
 
     from hpc.atomic import atomic_write_text
@@ -224,9 +250,9 @@ def run(spec: dict) -> dict:
             info["fidelity"] = fidelity_rows(Path(info["run"]) / "metrics.jsonl")
     train_s = time.perf_counter() - t
     out = {}
-    for level in spec["levels"]:
+    for level, real in [(lv, False) for lv in spec["levels"]] + [(lv, True) for lv in spec["real_levels"]]:
         t = time.perf_counter()
-        test = _cfg(spec["configs"][level]["unpaired"])
+        test = _cfg(spec["reals"][level] if real else spec["configs"][level]["unpaired"])
         volumes = [read_volume(p) for p in load_manifest(test.data.out).volume_paths("test")]
         keep = {}
 
@@ -235,16 +261,17 @@ def run(spec: dict) -> dict:
                 keep.update(subject=vol.subject, pred=preds[method])
 
         (res,) = Evaluator({method: fn}, window=unp.loss.ssim_window).run(volumes, on_volume=first)
-        path = result_path(work, level, method, seed)
+        path = result_path(work, level, method, seed, real)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path.with_suffix(".npy"), keep["pred"].astype(np.float16))  # the slice figure's panel
-        doc = {"method": method, "level": level, "seed": seed, "trained_at": train_level, "subjects": res.subjects,
+        doc = {"method": method, "level": level, "seed": seed, "data": "real" if real else "synthetic",
+               "trained_at": train_level, "subjects": res.subjects,
                "train_seconds": round(float(info.get("train_seconds", train_s)), 1),
                "eval_seconds": round(time.perf_counter() - t, 1), "cached": bool(info.get("cached")),
                "info": {k: v for k, v in info.items() if k in ("strength", "val_psnr_head", "note", "pairs", "fidelity",
                                                               "first", "last", "steps")}}
         atomic_write_text(path, json.dumps(doc, indent=1, default=float) + "\n")
-        out[level] = doc
+        out[f"{level}{' (real)' if real else ''}"] = doc
     return out
 
 
@@ -256,8 +283,9 @@ def fidelity_rows(metrics: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("kind", "time", "epoch")} for r in rows if r.get("kind") == "fidelity"]
 
 
-def jobs(args, work: Path, cfgs: dict, steps: int, seeds: int) -> list[dict]:
-    """The runs not done yet, longest first (UDEAN), so the pool stays full."""
+def jobs(args, work: Path, cfgs: dict, steps: int, seeds: int, reals: dict) -> list[dict]:
+    """The runs not done yet (or not scored on the `--real` scans yet), longest first (UDEAN),
+    so the pool stays full."""
     todo = []
     for method in args.methods:
         for seed in range(seeds if METHODS[method][1] else 1):
@@ -265,9 +293,11 @@ def jobs(args, work: Path, cfgs: dict, steps: int, seeds: int) -> list[dict]:
             for level in (["truncation"] if levels else args.levels):
                 want = levels or [level]
                 missing = [lv for lv in want if not result_path(work, lv, method, seed).is_file()]
-                if missing:
+                real = [lv for lv in want if reals and not result_path(work, lv, method, seed, True).is_file()]
+                if missing or real:
                     todo.append({"work": str(work), "method": method, "seed": seed, "train_level": level,
-                                 "levels": missing, "configs": cfgs, "steps": steps})
+                                 "levels": missing, "real_levels": real, "configs": cfgs, "reals": reals,
+                                 "steps": steps})
     order = {m: i for i, m in enumerate(("udean_unp", "udean_mis", "udean_fixed", "sup_trunc", "oracle", "dasr_unp", "cyclegan_unp",
                                          "denoise", "tricubic"))}
     return sorted(todo, key=lambda j: order[j["method"]])
@@ -279,17 +309,20 @@ def pool(n: int) -> ProcessPoolExecutor:
 
 
 # --------------------------------------------------------------------------- report
-def collect(work: Path, levels, methods) -> tuple[list[dict], list[dict]]:
-    """(rows: one per level x method x region, runs: one per result file)."""
+def collect(work: Path, levels, methods, real: bool = False) -> tuple[list[dict], list[dict]]:
+    """(rows: one per level x method x region, runs: one per result file) of the synthetic test
+    volumes, or with `real` of the `--real` scans (rows and runs carry "data")."""
     rows, runs = [], []
+    data = "real" if real else "synthetic"
     for level in levels:
         for method in methods:
-            docs = [json.loads(p.read_text()) for p in sorted((work / "results" / level / method).glob("s*.json"))]
+            docs = [json.loads(p.read_text()) for p in sorted(result_path(work, level, method, 0, real).parent.glob("s*.json"))]
             if not docs:
                 continue
-            runs += [{k: d[k] for k in ("method", "level", "seed", "train_seconds", "eval_seconds", "info")} for d in docs]
+            runs += [{**{k: d[k] for k in ("method", "level", "seed", "train_seconds", "eval_seconds", "info")},
+                      "data": data} for d in docs]
             for region, suffix in (("volume", ""), ("head", "_head")):
-                row = {"method": method, "label": METHODS[method][0], "level": level, "region": region,
+                row = {"method": method, "label": METHODS[method][0], "level": level, "region": region, "data": data,
                        "seeds": [d["seed"] for d in docs], "n": sum(len(d["subjects"]) for d in docs)}
                 for score in ("psnr", "ssim"):
                     v = np.array([s[score + suffix] for d in docs for s in d["subjects"]], dtype=np.float64)
@@ -300,8 +333,6 @@ def collect(work: Path, levels, methods) -> tuple[list[dict], list[dict]]:
 
 
 def markdown(doc: dict) -> str:
-    from udean.evaluate import pm
-
     meta, prov = doc["meta"], doc["meta"]["provenance"]
     lines = [f"# Degradation shift (`--protocol {meta['protocol']}`)", "",
              f"- date: {prov['date']}; machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
@@ -311,40 +342,57 @@ def markdown(doc: dict) -> str:
              f"{'/'.join(map(str, meta['counts']))}; levels: {', '.join(meta['levels'])} (preprocessing/config.py LEVELS)",
              f"- budget, every learned method: {meta['budget']['steps']} optimiser steps x {meta['budget']['batch_size']} "
              f"patches, Adam lr {meta['budget']['lr']:g} -> {meta['budget']['lr_min']:g} (cosine), SR width "
-             f"{meta['width']}; UDEAN recipe: `{meta['udean_config']}` {' '.join(meta['udean_overrides'])}",
-             "", "PSNR (dB) / SSIM, mean ± sample std over test subjects x seeds; whole volume and the dilated "
-             "head mask (udean.evaluate.head_mask). Decisions are made on the head: a noisy background rewards any "
-             "denoising in whole-volume scores. Denoise + tricubic: NLM assumes Gaussian noise, the data are "
-             "Rician (magnitude).", ""]
+             f"{meta['width']}; UDEAN recipe: `{meta['udean_config']}` {' '.join(meta['udean_overrides'])}"]
+    if meta.get("real"):
+        lines.append(f"- real anatomy: {meta['real']['scans']} held-out scan(s) in `{meta['real']['root']}` "
+                     f"({meta['real']['voxel_mm']:g} mm), each degraded at every level and scored with the models "
+                     "trained on the synthetic cohort (the \"real anatomy\" tables)")
+    lines += ["", "PSNR (dB) / SSIM, mean ± sample std over test subjects x seeds; whole volume and the dilated "
+              "head mask (udean.evaluate.head_mask). Decisions are made on the head: a noisy background rewards any "
+              "denoising in whole-volume scores. Denoise + tricubic: NLM assumes Gaussian noise, the data are "
+              "Rician (magnitude).", ""]
     for level in meta["levels"]:
-        rows = [r for r in doc["rows"] if r["level"] == level]
-        if not rows:
-            continue
-        tri = {r["region"]: r for r in rows if r["method"] == "tricubic"}
-        lines += [f"## {level}", "", "| Method | seeds | SSIM | PSNR | SSIM (head) | PSNR (head) | head PSNR - tricubic "
-                  "| train s |", "|---|---|---|---|---|---|---|---|"]
-        for method in METHODS:
-            got = {r["region"]: r for r in rows if r["method"] == method}
-            if not got:
+        for data in ("synthetic", "real"):
+            rows = [r for r in doc["rows"] if r["level"] == level and r["data"] == data]
+            if not rows:
                 continue
-            v, h = got["volume"], got["head"]
-            delta = f"{h['psnr_mean'] - tri['head']['psnr_mean']:+.2f}" if "head" in tri else "-"
-            secs = [r["train_seconds"] for r in doc["runs"] if r["method"] == method and r["level"] == level]
-            lines.append(f"| {v['label']} | {len(v['seeds'])} | {pm(v['ssim_mean'], v['ssim_std'], 4)} | "
-                         f"{pm(v['psnr_mean'], v['psnr_std'], 2)} | {pm(h['ssim_mean'], h['ssim_std'], 4)} | "
-                         f"{pm(h['psnr_mean'], h['psnr_std'], 2)} | {delta} | {np.mean(secs):.0f} |")
-        lines.append("")
-        lines += fidelity_table(doc["runs"], level)
+            train = data == "synthetic"
+            lines += [f"## {level}" if train else f"### {level}: real anatomy (held out)", "",
+                      "| Method | seeds | SSIM | PSNR | SSIM (head) | PSNR (head) | head PSNR - tricubic "
+                      + ("| train s |" if train else "|"), "|---|---|---|---|---|---|---|" + ("---|" if train else "")]
+            lines += _table(rows, doc["runs"], level, train) + [""]
+            if train:
+                lines += fidelity_table(doc["runs"], level)
         for f in doc["figures"].get(level, []):
             lines.append(f"![{Path(f).stem}]({Path(f).name})")
         lines.append("")
     return "\n".join(lines)
 
 
+def _table(rows: list[dict], runs: list[dict], level: str, seconds: bool) -> list[str]:
+    """The rows of one level and data set, a Markdown line per method."""
+    from udean.evaluate import pm
+
+    tri = {r["region"]: r for r in rows if r["method"] == "tricubic"}
+    out = []
+    for method in METHODS:
+        got = {r["region"]: r for r in rows if r["method"] == method}
+        if not got:
+            continue
+        v, h = got["volume"], got["head"]
+        delta = f"{h['psnr_mean'] - tri['head']['psnr_mean']:+.2f}" if "head" in tri else "-"
+        secs = [r["train_seconds"] for r in runs if (r["method"], r["level"], r["data"]) == (method, level, "synthetic")]
+        out.append(f"| {v['label']} | {len(v['seeds'])} | {pm(v['ssim_mean'], v['ssim_std'], 4)} | "
+                   f"{pm(v['psnr_mean'], v['psnr_std'], 2)} | {pm(h['ssim_mean'], h['ssim_std'], 4)} | "
+                   f"{pm(h['psnr_mean'], h['psnr_std'], 2)} | {delta} |" + (f" {np.mean(secs):.0f} |" if seconds else ""))
+    return out
+
+
 def fidelity_table(runs: list[dict], level: str) -> list[str]:
     """Markdown: the fidelity logs (udean/fidelity.py) of each UDEAN run at `level`, at its first
     and last measurement: is X_{s~t} becoming the target's degradation of Y_s?"""
-    rows = [r for r in runs if r["level"] == level and r["method"].startswith("udean_") and r["info"].get("fidelity")]
+    rows = [r for r in runs if r["level"] == level and r["data"] == "synthetic" and r["method"].startswith("udean_")
+            and r["info"].get("fidelity")]
     if not rows:
         return []
     out = ["Fidelity of the learned degradation (udean/fidelity.py, on fixed probe patches): PSNR of the noise-free "
@@ -377,7 +425,7 @@ def figures(doc: dict, work: Path, cfgs: dict, results: Path, tag: str) -> dict[
 
     out: dict[str, list[str]] = {}
     for level in doc["meta"]["levels"]:
-        rows = [r for r in doc["rows"] if r["level"] == level]
+        rows = [r for r in doc["rows"] if r["level"] == level and r["data"] == "synthetic"]
         tri = {r["region"]: r for r in rows if r["method"] == "tricubic"}
         if not rows or len(tri) < 2:
             continue
@@ -427,6 +475,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="cohort, data, weights, per-run results; default shift_out/<protocol>")
     p.add_argument("--results", default=str(RESULTS), help="where the tables and figures go")
     p.add_argument("--tag", default=None, help="file tag: shift_<tag>.*; default the protocol")
+    p.add_argument("--real", default=None, metavar="DIR",
+                   help="a folder of held-out real HR scans (NIfTI): every model is also scored on them at every level")
+    p.add_argument("--real-voxel", type=float, default=None, metavar="MM",
+                   help="their isotropic voxel size (default: the first file's header)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_args(argv)
 
@@ -449,11 +501,13 @@ def main(argv=None) -> int:
         write_cohort(work / "cohort", n, proto.shape, seed=0, progress=False)
     cfgs = configs(args, proto, work)
 
-    with pool(args.jobs) as ex:  # data: every level x mode
-        for f in as_completed([ex.submit(prepare, d) for lv in cfgs.values() for d in lv.values()]):
+    reals = real_configs(args, cfgs, work)
+    with pool(args.jobs) as ex:  # data: every level x mode (and the --real scans at every level)
+        for f in as_completed([ex.submit(prepare, d) for lv in cfgs.values() for d in lv.values()]
+                              + [ex.submit(prepare, d) for d in reals.values()]):
             print(f"data: {relative(f.result())}", flush=True)
     claim(work, cfgs, steps)
-    todo = jobs(args, work, cfgs, steps, seeds)
+    todo = jobs(args, work, cfgs, steps, seeds, reals)
     print(f"{len(todo)} run(s) to do, {args.jobs} at a time", flush=True)
     with pool(args.jobs) as ex:
         futures = {ex.submit(run, j): j for j in todo}
@@ -467,6 +521,9 @@ def main(argv=None) -> int:
     from udean.baselines.methods import budget_of
 
     rows, runs = collect(work, args.levels, args.methods)
+    if reals:
+        rows2, runs2 = collect(work, args.levels, args.methods, real=True)
+        rows, runs = rows + rows2, runs + runs2
     first = _cfg(next(iter(cfgs.values()))["unpaired"])
     doc = {"rows": rows, "runs": runs, "meta": {
         "protocol": args.protocol, "levels": list(args.levels), "methods": list(args.methods), "seeds": seeds,
@@ -474,7 +531,10 @@ def main(argv=None) -> int:
         "budget": budget_of(first, steps, "cpu").to_dict(), "width": first.model.features,
         "udean_config": args.udean_config or proto.udean_config,
         "udean_overrides": ([] if args.udean_config else recipe()) + list(args.overrides),
-        "config": _relative_tree(first.to_dict()), "provenance": provenance(argv)}}
+        "config": _relative_tree(first.to_dict()), "provenance": provenance(argv),
+        "real": reals and {"root": relative(Path(args.real).resolve()),
+                           "scans": next(iter(reals.values()))["data"]["split"]["counts"][3],
+                           "voxel_mm": next(iter(reals.values()))["data"]["voxel_size_mm"]}}}
     doc["figures"] = figures(doc, work, cfgs, results, tag)
     doc["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(results / f"shift_{tag}.json", doc)
