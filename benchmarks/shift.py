@@ -75,7 +75,6 @@ METHODS = {
     "cyclegan_unp": ("CycleGAN, unpaired", False),
     "dasr_unp": ("DASR, unpaired", False),
 }
-TRAINED = ("sup_trunc", "oracle", "udean_unp", "udean_mis", "udean_fixed", "cyclegan_unp", "dasr_unp")
 
 
 def adaptation_off(cfg):
@@ -86,6 +85,8 @@ def adaptation_off(cfg):
     d = cfg.to_dict()
     d["loss"].update(lambdas=[*d["loss"]["lambdas"][:4], 0.0, 0.0], lambda_spectrum=0.0, lambda_noise=0.0)
     return from_dict(d)
+
+
 def recipe() -> list[str]:
     """The recommended recipe as overrides: every key where udean/configs/recommended.yaml differs
     from paper.yaml (one home for it: the `tiny` protocol's config gets it this way; `demo` is

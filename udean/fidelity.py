@@ -57,14 +57,17 @@ def noise_level(x: torch.Tensor) -> torch.Tensor:
     half of |d| over the whole batch, divided by its value for unit white Gaussian noise (0.3247),
     so that edges (the large |d|) do not count and every voxel of the smaller half carries a
     gradient (a median passes it to one voxel). A 0-d tensor."""
-    d = haar_diagonal(x).abs().flatten()
-    return torch.topk(d, max(1, d.numel() // 2), largest=False, sorted=False).values.mean() / LOW_HALF
+    return _low_half(haar_diagonal(x).abs().flatten())
 
 
 def noise_levels(x: torch.Tensor) -> torch.Tensor:
     """`noise_level` of each patch of a batch (B, ...): (B,)."""
-    d = haar_diagonal(x).abs().flatten(1)
-    return torch.topk(d, max(1, d.shape[1] // 2), dim=1, largest=False, sorted=False).values.mean(1) / LOW_HALF
+    return _low_half(haar_diagonal(x).abs().flatten(1))
+
+
+def _low_half(d: torch.Tensor) -> torch.Tensor:
+    """The mean of the smaller half of |d| along its last axis, over LOW_HALF."""
+    return torch.topk(d, max(1, d.shape[-1] // 2), dim=-1, largest=False, sorted=False).values.mean(-1) / LOW_HALF
 
 
 def radial_profile(x: torch.Tensor, bins: int | None = None) -> torch.Tensor:
