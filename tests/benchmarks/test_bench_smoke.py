@@ -176,3 +176,17 @@ def test_train_step_resume_measures_only_missing_points(repo, tmp_path):
     kept = [r for r in d["runs"] if r["variant"] == "thin_slab"]
     assert [r["step_s_median"] for r in kept] == [r["step_s_median"] for r in first["runs"]]
     assert all(c["equal"] for c in d["flop_checks"]) and len(d["flop_checks"]) == 2
+
+
+def test_demo_ablation_variants_are_valid_configs_and_each_changes_the_demo():
+    """Every variant of benchmarks/demo_ablation.py loads on the demo's config (a misspelt key or
+    a combination the config refuses fails here, not an hour into the benchmark) and changes it."""
+    from benchmarks.demo_ablation import VARIANTS
+    from preprocessing.config import diff_keys
+    from udean.config import load
+
+    demo = load("demo").to_dict()
+    assert VARIANTS["demo"][1] == []
+    for name, (_, overrides) in VARIANTS.items():
+        cfg = load("demo", overrides).to_dict()
+        assert bool(diff_keys(demo, cfg)) == bool(overrides), name
