@@ -125,6 +125,10 @@ def test_held_out_real_scans_are_scored_with_every_trained_model(tiny):
     methods = ("tricubic", "sup_trunc", "udean_unp")
     out, got = shift(tmp, "--real", str(real), levels=("pf_noise",), methods=methods, results="real_results")
     assert "3 run(s) to do" in out  # every model cached: only the scoring of the real scan
+    # the relaunch of `udean train` on the cached UDEAN run appended to its log, not over it
+    (log,) = [p for p in (tmp / "work" / "weights").rglob("udean_unpaired.log") if p.read_text().count("$ ") == 2]
+    first = log.read_text().split("$ ")[1]
+    assert "resumed from" not in first and "done:" in first
     rows = {(r["method"], r["region"], r["data"]): r for r in got["rows"]}
     assert {(m, reg, d) for m in methods for reg in ("volume", "head") for d in ("synthetic", "real")} == set(rows)
     for r in doc["rows"]:

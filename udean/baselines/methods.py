@@ -84,7 +84,7 @@ def cached(path: Path, module: torch.nn.Module, train: Callable[[], list], devic
 
 def train_udean(cfg: Config, run: Path, budget: Budget, console=None) -> Path:
     """`udean train` in a child process (DeepSpeed, one process) into `run`, with the shared
-    budget; its log goes to <run>.log. Resumes (or does nothing) when `run` holds checkpoints."""
+    budget; its log is appended to <run>.log. Resumes (or does nothing) when `run` holds checkpoints."""
     from udean.commands import environment, executable
 
     run.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,8 @@ def train_udean(cfg: Config, run: Path, budget: Budget, console=None) -> Path:
     if console is not None:
         console.print(f"[dim]$ {shlex.join(cmd)}[/]", highlight=False)
     res = subprocess.run(cmd, env=environment(1), capture_output=True, text=True)
-    (run.parent / f"{run.name}.log").write_text(res.stdout + res.stderr)
+    with open(run.parent / f"{run.name}.log", "a") as log:  # appended: a relaunch on a cached run keeps its training log
+        log.write(f"$ {shlex.join(cmd)}\n{res.stdout}{res.stderr}")
     if res.returncode != 0:
         raise RuntimeError(f"udean train failed ({res.returncode}); log: {run.parent / f'{run.name}.log'}\n"
                            + (res.stdout + res.stderr)[-3000:])
