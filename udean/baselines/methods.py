@@ -93,14 +93,14 @@ def train_udean(cfg: Config, run: Path, budget: Budget, console=None) -> Path:
     cmd = [executable("udean"), "train", "--config", str(conf), f"train.out={run}", "train.epochs=1",
            f"train.steps_per_epoch={budget.steps}", f"train.checkpoint_every={budget.steps}", "train.val_every=1",
            "train.val_subjects=1"]
+    line, log = shlex.join(cmd), run.parent / f"{run.name}.log"
     if console is not None:
-        console.print(f"[dim]$ {shlex.join(cmd)}[/]", highlight=False)
+        console.print(f"[dim]$ {line}[/]", highlight=False)
     res = subprocess.run(cmd, env=environment(1), capture_output=True, text=True)
-    with open(run.parent / f"{run.name}.log", "a") as log:  # appended: a relaunch on a cached run keeps its training log
-        log.write(f"$ {shlex.join(cmd)}\n{res.stdout}{res.stderr}")
+    with open(log, "a") as f:  # appended: a relaunch on a cached run keeps its training log
+        f.write(f"$ {line}\n{res.stdout}{res.stderr}")
     if res.returncode != 0:
-        raise RuntimeError(f"udean train failed ({res.returncode}); log: {run.parent / f'{run.name}.log'}\n"
-                           + (res.stdout + res.stderr)[-3000:])
+        raise RuntimeError(f"udean train failed ({res.returncode}); log: {log}\n" + (res.stdout + res.stderr)[-3000:])
     return run
 
 
