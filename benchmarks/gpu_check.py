@@ -31,11 +31,12 @@ REL_MAX = 0.05
 def setup(variant: str, precision: str, batch: int, smoke: bool, dist):
     """Fresh engines from seed 0, and two fixed batches: the same for every setup."""
     from udean.engines import build_engines
+    from udean.losses import model_parts
     from udean.models.udean import build
 
     cfg = config(variant, batch, precision, smoke)
     torch.manual_seed(0)
-    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
     engines = build_engines(cfg, gen, discs, total_steps=1000, device=dist.device, ds_args=dist.deepspeed_args())
     s, (h, w) = cfg.data.patches.slab, cfg.data.patches.lr_size
     g = torch.Generator().manual_seed(1)

@@ -258,12 +258,13 @@ def gpu_timing(step, device: torch.device, steps: int) -> dict[str, Any]:
 
 def measure(precision: str, zero: int, args, dist) -> dict[str, Any]:
     from udean.engines import build_engines
+    from udean.losses import model_parts
     from udean.models.udean import build
     from udean.steps import train_step
 
     cfg = config(precision, zero, args)
     torch.manual_seed(0)
-    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
     engines = build_engines(cfg, gen, discs, total_steps=10_000, device=dist.device, ds_args=dist.deepspeed_args())
     y_s, x_t = batch(cfg, args.batch, dist.device)
 

@@ -126,10 +126,12 @@ def make_batch(cfg, batch: int, device: torch.device, seed: int = 0) -> tuple[to
 
 
 def build_models(cfg, seed: int = 0):
+    """Generator and Discriminators as training builds them (only the networks the loss reads)."""
+    from udean.losses import model_parts
     from udean.models.udean import build
 
     torch.manual_seed(seed)  # every setup starts from the same weights
-    return build(cfg.model, slab=cfg.data.patches.slab)
+    return build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
 
 
 def bf16_check(cfg, device: torch.device, batch: int = 2) -> dict[str, Any]:

@@ -92,6 +92,7 @@ class HostSyncs(TorchDispatchMode):
 def measure(precision: str, zero: int, args, dist) -> dict[str, Any]:
     from udean.config import load
     from udean.engines import build_engines
+    from udean.losses import model_parts
     from udean.models.udean import build
     from udean.steps import train_step
 
@@ -99,7 +100,7 @@ def measure(precision: str, zero: int, args, dist) -> dict[str, Any]:
     cfg = load("paper", (SMOKE_OVERRIDES if args.smoke else size) + [
         f"train.precision={precision}", f"train.zero_stage={zero}", f"train.batch_size={args.batch}"])
     torch.manual_seed(0)
-    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
     tensors = {"g": sum(1 for p in gen.parameters() if p.requires_grad),
                "d": sum(1 for p in discs.parameters() if p.requires_grad)}
     engines = build_engines(cfg, gen, discs, total_steps=10_000, device=dist.device, ds_args=dist.deepspeed_args())

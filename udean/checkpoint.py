@@ -207,7 +207,8 @@ def save(out: str | os.PathLike, step: int, engines, state: dict[str, Any], dist
 def refusal(folder: Path, state: dict[str, Any], expect: dict[str, Any] | None, world_size: int) -> str | None:
     """Why the run in `folder`'s state must not be resumed by this start, or None.
 
-    expect: {"config": Config.to_dict(), "data": data fingerprint} of this start (None: no check)."""
+    expect: {"config": Config.to_dict(), "data": data fingerprint, "parts": `built_parts` of the
+    engines' modules} of this start (None: no check)."""
     if expect is None:
         return None
     if isinstance(state.get("config"), dict):
@@ -218,11 +219,27 @@ def refusal(folder: Path, state: dict[str, Any], expect: dict[str, Any] | None, 
     if state.get("data") and expect.get("data") and state["data"] != expect["data"]:
         return (f"checkpoint {folder.name} was trained on other data: the source/target shards of data.out are "
                 "not the ones it saw")
+    if expect.get("parts"):
+        saved = state.get("parts") or full_parts(expect["config"])  # written before parts were recorded: all built
+        if saved != expect["parts"]:
+            diff = sorted({f"{k}.{n}" for k in ("g", "d") for n in set(saved.get(k, [])) ^ set(expect["parts"][k])})
+            return (f"checkpoint {folder.name} holds other networks than this start builds ({', '.join(diff)} differ; "
+                    "an earlier version built every network, also those no active loss term reads): its weights "
+                    "and optimizer state do not fit; resume it with the version that wrote it")
     saved_world, zero = int(state.get("world_size", world_size)), int(expect["config"]["train"]["zero_stage"])
     if zero >= 1 and saved_world != world_size:
         return (f"checkpoint {folder.name} holds ZeRO stage {zero} optimizer state sharded over {saved_world} "
                 f"rank(s); this job has {world_size}: resume it with {saved_world} rank(s)")
     return None
+
+
+def full_parts(config: dict[str, Any]) -> dict[str, list[str]]:
+    """The networks of a full build of this config (every one, whatever the loss reads)."""
+    from udean.config import from_dict
+    from udean.models.udean import discriminator_parts, generator_parts
+
+    model = from_dict(config).model
+    return {"g": list(generator_parts(model)), "d": list(discriminator_parts(model))}
 
 
 def _load_one(folder: Path, engines, dist, expect: dict[str, Any] | None) -> dict[str, Any]:
@@ -268,6 +285,7 @@ def load_latest(out: str | os.PathLike, engines, dist, warn: Callable[[str], Non
             raise ResumeRefused(f"{out}: {why}; or start over with --restart (the old run is moved aside, not "
                                 "deleted) or another train.out")
         if not dist.all_reduce_flag(problem is not None):
+            engines.g_updated()  # collective: every rank loaded
             return state
         reasons.append(f"{folder.name}: {problem or 'failed on another rank'}")
         if i + 1 < len(candidates):

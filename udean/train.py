@@ -45,8 +45,8 @@ from udean.data.sampler import UnpairedSampler
 from udean.data.shards import PatchShards, UnpairedPatches, check_source_margin
 from udean.engines import Engines, build_engines
 from udean.logs import Logs
-from udean.models.udean import build, inference_state_dict
-from udean.losses import adapt_scale
+from udean.models.udean import build, built_parts, inference_state_dict
+from udean.losses import adapt_scale, model_parts
 from udean.steps import train_step, validate
 
 EXIT_NONFINITE = 3  # too many non-finite losses in a row
@@ -127,7 +127,7 @@ def setup(cfg: Config, dist) -> Setup:
     if t.val_subjects:
         val_volumes = val_volumes[:t.val_subjects]
     total_steps = t.epochs * sampler.steps_per_epoch
-    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
     engines = build_engines(cfg, gen, discs, total_steps, dist.device, dist.deepspeed_args())
     return Setup(dataset, sampler, engines, val_volumes, total_steps)
 
@@ -264,8 +264,9 @@ def _loop(cfg: Config, dist, preempt) -> int:
     steps_per_epoch = s.steps_per_epoch
     logs.total_steps = total_steps
 
+    parts = built_parts(engines.generator, engines.discriminators)
     state = checkpoint.load_latest(out, engines, dist, warn=logs.warn,
-                                   expect={"config": cfg.to_dict(), "data": fingerprint})
+                                   expect={"config": cfg.to_dict(), "data": fingerprint, "parts": parts})
     step = int(state["step"]) if state else 0
     logs.open(step)
     nonfinite_run = int(state["nonfinite_run"]) if state else 0
@@ -291,7 +292,7 @@ def _loop(cfg: Config, dist, preempt) -> int:
         ours = {"step": step, "epoch": epoch, "sampler": {"epoch": epoch, "position": batch * t.batch_size},
                 "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total, "best": best,
                 "world_size": dist.world_size, "config_hash": cfg.hash(), "config": cfg.to_dict(),
-                "data": fingerprint}
+                "data": fingerprint, "parts": parts}
         path = checkpoint.save(out, step, engines, ours, dist, t.keep_last)
         logs.event(step, "checkpoint", path=str(path), reason=reason)
         if dist.is_main:  # last/: the inference checkpoint of the newest checkpoint
