@@ -55,8 +55,10 @@ def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg,
     `adapt`: the adaptation weights' warm-up factor (`losses.adapt_scale`); `stop`: this rank's
     preemption request, agreed on with the other ranks in the step's flag all-reduce."""
     g, d = engines.g, engines.d
-    y_s = y_s.to(g.device, engines.dtype, non_blocking=True)
-    x_t = x_t.to(g.device, engines.dtype, non_blocking=True)
+    # float32 on the device: each network casts its input to its weights' dtype, the physics
+    # degradation and the image skip stay float32 (models/layers.py `as_weights`)
+    y_s = y_s.to(g.device, torch.float32, non_blocking=True)
+    x_t = x_t.to(g.device, torch.float32, non_blocking=True)
     out = g(y_s, x_t, **forward_args(loss_cfg))
     with frozen(d.module):
         g_loss, g_terms = generator_loss(out, y_s, x_t, d.module, loss_cfg, adapt)
@@ -69,6 +71,7 @@ def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg,
         return StepResult(skipped=True, terms=terms, stop=stop)
     g.backward(g_loss)
     g.step()
+    engines.g_updated()
     d.backward(d_loss)
     d.step()
     return StepResult(skipped=False, terms=terms, stop=stop)
@@ -86,8 +89,8 @@ def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist) -> d
     gen.eval()
     inferer = Inferer.from_config(cfg.infer, cfg.data.patches, engines.g.device)
 
-    def sr(tiles: torch.Tensor) -> torch.Tensor:  # tiles in the engine's precision
-        return gen.sr(tiles.to(engines.dtype))
+    def sr(tiles: torch.Tensor) -> torch.Tensor:  # float32 tiles; the networks cast them (as in training)
+        return gen.sr(tiles)
 
     (res,) = Evaluator({"sr": lambda v: inferer(v.lr, sr)}, window=cfg.loss.ssim_window).run(volumes, dist)
     gen.train(was_training)
