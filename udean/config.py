@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_serializer, model_validator
 
 from hpc.atomic import atomic_write_text
 from preprocessing.config import ConfigError, DataConfig, Section
@@ -125,6 +125,12 @@ class TrainConfig(Section):
     batch_size: int = Field(8, ge=1)  # LR patches per batch, per rank
     lr: float = Field(1e-4, gt=0.0)
     lr_min: float = Field(1e-8, ge=0.0)
+    # ours: learning rates of their own (null: `lr`), on the same cosine schedule, for the physics
+    # degradation's few parameters (model.degradation: physics; blur taps and noise sigma, scaled to
+    # move 1e-2 per step at 1e-3) and for the discriminators' engine. The SR network learns faster at
+    # a higher lr than these tolerate (docs/quality.md "Real anatomy")
+    lr_degradation: float | None = Field(None, gt=0.0)
+    lr_discriminator: float | None = Field(None, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0.0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -158,6 +164,15 @@ class TrainConfig(Section):
     # once and keeps the fastest); null: on, except with `deterministic`
     cudnn_benchmark: bool | None = Field(None, validate_default=True)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    @model_serializer(mode="wrap")
+    def _without_unset_lrs(self, handler):
+        d = handler(self)  # runs made before these keys existed keep the config (and resume) they had
+        if isinstance(d, dict):
+            for k in ("lr_degradation", "lr_discriminator"):
+                if getattr(self, k) is None:
+                    d.pop(k, None)
+        return d
 
     @field_validator("augment", "augment_source", mode="before")
     @classmethod

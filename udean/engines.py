@@ -169,13 +169,31 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
         # one dict per engine: DeepSpeed keeps the dict it is given, and before 0.19.1 popped
         # `torch_adam` out of it, so a shared dict gave the second engine FusedAdam
         engine, *_ = deepspeed.initialize(
-            args=ds_args, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+            args=ds_args, model=module, model_parameters=param_groups(module, cfg.train, module is discriminators),
             config=copy.deepcopy(ds), lr_scheduler=lambda opt: cosine_schedule(opt, cfg.train, total_steps),
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
         _cast_buffers(engine.module, PRECISION_DTYPE[cfg.train.precision])
         engines.append(engine)
     return Engines(g=engines[0], d=engines[1], dtype=PRECISION_DTYPE[cfg.train.precision])
+
+
+def param_groups(module: nn.Module, train: TrainConfig, discriminator: bool = False) -> list[dict]:
+    """The optimizer's parameter groups of one engine: every trainable parameter at `train.lr`,
+    except the discriminators' at `train.lr_discriminator` and the physics degradation's (the
+    generator's `blur` and `noise` modules) at `train.lr_degradation`, where those are set. The
+    cosine schedule scales every group's lr alike."""
+    own = train.lr_discriminator if discriminator else train.lr_degradation
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    special = [p for n, p in params if discriminator or n.split(".", 1)[0] in DEGRADATION_PARTS]
+    if own is None or not special:
+        return [{"params": [p for _, p in params]}]
+    ids = {id(p) for p in special}
+    rest = [p for _, p in params if id(p) not in ids]
+    return ([{"params": rest}] if rest else []) + [{"params": special, "lr": own}]
+
+
+DEGRADATION_PARTS = ("blur", "noise")  # the Generator's physics degradation (models/degradation.py)
 
 
 def _cast_buffers(module: nn.Module, dtype: torch.dtype) -> None:
