@@ -104,6 +104,19 @@ class LossConfig(Section):
     # ours, not the paper's: weight of a match of X_{s~t}'s noise level to X_t's (losses.noise_loss,
     # the finest Haar band): holds the spectrum match off its noise-and-blur ridge (issue 19); 0: off
     lambda_noise: float = Field(0.0, ge=0.0)
+    # ours, not the paper's: weight of a penalty on every frequency the learned blur
+    # (model.degradation: physics) amplifies (|H(k)| > 1, models/degradation.py `LearnedBlur.excess`):
+    # no acquisition raises a frequency above what k-space truncation keeps. Without it the spectrum
+    # match sharpened X_{s~t} where the source HR was smoother than the target's anatomy, and the SR
+    # learned to blur (docs/quality.md "Real anatomy"); 0: off
+    lambda_bound: float = Field(0.0, ge=0.0)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_bound(self, handler):
+        d = handler(self)  # runs made before the key existed keep the config (and resume) they had
+        if isinstance(d, dict) and not self.lambda_bound:
+            d.pop("lambda_bound", None)
+        return d
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":

@@ -141,6 +141,8 @@ class Generator(nn.Module):
                 f_s = self.down_extractor(y_s)
             x, im = self._clean(y_s, f_s)
         x_st = out["x_st"] = self._noisy(x, im)
+        if self.blur is not None:  # losses.generator_loss: loss.lambda_bound
+            out["blur_excess"] = self.blur.excess()
         if sigma_branch and self.noise is not None:
             out["x_st_sigma"] = self.noise(x.detach(), None if im is None else im.detach())
         if want & {"f_s", "y_hat_s"}:
