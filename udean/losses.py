@@ -49,7 +49,8 @@ def active_terms(cfg) -> tuple[str, ...]:
 def forward_args(cfg) -> dict:
     """The keyword arguments of `Generator.forward` for this loss: the outputs its active terms
     read, and the sigma branch when `lambda_noise` is on."""
-    return {"outputs": sorted({o for k in active_terms(cfg) for o in NEEDS[k]}), "sigma_branch": bool(cfg.lambda_noise)}
+    outputs = {o for k in active_terms(cfg) for o in NEEDS[k]} | ({"blur_excess"} if cfg.lambda_bound else set())
+    return {"outputs": sorted(outputs), "sigma_branch": bool(cfg.lambda_noise)}
 
 
 def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
