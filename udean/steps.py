@@ -83,7 +83,7 @@ def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist) -> d
     with HR (NaN without any), and the LR-consistency PSNR (over all, LR-only volumes included):
     the generator's SR path through the `Inferer` of `cfg.infer`, scored by the `Evaluator` of
     `udean evaluate` (the loss's SSIM window), the volumes split across ranks and the scores
-    gathered on every rank."""
+    gathered on every rank. Tiles and scores on the training device."""
     gen = engines.generator
     was_training = gen.training
     gen.eval()
@@ -92,7 +92,8 @@ def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist) -> d
     def sr(tiles: torch.Tensor) -> torch.Tensor:  # float32 tiles; the networks cast them (as in training)
         return gen.sr(tiles)
 
-    (res,) = Evaluator({"sr": lambda v: inferer(v.lr, sr)}, window=cfg.loss.ssim_window).run(volumes, dist)
+    (res,) = Evaluator({"sr": lambda v: inferer(v.lr, sr)}, window=cfg.loss.ssim_window,
+                       device=engines.g.device).run(volumes, dist)
     gen.train(was_training)
     return {**{k: res.mean(k) for k in ("psnr", "ssim", "psnr_head", "ssim_head", "lr_psnr")},
             "volumes": float(len(res.subjects)), "hr_volumes": float(sum("psnr" in s for s in res.subjects))}

@@ -45,7 +45,7 @@ from udean.data.sampler import UnpairedSampler
 from udean.data.shards import PatchShards, UnpairedPatches, check_source_margin
 from udean.engines import Engines, build_engines, check_precision
 from udean.logs import Logs
-from udean.models.udean import build, built_parts, inference_state_dict
+from udean.models.udean import build, built_parts
 from udean.losses import adapt_scale, model_parts
 from udean.steps import train_step, validate
 
@@ -78,10 +78,13 @@ def patch_data(source: Sequence[str | os.PathLike], target: Sequence[str | os.Pa
 
 def data_loader(dataset: UnpairedPatches, sampler: UnpairedSampler, train: TrainConfig,
                 device: torch.device) -> DataLoader:
-    """The one DataLoader of training (one per epoch: the sampler sets where it starts). Its
-    workers ignore the preemption signals, so only the main process checkpoints on them."""
+    """The one DataLoader of training, made once: each epoch iterates it again, from where the
+    sampler is set to start. Its workers persist across epochs (restarting them reopened every
+    shard each epoch) and ignore the preemption signals, so only the main process checkpoints
+    on them."""
     return DataLoader(dataset, batch_size=train.batch_size, sampler=sampler, num_workers=train.num_workers,
                       pin_memory=device.type == "cuda", drop_last=False, worker_init_fn=ignore_in_worker,
+                      persistent_workers=train.num_workers > 0,
                       generator=torch.Generator().manual_seed(train.seed))  # keep the global RNG untouched
 
 
@@ -294,10 +297,11 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total, "best": best,
                 "world_size": dist.world_size, "config_hash": cfg.hash(), "config": cfg.to_dict(),
                 "data": fingerprint, "parts": parts}
-        path = checkpoint.save(out, step, engines, ours, dist, t.keep_last)
+        weights = engines.inference_weights()  # collective: the fp32 masters (ZeRO >= 1 shards them)
+        path = checkpoint.save(out, step, engines, ours, dist, t.keep_last, weights)
         logs.event(step, "checkpoint", path=str(path), reason=reason)
         if dist.is_main:  # last/: the inference checkpoint of the newest checkpoint
-            checkpoint.save_inference(out / "last", inference_state_dict(engines.generator),
+            checkpoint.save_inference(out / "last", weights,
                                       {"step": step, "epoch": epoch, "checkpoint": path.name}, cfg)
 
     probe = None
@@ -306,14 +310,14 @@ def _loop(cfg: Config, dist, preempt) -> int:
 
         probe = Probe.from_shards(dataset.source, dataset.target, margin=cfg.model.source_margin, seed=t.seed)
 
-    batches = None
+    loader, batches = data_loader(dataset, sampler, t, dist.device), None
     tick, tick_step = time.perf_counter(), step
     with logs:
         while step < total_steps:
             epoch, batch = divmod(step, steps_per_epoch)
             if batches is None:  # a new epoch, or the middle of one after a resume
                 sampler.set_position(epoch, batch)
-                batches = iter(data_loader(dataset, sampler, t, dist.device))
+                batches = iter(loader)
             y_s, x_t = next(batches)
 
             # the preemption request is agreed on in the step's one flag all-reduce (udean/steps.py)
@@ -359,8 +363,9 @@ def _loop(cfg: Config, dist, preempt) -> int:
                     if scores[by] > best.get("value", best["psnr"]):
                         best = {"by": by, "value": scores[by], "psnr": scores["psnr"], "ssim": scores["ssim"],
                                 "lr_psnr": scores["lr_psnr"], "step": step, "epoch": epoch}
+                        weights = engines.inference_weights()  # collective: every rank has the same scores
                         if dist.is_main:
-                            checkpoint.save_best(out, inference_state_dict(engines.generator), best, cfg)
+                            checkpoint.save_best(out, weights, best, cfg)
                         logs.event(step, "best", **{k: best[k] for k in ("by", "psnr", "ssim", "lr_psnr")})
 
             stop = result.stop
@@ -372,9 +377,11 @@ def _loop(cfg: Config, dist, preempt) -> int:
                              "to be requeued")
                 logs.event(step, "preempted", signal=name)
                 return REQUEUE_EXIT_CODE
-    if dist.is_main and best["step"] < 0:  # no validation ran: best/ is the last weights, said so
-        checkpoint.save_best(out, inference_state_dict(engines.generator),
-                             {"by": "none: no validation ran, these are the last weights", "step": step}, cfg)
+    if best["step"] < 0:  # no validation ran: best/ is the last weights, said so
+        weights = engines.inference_weights()  # collective
+        if dist.is_main:
+            checkpoint.save_best(out, weights, {"by": "none: no validation ran, these are the last weights",
+                                                "step": step}, cfg)
     if dist.is_main:
         logs.message(f"done: {step} steps; best val {best['by'] if 'by' in best else 'psnr'} "
                      f"{best.get('value', best['psnr']):.3f} dB at step {best['step']}"
