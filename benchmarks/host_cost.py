@@ -223,15 +223,15 @@ def config(precision: str, zero: int, args):
 
     size = SMOKE if args.smoke else [] if args.paper_size else NARROW
     return load("recommended", size + [f"train.precision={precision}", f"train.zero_stage={zero}",
-                                       f"train.batch_size={args.batch}"])
+                                       f"train.batch_size={args.batch}", f"train.compile={args.compile}"])
 
 
-def batch(cfg, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(cfg, n: int, device: torch.device, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A source HR batch with the model's margin of context and a target LR batch, on the host
     (pinned with CUDA), as the DataLoader hands them to the step."""
     s, (h, w) = cfg.data.patches.slab, cfg.data.patches.lr_size
     m0, m1 = cfg.model.source_margin
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     y_s = torch.rand(n, 2 * (s + 2 * m0), 2 * (h + 2 * m1), 2 * (w + 2 * m1), generator=g)
     x_t = torch.rand(n, s, h, w, generator=g)
     return (y_s.pin_memory(), x_t.pin_memory()) if device.type == "cuda" else (y_s, x_t)
@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model (seconds)")
     p.add_argument("--paper-size", action="store_true", help="the paper's width and 64x64 LR patches (a GPU)")
     p.add_argument("--batch", type=int, default=None, help="default 8 with --paper-size, else 2")
+    p.add_argument("--compile", action="store_true",
+                   help="train.compile: torch.compile of the networks (minutes of compilation first)")
     p.add_argument("--warmup", type=int, default=2, help="steps before the counted one")
     p.add_argument("--steps", type=int, default=20, help="timed steps (CUDA only)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/host_cost_<cpu|gpu>.json)")
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sessions"] = {k: v for k, v in previous.get("sessions", {}).items() if k != args.label}
     result["sessions"][args.label] = {"date": prov["date"], "command": prov["command"], "git_commit": prov["git_commit"],
                                       "git_dirty": prov["git_dirty"], "loadavg": prov["loadavg"],
-                                      "device": str(dist.device), "batch": args.batch,
+                                      "device": str(dist.device), "batch": args.batch, "compile": args.compile,
                                       "size": "smoke" if args.smoke else "paper" if args.paper_size else "narrow"}
     try:
         for precision, zero in SETUPS:

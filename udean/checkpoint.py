@@ -59,10 +59,11 @@ TAG = "ds"  # DeepSpeed's tag inside G/ and D/
 SR_FP32 = "sr_fp32.pt"  # in a checkpoint: the SR network's float32 master weights
 NAME = re.compile(r"^step_(\d{8,})$")
 # config keys that cannot change the trained state (paths, logging, checkpoint cadence, loader
-# processes, validation, which only picks best/, the collective backend, inference settings):
-# a resume may change them; every other key must be the one the run was started with
+# processes, validation, which only picks best/, the collective backend, compiled or eager
+# kernels, inference settings): a resume may change them; every other key must be the one the
+# run was started with
 FREE_KEYS = ("train.out", "train.log_every", "train.num_workers", "train.checkpoint_every", "train.keep_last",
-             "train.val_every", "train.val_subjects", "train.max_nonfinite", "train.backend",
+             "train.val_every", "train.val_subjects", "train.max_nonfinite", "train.backend", "train.compile",
              "data.out", "data.root", "infer")
 
 

@@ -221,6 +221,9 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
         engines.append((engine, keep_fp32(engine, islands) if cfg.train.precision != "fp32" else None))
     (g, refresh), (d, d_refresh) = engines
     assert d_refresh is None, "the discriminators have no float32 islands"
+    if cfg.train.compile:  # each network's forward, where the step calls it (the losses call each D)
+        for module in (generator, *discriminators.children()):
+            module.compile()
     return Engines(g=g, d=d, dtype=PRECISION_DTYPE[cfg.train.precision], refresh=refresh)
 
 
