@@ -26,8 +26,9 @@ so it tracks which tensors a GPU run would hold on the host: module-level tensor
 computed at import), tensors made from Python values alone without a `device` argument
 (`torch.tensor(...)`, `torch.arange(n)`, a scalar written by indexing), and whatever is computed
 from those alone. A copy from such a tensor with an explicit device (`.to(x)`, `.to(device)`) or
-into a tensor that is not one is a write. torch.optim's reads of its step counters are left out:
-torch keeps them on the host on a GPU too (`device_syncs`). On a logging step `StepResult.scalars`
+into a tensor that is not one, and `torch.tensor(..., device=...)`, is a write. torch.optim's
+reads and writes of its step counters are left out of `syncs`: torch keeps them on the host on a
+GPU too (`device_syncs`). On a logging step `StepResult.scalars`
 adds one read; a CPU run cannot see it (`.tolist()` of a CPU tensor dispatches nothing).
 
 With CUDA it also times `--steps` steps and reports the GPU idle share: 1 - (device time of the
@@ -87,19 +88,39 @@ def _tensors(*trees) -> list[torch.Tensor]:
     return [t for t in tree_flatten(trees)[0] if isinstance(t, torch.Tensor)]
 
 
-class _HostBorn(TorchFunctionMode):
-    """CPU-only runs: tags tensors made from Python values alone without a `device` argument."""
+def _names_device(args, kwargs) -> bool:
+    """Whether `Tensor.to(*args, **kwargs)` says where to (a device, a name, an index or a tensor)."""
+    return kwargs.get("device") is not None or any(
+        isinstance(a, (torch.device, str, torch.Tensor)) or (isinstance(a, int) and not isinstance(a, bool))
+        for a in args)
 
-    def __init__(self, host: WeakIdKeyDictionary):
+
+class _HostBorn(TorchFunctionMode):
+    """CPU-only runs (`HostCost.emulate`): tags the tensors a GPU run would hold on the host, and
+    counts the copies from them (and from the batch) to the device that `.to` asks for, which
+    on a CPU return the tensor itself and dispatch nothing."""
+
+    def __init__(self, cost: "HostCost"):
         super().__init__()
-        self.host = host
+        self.cost = cost
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        host = self.cost.host
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        moved = func is torch.Tensor.to and src is not None and (src in host or src in self.cost.inputs) and \
+            _names_device(args[1:], kwargs)
+        if moved:
+            self.cost.write(src, bool(kwargs.get("non_blocking") or any(a is True for a in args[1:])))
+        elif func in (torch.tensor, torch.as_tensor, torch.asarray) and kwargs.get("device") is not None:
+            self.cost.write(None, False)  # Python / NumPy values copied to the device
         out = func(*args, **kwargs)
-        if kwargs.get("device") is None and not _tensors(args, kwargs):
-            for t in _tensors(out):
-                self.host[t] = True
+        if moved:
+            out = out.view_as(out) if out is src else out  # on a GPU a new tensor, not the host one
+            host.pop(out, None)
+        elif kwargs.get("device") is None and not _tensors(args, kwargs):
+            for t in _tensors(out):  # made from Python values alone, where no device was named
+                host[t] = True
         return out
 
 
@@ -120,7 +141,7 @@ class HostCost(TorchDispatchMode):
         self.emulate = not torch.cuda.is_available()
         self.host = WeakIdKeyDictionary()
         self.inputs = WeakIdKeyDictionary({t: True for t in inputs})
-        self._born = _HostBorn(self.host)
+        self._born = _HostBorn(self)
         if self.emulate:  # module-level tensors: made at import, on the host
             for module in list(sys.modules.values()):
                 for value in list(getattr(module, "__dict__", {}).values()):
@@ -141,8 +162,9 @@ class HostCost(TorchDispatchMode):
     def on_host(self, t: torch.Tensor) -> bool:
         return t.device.type == "cpu" and (not self.emulate or t in self.host)
 
-    def _write(self, src: torch.Tensor, non_blocking: bool) -> None:
-        if src in self.inputs and (non_blocking and (self.emulate or src.is_pinned())):
+    def write(self, src: torch.Tensor | None, non_blocking: bool) -> None:
+        """A copy from host memory (`src`, None: Python values) onto the device."""
+        if src is not None and src in self.inputs and non_blocking and (self.emulate or src.is_pinned()):
             self.input_copies += 1
         else:
             self.writes[origin()] += 1
@@ -150,27 +172,25 @@ class HostCost(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops[self.phase] += 1
-        moved = False  # a host tensor copied to the device: the result is not on the host
         if func is _ATEN._local_scalar_dense.default:
             if not self.on_host(args[0]):
                 self.reads[origin()] += 1
-        elif func is _ATEN._to_copy.default:
+        elif func is _ATEN._to_copy.default:  # (emulated: `.to` is counted where it is called, _HostBorn)
             src, device = args[0], kwargs.get("device")
             if device is not None and torch.device(device).type == "cpu" and src.device.type != "cpu":
                 self.reads[origin()] += 1
-            elif device is not None and self.on_host(src) and (self.emulate or torch.device(device).type != "cpu"):
-                self._write(src, bool(kwargs.get("non_blocking")))
-                moved = True
+            elif device is not None and src.device.type == "cpu" and torch.device(device).type != "cpu":
+                self.write(src, bool(kwargs.get("non_blocking")))
         elif func is _ATEN.copy_.default:
             dst, src = args[0], args[1]
             if dst.device.type == "cpu" and src.device.type != "cpu":
                 self.reads[origin()] += 1
             elif self.on_host(src) and not self.on_host(dst):
-                self._write(src, bool(args[2] if len(args) > 2 else kwargs.get("non_blocking")))
+                self.write(src, bool(args[2] if len(args) > 2 else kwargs.get("non_blocking")))
         elif func.namespace == "c10d":
             self.collectives[origin()] += 1
         out = func(*args, **kwargs)
-        if self.emulate and not moved and func is not _ATEN.copy_.default:
+        if self.emulate and func is not _ATEN.copy_.default:
             ins = _tensors(args, kwargs)
             if func in (_ATEN.lift_fresh.default, _ATEN.lift_fresh_copy.default) or (ins and all(
                     t in self.host for t in ins)):
