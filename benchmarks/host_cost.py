@@ -116,7 +116,10 @@ class _HostBorn(TorchFunctionMode):
             self.cost.write(None, False)  # Python / NumPy values copied to the device
         out = func(*args, **kwargs)
         if moved:
-            out = out.view_as(out) if out is src else out  # on a GPU a new tensor, not the host one
+            if out is src:  # on a GPU a new tensor, not the host one: an alias, not counted as an op
+                self.cost.quiet = True
+                out = out.view_as(out)
+                self.cost.quiet = False
             host.pop(out, None)
         elif kwargs.get("device") is None and not _tensors(args, kwargs):
             for t in _tensors(out):  # made from Python values alone, where no device was named
@@ -138,6 +141,7 @@ class HostCost(TorchDispatchMode):
         self.collectives: collections.Counter = collections.Counter()
         self.input_copies = 0
         self.phase = PHASES[0]
+        self.quiet = False  # the emulation's own ops
         self.emulate = not torch.cuda.is_available()
         self.host = WeakIdKeyDictionary()
         self.inputs = WeakIdKeyDictionary({t: True for t in inputs})
@@ -171,6 +175,8 @@ class HostCost(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.quiet:
+            return func(*args, **kwargs)
         self.ops[self.phase] += 1
         if func is _ATEN._local_scalar_dense.default:
             if not self.on_host(args[0]):
@@ -243,7 +249,7 @@ def config(precision: str, zero: int, args):
 
     size = SMOKE if args.smoke else [] if args.paper_size else NARROW
     return load("recommended", size + [f"train.precision={precision}", f"train.zero_stage={zero}",
-                                       f"train.batch_size={args.batch}", f"train.compile={args.compile}"])
+                                       f"train.batch_size={args.batch}"])
 
 
 def batch(cfg, n: int, device: torch.device, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,13 +319,18 @@ def chart(path: Path, result: dict) -> Path | None:
     rows = result["rows"]
     labels = [f"{r['label']}: {r['precision']} ZeRO {r['zero_stage']}" for r in rows]
     colors = ["C2" if r["label"] != "before" else "C3" for r in rows]
-    panels = [{"title": "dispatched ops per non-logging step", "xlabel": "ops", "labels": labels,
-               "values": [r["ops"] for r in rows], "colors": colors, "ref": (TARGETS["ops"], "target"),
+
+    def device(counts: dict) -> int:  # torch.optim's host-side step counters aside, as `syncs`
+        return sum(n for o, n in counts.items() if o != "torch.optim")
+
+    panels = [{"title": "ops per step: in / fwd / loss / G bwd / G step / D bwd / D step", "xlabel": "ops",
+               "labels": labels, "values": [r["ops"] for r in rows], "colors": colors,
+               "ref": (TARGETS["ops"], "target"),
                "notes": [" / ".join(str(r["ops_by_phase"][p]) for p in PHASES) for r in rows]},
-              {"title": "host syncs per step, both ways (ours)", "xlabel": "syncs", "labels": labels,
+              {"title": "host syncs per step, both ways (ours in brackets)", "xlabel": "syncs", "labels": labels,
                "values": [r["syncs"] for r in rows], "colors": colors, "ref": (TARGETS["syncs_all"], "target"),
-               "notes": [f"{r['syncs']} ({r['syncs_ours']}): {sum(r['reads_by_origin'].values())} reads, "
-                         f"{sum(r['writes_by_origin'].values())} writes" for r in rows]}]
+               "notes": [f"{r['syncs']} ({r['syncs_ours']}): {device(r['reads_by_origin'])} reads, "
+                         f"{device(r['writes_by_origin'])} writes" for r in rows]}]
     timed = [r for r in rows if "timing" in r]
     if timed:
         panels.append({"title": "ms per step (GPU idle share)", "xlabel": "ms", "colors": None,
@@ -327,9 +338,8 @@ def chart(path: Path, result: dict) -> Path | None:
                        "values": [1e3 * r["timing"]["step_s_median"] for r in timed],
                        "notes": [f"idle {100 * r['timing']['gpu_idle_share']:.0f}%" for r in timed]})
     m = result["provenance"]["machine"]
-    where = m["gpu"]["name"] if m.get("gpu") else f"CPU {m['cpu']} ({m['cores']} cores)"
-    return bar_chart(path, panels, title=f"host cost of one train_step, recommended recipe at the paper's depth "
-                                         f"(ops per phase: {' / '.join(PHASES)}), {where}"
+    where = m["gpu"]["name"] if m.get("gpu") else f"CPU ({m['cores']} cores)"
+    return bar_chart(path, panels, title=f"train_step host cost, recommended recipe at the paper's depth, {where}"
                                          f"{' - SMOKE' if result['smoke'] else ''}", ncols=1)
 
 
@@ -339,8 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model (seconds)")
     p.add_argument("--paper-size", action="store_true", help="the paper's width and 64x64 LR patches (a GPU)")
     p.add_argument("--batch", type=int, default=None, help="default 8 with --paper-size, else 2")
-    p.add_argument("--compile", action="store_true",
-                   help="train.compile: torch.compile of the networks (minutes of compilation first)")
     p.add_argument("--warmup", type=int, default=2, help="steps before the counted one")
     p.add_argument("--steps", type=int, default=20, help="timed steps (CUDA only)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/host_cost_<cpu|gpu>.json)")
@@ -360,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sessions"] = {k: v for k, v in previous.get("sessions", {}).items() if k != args.label}
     result["sessions"][args.label] = {"date": prov["date"], "command": prov["command"], "git_commit": prov["git_commit"],
                                       "git_dirty": prov["git_dirty"], "loadavg": prov["loadavg"],
-                                      "device": str(dist.device), "batch": args.batch, "compile": args.compile,
+                                      "device": str(dist.device), "batch": args.batch,
                                       "size": "smoke" if args.smoke else "paper" if args.paper_size else "narrow"}
     try:
         for precision, zero in SETUPS:

@@ -179,10 +179,10 @@ class TrainConfig(Section):
     # torch.backends.cudnn.benchmark during training (fixed patch shapes: cuDNN times its kernels
     # once and keeps the fastest); null: on, except with `deterministic`
     cudnn_benchmark: bool | None = Field(None, validate_default=True)
-    # ours: torch.compile of every network's forward (the generator, each discriminator): fewer
-    # host-dispatched ops per step where eager dispatch bounds a GPU (benchmarks/host_cost.py
-    # --compile, docs/performance.md "Host cost"); off until a GPU run shows it helps: compiling
-    # takes minutes at the start of every run
+    # ours: torch.compile of every network's forward (the generator, each discriminator): less
+    # host work per step where eager dispatch bounds a GPU (docs/performance.md, host_cost.py;
+    # benchmarks/train_step.py bf16+compile times it); off until a GPU run shows it helps:
+    # compiling takes minutes at the start of every run
     compile: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 

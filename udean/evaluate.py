@@ -264,7 +264,7 @@ class Evaluator:
     """Scores `methods` (name -> f(volume) -> prediction of the HR grid; the first is the table's
     first row) on paired volumes: the whole volume and the head (`ALWAYS`) and any `regions`
     more (keys of REGIONS), SSIM `window`, computed on `device` (validation: the training
-    device; SSIM of a 320x320x256 volume took ~27 s on 2 CPU cores)."""
+    device, not the CPU: SSIM of a whole volume is seconds of CPU time)."""
 
     def __init__(self, methods: dict[str, Method], *, regions: Sequence[str] = (), window: int = 7,
                  device: str | torch.device = "cpu"):
