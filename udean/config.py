@@ -110,18 +110,12 @@ class LossConfig(Section):
     # match sharpened X_{s~t} where the source HR was smoother than the target's anatomy, and the SR
     # learned to blur (docs/quality.md "Real anatomy"); 0: off
     lambda_bound: float = Field(0.0, ge=0.0)
-    # ours, not the paper's: weight of the target cycle (losses.generator_loss "t_cyc"): the SR of X_t,
-    # degraded again by the learned degradation, must come back to it. The SR also learns on the
-    # target's own anatomy (skull, scalp, contrast) where the source HR shows another; 0: off
-    lambda_target_cycle: float = Field(0.0, ge=0.0)
 
     @model_serializer(mode="wrap")
-    def _without_unset_new(self, handler):
-        d = handler(self)  # runs made before these keys existed keep the config (and resume) they had
-        if isinstance(d, dict):
-            for k in ("lambda_bound", "lambda_target_cycle"):
-                if not getattr(self, k):
-                    d.pop(k, None)
+    def _without_unset_bound(self, handler):
+        d = handler(self)  # runs made before the key existed keep the config (and resume) they had
+        if isinstance(d, dict) and not self.lambda_bound:
+            d.pop("lambda_bound", None)
         return d
 
     @model_validator(mode="after")

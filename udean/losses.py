@@ -24,9 +24,6 @@ Choices where the paper is open (also in LossConfig / ModelConfig):
   `lambda_spectrum` adds `spectrum_loss` (X_{s~t}'s log power spectrum against X_t's; not
   warmed up: with `model.cycle_detach` it only moves the degradation network).
   `lambda_noise` adds `noise_loss` (X_{s~t}'s noise level against X_t's; not warmed up either).
-  `lambda_target_cycle` adds the target cycle: L1 + alpha L_SSIM of SR(degrade(SR(X_t))) against
-  SR(X_t) (no gradient into the target, nor into the degradation): the SR trained on the target's
-  own anatomy too, at its own current quality (out["y_tst"], out["y_t"]).
   `lambda_bound` adds the learned blur's amplification (`LearnedBlur.excess`, in `out` as
   "blur_excess" when the generator has a physics degradation): no frequency above 1.
 """
@@ -52,8 +49,7 @@ def active_terms(cfg) -> tuple[str, ...]:
 def forward_args(cfg) -> dict:
     """The keyword arguments of `Generator.forward` for this loss: the outputs its active terms
     read, and the sigma branch when `lambda_noise` is on."""
-    outputs = ({o for k in active_terms(cfg) for o in NEEDS[k]} | ({"blur_excess"} if cfg.lambda_bound else set())
-               | ({"y_tst"} if cfg.lambda_target_cycle else set()))
+    outputs = {o for k in active_terms(cfg) for o in NEEDS[k]} | ({"blur_excess"} if cfg.lambda_bound else set())
     return {"outputs": sorted(outputs), "sigma_branch": bool(cfg.lambda_noise)}
 
 
@@ -164,9 +160,6 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
     if cfg.lambda_noise:
         t["noise"] = noise_loss(out.get("x_st_sigma", out["x_st"]), x_t)
         total = total + cfg.lambda_noise * t["noise"]
-    if cfg.lambda_target_cycle:  # ours: the SR on target anatomy, X_t's SR degraded again as its input
-        t["t_cyc"] = _image_term(out["y_tst"], out["y_t"], None, cfg, t, "t_cyc")
-        total = total + cfg.lambda_target_cycle * t["t_cyc"]
     if cfg.lambda_bound and "blur_excess" in out:
         t["bound"] = out["blur_excess"]
         total = total + cfg.lambda_bound * t["bound"]

@@ -124,10 +124,8 @@ class Generator(nn.Module):
         f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
         y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images. `outputs`: only these (and x_st, always),
         skipping the networks nothing asked for (`losses.forward_args`: a term weighted 0 costs
-        nothing); None: all of `OUTPUTS` (and, only when asked for, "blur_excess", the learned
-        blur's amplification: `loss.lambda_bound`; "y_tst", the target cycle: the SR of X_t
-        degraded again by X_{s~t}'s degradation, with its fixed target "y_t", the SR of X_t
-        without gradient: `loss.lambda_target_cycle`). With `source_margin`, also y_s: the centre of the source patch, the
+        nothing); None: all of `OUTPUTS` (and "blur_excess", the learned blur's amplification, only
+        when asked for: `loss.lambda_bound`). With `source_margin`, also y_s: the centre of the source patch, the
         Y_s every loss compares with; with `sigma_branch` (and the noise layer), also x_st_sigma:
         X_{s~t} with its noise-free part detached and its own noise draw, whose only gradient is
         into sigma (`losses.noise_loss`; off, the RNG stream is unchanged).
@@ -161,11 +159,6 @@ class Generator(nn.Module):
             if "y_sts" in want:
                 y = self.sr_decoder(f_sts)
                 out["y_sts"] = y + upsample2(x_in) if self.image_skip else y
-        if "y_tst" in want:  # the target cycle (loss.lambda_target_cycle): X_t -> SR -> degraded again -> SR
-            with torch.no_grad():  # the pseudo-HR: the SR of the target patch, a fixed target here
-                y_t = out["y_t"] = self.sr(x_t)
-                x_tst = self.degrade(y_t)
-            out["y_tst"] = self.sr(x_tst)
         if want & {"f_t", "x_hat_t"}:
             f_t = self.lr_encoder(x_t)
             if "f_t" in want:
