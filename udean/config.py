@@ -144,9 +144,6 @@ class TrainConfig(Section):
     # a higher lr than these tolerate (docs/quality.md "Real anatomy")
     lr_degradation: float | None = Field(None, gt=0.0)
     lr_discriminator: float | None = Field(None, gt=0.0)
-    # ours: the first `warmup` fraction of the steps raise every lr linearly to its value (0: none,
-    # the paper's plain cosine decay)
-    warmup: float = Field(0.0, ge=0.0, le=0.5)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0.0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -185,8 +182,8 @@ class TrainConfig(Section):
     def _without_unset_lrs(self, handler):
         d = handler(self)  # runs made before these keys existed keep the config (and resume) they had
         if isinstance(d, dict):
-            for k in ("lr_degradation", "lr_discriminator", "warmup"):
-                if getattr(self, k) == TrainConfig.model_fields[k].default:
+            for k in ("lr_degradation", "lr_discriminator"):
+                if getattr(self, k) is None:
                     d.pop(k, None)
         return d
 
