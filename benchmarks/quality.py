@@ -343,7 +343,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="trailing key.sub=value arguments override the config (udean config tree)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="reduced")
-    p.add_argument("--out", default=None, help="work folder (cohort, data, runs); default quality_out/<protocol>")
+    p.add_argument("--out", default=None, help="work folder (cohort, data, runs); default quality_out/<protocol>_<anatomy>")
     p.add_argument("--results", default=str(RESULTS), help="where the tables and figures go")
     p.add_argument("--tag", default=None, help="file tag: quality_<tag>.*; default the protocol")
     p.add_argument("--root", default=None, help="HCP root instead of a synthetic cohort (required for paper)")
