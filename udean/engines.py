@@ -91,16 +91,23 @@ def check_precision(precision: str) -> None:
                          f"supports {', '.join(ok)}; set train.precision={'bf16' if 'bf16' in ok else 'fp32'}")
 
 
-def cosine_lr_factor(step: int, total_steps: int, lr: float, lr_min: float) -> float:
+def cosine_lr_factor(step: int, total_steps: int, lr: float, lr_min: float, warmup: float = 0.0) -> float:
     """Multiplier of the base lr at optimizer step `step`: cosine from lr to lr_min over
-    `total_steps`, then flat at lr_min (paper, II-D: 1e-4 -> 1e-8)."""
+    `total_steps`, then flat at lr_min (paper, II-D: 1e-4 -> 1e-8); with `warmup` > 0 (ours,
+    `train.warmup`), the first `warmup` fraction of the steps also rises linearly from 1 / n to 1:
+    a zero-initialised residual at a high lr otherwise jumps far from its start in the first
+    steps and did not come back (docs/quality.md "Real anatomy")."""
     t = min(step, total_steps) / max(total_steps, 1)
-    return (lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))) / lr
+    factor = (lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))) / lr
+    n = int(round(warmup * total_steps))
+    return factor * min(1.0, (step + 1) / n) if n > 0 else factor
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """`train.lr` -> `train.lr_min` over `total_steps` optimizer steps (`cosine_lr_factor`)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(s, total_steps, train.lr, train.lr_min))
+    """`train.lr` -> `train.lr_min` over `total_steps` optimizer steps (`cosine_lr_factor`, with
+    `train.warmup`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr_factor(s, total_steps, train.lr, train.lr_min, train.warmup))
 
 
 def _weights_only_checkpoint_engine(ds_config: Any):
@@ -169,13 +176,31 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
         # one dict per engine: DeepSpeed keeps the dict it is given, and before 0.19.1 popped
         # `torch_adam` out of it, so a shared dict gave the second engine FusedAdam
         engine, *_ = deepspeed.initialize(
-            args=ds_args, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+            args=ds_args, model=module, model_parameters=param_groups(module, cfg.train, module is discriminators),
             config=copy.deepcopy(ds), lr_scheduler=lambda opt: cosine_schedule(opt, cfg.train, total_steps),
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
         _cast_buffers(engine.module, PRECISION_DTYPE[cfg.train.precision])
         engines.append(engine)
     return Engines(g=engines[0], d=engines[1], dtype=PRECISION_DTYPE[cfg.train.precision])
+
+
+def param_groups(module: nn.Module, train: TrainConfig, discriminator: bool = False) -> list[dict]:
+    """The optimizer's parameter groups of one engine: every trainable parameter at `train.lr`,
+    except the discriminators' at `train.lr_discriminator` and the physics degradation's (the
+    generator's `blur` and `noise` modules) at `train.lr_degradation`, where those are set. The
+    cosine schedule scales every group's lr alike."""
+    own = train.lr_discriminator if discriminator else train.lr_degradation
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    special = [p for n, p in params if discriminator or n.split(".", 1)[0] in DEGRADATION_PARTS]
+    if own is None or not special:
+        return [{"params": [p for _, p in params]}]
+    ids = {id(p) for p in special}
+    rest = [p for _, p in params if id(p) not in ids]
+    return ([{"params": rest}] if rest else []) + [{"params": special, "lr": own}]
+
+
+DEGRADATION_PARTS = ("blur", "noise")  # the Generator's physics degradation (models/degradation.py)
 
 
 def _cast_buffers(module: nn.Module, dtype: torch.dtype) -> None:

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 if __name__ == "__main__":  # run by torchrun as a script: make `tests` and `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -87,6 +89,23 @@ def worker(out: str) -> None:
             "our_collectives": sum(n for o, n in counted.collectives.items() if o in ("udean", "hpc")),
         }
         del engines, g, d
+    # learning rates of their own for the degradation and the discriminators (train.lr_degradation,
+    # lr_discriminator): the groups reach the optimizer DeepSpeed wraps, and the schedule scales them alike
+    for precision, zero in (("bf16", 1), ("fp32", 0)):
+        cfg = load("recommended", TINY + [f"train.precision={precision}", f"train.zero_stage={zero}", "train.lr=3e-3",
+                                          "train.lr_degradation=1e-3", "train.lr_discriminator=2e-3",
+                                          "model.source_margin=[0,0]"])
+        gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+        engines = build_engines(cfg, gen, discs, total_steps=4, device=dist.device)
+        y = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
+        x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        lrs = [[[pg["lr"] for pg in e.optimizer.param_groups] for e in (engines.g, engines.d)]]
+        blur = gen.blur.plane.detach().float().clone()
+        for _ in range(2):
+            train_step(engines, y, x, cfg.loss, dist)
+        lrs.append([[pg["lr"] for pg in e.optimizer.param_groups] for e in (engines.g, engines.d)])
+        seen[f"groups {precision}/{zero}"] = {"lrs": lrs, "blur_moved": not torch.equal(blur, gen.blur.plane.float())}
+        del engines
     Path(out, f"rank{dist.rank}.json").write_text(json.dumps(seen))
     dist.shutdown()
 
@@ -96,7 +115,15 @@ def test_every_tested_precision_and_zero_stage_steps_and_the_step_agrees_on_its_
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        groups = {k: seen.pop(k) for k in list(seen) if k.startswith("groups")}
+        assert set(groups) == {"groups bf16/1", "groups fp32/0"}, groups
         assert set(seen) == {f"{p}/{z}" for p, z in COMBOS}
+        for combo, s in groups.items():
+            (g0, d0), (g2, d2) = s["lrs"]
+            assert g0 == pytest.approx([3e-3, 1e-3]) and d0 == pytest.approx([2e-3]), (combo, s)
+            # cosine over 4 steps, at step 2: every group at the same fraction of its own lr
+            assert [a / b for a, b in zip(g2 + d2, g0 + d0)] == pytest.approx([g2[0] / g0[0]] * 3) and g2[0] < g0[0]
+            assert s["blur_moved"], combo  # the degradation's group is trained
         for combo, s in seen.items():
             where = f"rank {rank}, {combo}: {s}"
             if "refused" in s:  # a precision this machine's accelerator cannot run: refused by us as by DeepSpeed
