@@ -279,7 +279,8 @@ def test_blur_excess_is_zero_for_physical_blurs_and_its_gradient_removes_amplifi
     plane, _, _ = blur.kernels()
     assert plane.min() >= -1e-7 and blur.excess().item() == 0.0
     h = np.abs(np.fft.fft2(plane.detach().numpy(), s=(32, 32)))  # ... and attenuates: the prior's deficit
-    assert blur.deficit().item() == pytest.approx((np.maximum(1 - h, 0) ** 2).mean(), rel=1e-5) > 0.05
+    assert blur.deficit().item() == pytest.approx((np.maximum(1 - h, 0) ** 2).mean(), rel=1e-5)
+    assert blur.deficit().item() > 0.05
     with torch.no_grad():  # an unsharp mask: centre 1.8, four neighbours -0.2: amplifies up to 2.6x
         blur.plane.fill_(0.0)
         blur.plane[2, 2] = 0.8 / GAIN
