@@ -38,7 +38,7 @@ INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
 OUTPUTS = ("f_s", "x_st", "f_sts", "y_sts", "y_hat_s", "f_t", "x_hat_t")  # Generator.forward's, by default all
 # the networks each output reads besides the degradation (physics: blur and noise; the paper's
 # decoder: down_extractor, lr_decoder)
-READS = {"f_s": ("down_extractor",), "x_st": (), "blur_excess": (), "f_sts": ("lr_encoder",), "y_sts": ("lr_encoder", "sr_decoder"),
+READS = {"f_s": ("down_extractor",), "x_st": (), "blur_excess": (), "blur_deficit": (), "f_sts": ("lr_encoder",), "y_sts": ("lr_encoder", "sr_decoder"),
          "y_hat_s": ("down_extractor", "sr_decoder"), "f_t": ("lr_encoder",), "x_hat_t": ("lr_encoder", "lr_decoder")}
 DISCRIMINATORS = ("d_lr", "d_feat", "d_hr")
 
