@@ -347,10 +347,11 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 logs.train(step, epoch, {**result.scalars(), "lr": engines.lr(), "patches_per_s": rate,
                                          "skipped": float(result.skipped)})
 
+            # float32 in, as in the step: the degradation stays float32, the networks cast it
             if probe is not None and t.fidelity_every and (step % t.fidelity_every == 0 or step in (1, total_steps)):
-                logs.fidelity(step, epoch, probe.measure(engines.generator, engines.dtype))
+                logs.fidelity(step, epoch, probe.measure(engines.generator))
             if probe is not None and t.image_every and (step % t.image_every == 0 or step == 1):
-                logs.images(step, probe.images(engines.generator, engines.dtype))
+                logs.images(step, probe.images(engines.generator))
 
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch:

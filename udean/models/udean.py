@@ -38,8 +38,9 @@ INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
 OUTPUTS = ("f_s", "x_st", "f_sts", "y_sts", "y_hat_s", "f_t", "x_hat_t")  # Generator.forward's, by default all
 # the networks each output reads besides the degradation (physics: blur and noise; the paper's
 # decoder: down_extractor, lr_decoder)
-READS = {"f_s": ("down_extractor",), "x_st": (), "blur_excess": (), "blur_deficit": (), "f_sts": ("lr_encoder",), "y_sts": ("lr_encoder", "sr_decoder"),
-         "y_hat_s": ("down_extractor", "sr_decoder"), "f_t": ("lr_encoder",), "x_hat_t": ("lr_encoder", "lr_decoder")}
+READS = {"f_s": ("down_extractor",), "x_st": (), "f_sts": ("lr_encoder",), "y_sts": ("lr_encoder", "sr_decoder"),
+         "y_hat_s": ("down_extractor", "sr_decoder"), "f_t": ("lr_encoder",), "x_hat_t": ("lr_encoder", "lr_decoder"),
+         "blur_excess": (), "blur_deficit": ()}
 DISCRIMINATORS = ("d_lr", "d_feat", "d_hr")
 
 
@@ -152,7 +153,8 @@ class Generator(nn.Module):
         f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
         y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images. `outputs`: only these (and x_st, always),
         skipping the networks nothing asked for (`losses.forward_args`: a term weighted 0 costs
-        nothing); None: all of `OUTPUTS` (and "blur_excess", the learned blur's amplification, only
+        nothing); None: all of `OUTPUTS` this Generator has the networks for (`built_outputs`;
+        a build for some outputs leaves the others' networks out) (and "blur_excess", the learned blur's amplification, only
         when asked for: `loss.lambda_bound`). With `source_margin`, also y_s: the centre of the source patch, the
         Y_s every loss compares with; with `sigma_branch` (and the noise layer), also x_st_sigma:
         X_{s~t} with its noise-free part detached and its own noise draw, whose only gradient is
