@@ -153,10 +153,10 @@ PROTOCOLS = {
     "tiny": Protocol("tiny", (64, 64, 48), (2, 2, 1, 2), ["data.patches.max_per_subject=12"], steps=6, batch=2,
                      width=8, seeds=1, mni_voxel_mm=3.0),
     # the CPU protocol: mni 156 x 192 x 166 at 1 mm (phantom 96x96x80 heads), the minimum budget
-    # (1000 steps x 8, demo width)
+    # (1000 steps x 8, the demo's width, 32)
     "cpu": Protocol("demo", (96, 96, 80), (6, 6, 1, 3), [
         "data.patches.lr_size=[32,32]", "data.patches.stride=[16,16]", "data.patches.slab_stride=1",
-        "data.patches.max_per_subject=96", "data.patches.min_foreground=0.3"]),
+        "data.patches.max_per_subject=96", "data.patches.min_foreground=0.3"], width=32),
 }
 
 
@@ -685,7 +685,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=None, help="training seeds of UDEAN, supervised, oracle (default 3)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per learned method (default 1000)")
     p.add_argument("--batch", type=int, default=None, help="patches per step (default 8)")
-    p.add_argument("--width", type=int, default=None, help="model.features of every network (default 16, the demo's)")
+    p.add_argument("--width", type=int, default=None, help="model.features of every network (default the protocol's: cpu 32, the demo's; tiny 8)")
     p.add_argument("--udean-config", default=None,
                    help="the UDEAN recipe, a config PATH or shipped name (default: the protocol's + the recommended recipe)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process with one thread")
