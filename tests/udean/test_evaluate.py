@@ -102,8 +102,8 @@ def test_bbox_region_scores_only_the_head():
     box = evaluate.bbox(v.mask, margin=0)
     assert v.mask[box].sum() == v.mask.sum()
     assert v.mask[box].size < v.mask.size
-    with pytest.raises(ValueError, match="region 'brain'"):
-        evaluate.Evaluator({}, regions=["brain"])
+    with pytest.raises(ValueError, match="region 'skull'"):
+        evaluate.Evaluator({}, regions=["skull"])
     hr = v.hr.copy()
     hr[:, :12] = hr[:, -12:] = 0  # a wide dark background beside the "head"
     v = dataclasses.replace(v, hr=hr, mask=(hr > 0.05).astype(np.uint8))
