@@ -37,10 +37,6 @@ QUICK = [
     "model.disc_features=8", "model.disc_blocks=1",
     "train.epochs=1", "train.steps_per_epoch=4", "train.batch_size=2", "train.checkpoint_every=4", "train.log_every=1",
 ]
-# The demo's schedule for 2 CPU cores (configs/demo.yaml, then these, then the user's overrides):
-# 1000 steps instead of 120. Measured (2026-12-01, `udean demo --fresh`, pf_noise target): 660 s
-# of training; UDEAN 24.58 dB / 0.7707, tricubic 24.30 dB / 0.7614 (README).
-DEMO = ["train.epochs=10", "train.steps_per_epoch=100", "train.checkpoint_every=100"]
 QUICK_SHAPE = (64, 64, 48)
 DEMO_SHAPE = (96, 96, 80)
 
@@ -95,7 +91,7 @@ def _run(args: argparse.Namespace, console) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     shape = tuple(args.shape or (QUICK_SHAPE if args.quick else DEMO_SHAPE))
-    overrides = (QUICK if args.quick else DEMO) + list(args.overrides) + [
+    overrides = (QUICK if args.quick else []) + list(args.overrides) + [
         f"data.root={out / 'cohort'}", "data.layout=hcp", f"data.out={out / 'data'}", f"train.out={out / 'run'}"]
     cfg = load(args.config or "demo", overrides)  # not args.cfg: the paths above must win
     if args.ranks < 1 or args.train_ranks < 1:
