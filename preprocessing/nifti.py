@@ -115,6 +115,17 @@ def read_canonical(path: str | os.PathLike, gzip_method: str = "isal") -> nib.sp
     return img
 
 
+def header_voxel(path: str | os.PathLike) -> np.ndarray | None:
+    """(3,) voxel sizes (mm) from the header alone (a .nii.gz is decoded only that far), for
+    planning; None when the header cannot be read: the scan then fails alone when it is loaded."""
+    try:
+        zooms = nib.load(str(path)).header.get_zooms()[:3]
+        z = np.asarray(zooms, dtype=np.float64)
+    except Exception:  # noqa: BLE001 - any unreadable file: its load says why, as one failed subject
+        return None
+    return z if z.shape == (3,) and np.all(np.isfinite(z)) and np.all(z > 0) else None
+
+
 def voxel_data(img, path) -> np.ndarray:
     """float32 voxels of `img`; ValueError naming `path` when unreadable or not finite."""
     try:

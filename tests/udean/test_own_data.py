@@ -69,8 +69,9 @@ def own(tmp_path_factory) -> Path:
     write_scan(root / "lr" / "dup.nii.gz", (24, 26, 22), 2.0, lr=True)
     nib.save(nib.Nifti1Image(np.ones((24, 26, 22, 2), np.int16), np.diag([2.0, 2, 2, 1])), str(root / "lr" / "l_4d.nii.gz"))
 
-    r = udean(["preprocess", "--config", "tiny", "--hr", "hr", "--lr", "lr", "--voxel-size", "1.0", "--out", "data",
-               "--no-progress"], root, ranks=2)
+    # no --voxel-size: the grid comes from the scans (1 mm HR, 2 mm LR; preprocessing/plan.py)
+    r = udean(["preprocess", "--config", "tiny", "--hr", "hr", "--lr", "lr", "--out", "data", "--no-progress"], root,
+              ranks=2)
     # failed subjects make the exit code 1 (docs/data-format.md "Commands"); the manifest says which
     assert r.returncode == 1 and f"{len(BAD)} of " in r.stderr and "subjects failed" in r.stderr, r.stderr[-3000:]
     (root / "preprocess.log").write_text(" ".join(r.stderr.split()))
@@ -83,6 +84,10 @@ def test_preprocess_by_role_every_bad_file_fails_alone_naming_it(own):
     m = load_manifest(own / "data")
     rows = {r.id: r for r in m.subjects}
     log = (own / "preprocess.log").read_text()
+    # the grid planned from the scans, said before any work; failures are not counted as processed
+    assert m.config["voxel_size_mm"] == 1.0 and m.config["own"]["grid"] == "planned"
+    assert "plan: HR grid 1 mm, LR grid 2 mm (planned from the 6 HR scans" in log
+    assert f"preprocess: 10 processed, 0 reused, {len(BAD)} failed" in log
     for sid, text in BAD.items():
         assert rows[sid].status == "failed" and text in rows[sid].error, rows[sid]
         assert rows[sid].input in rows[sid].error and not rows[sid].shards
