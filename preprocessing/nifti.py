@@ -138,10 +138,11 @@ def voxel_data(img, path) -> np.ndarray:
     return data
 
 
-def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal") -> Scan:
+def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal", clip: bool = True) -> Scan:
     """Load one scan and conform it to `spec`: checked (the errors of `load`; a voxel size off
     its role's grid by more than `spec.max_resample`), canonical (RAS+), resampled onto the
-    role's isotropic grid when off it, scaled to [0, 1]."""
+    role's isotropic grid when off it, scaled to [0, 1] (`clip=False`: scaled, values beyond
+    kept; inference, udean/infer.py). `record["value_range"]`: the input's minimum and maximum."""
     img = read_canonical(path, gzip_method)
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
     resample = geometry.check_voxels(path, zooms, spec.voxel_mm, spec.tolerance_mm, spec.max_resample, spec.role)
@@ -149,7 +150,8 @@ def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal"
     data = voxel_data(img, path)
     affine = np.asarray(img.affine, dtype=np.float64)
     canon_zooms = geometry.voxel_sizes(affine)  # of the input, in canonical axis order like its shape
-    record = {"input_voxel_mm": [round(float(z), 6) for z in canon_zooms], "input_shape": list(data.shape)}
+    record = {"input_voxel_mm": [round(float(z), 6) for z in canon_zooms], "input_shape": list(data.shape),
+              "value_range": [float(data.min()), float(data.max())]}
     if canon_zooms.max() > 1.2 * canon_zooms.min():  # thick slices: along which canonical axis
         record["thick_axis"] = int(np.argmax(canon_zooms))
     if resample:
@@ -159,7 +161,7 @@ def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal"
         scaling = intensity.fit(data, spec.intensity, spec.percentiles)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    intensity.apply(data, scaling)
+    intensity.apply(data, scaling, clip)
     record.update(voxel_mm=[round(float(z), 6) for z in geometry.voxel_sizes(affine)], shape=list(data.shape),
                   resampled=bool(resample), intensity=scaling.to_dict())
     return Scan(np.ascontiguousarray(data), affine, scaling, record)
