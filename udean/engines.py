@@ -90,6 +90,9 @@ def _weights_only_checkpoint_engine(ds_config: Any):
 
 def _allow_deepspeed_checkpoint_types() -> None:
     """DeepSpeed puts a few plain enums/containers in its checkpoints; allow exactly those."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     safe: list[Any] = []
     with contextlib.suppress(ImportError):
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -129,6 +132,9 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
 
     `ds_args`: `Dist.deepspeed_args()`, so DeepSpeed's own set_device picks our GPU (it
     otherwise uses LOCAL_RANK, wrong where each task sees one GPU)."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 

@@ -75,8 +75,9 @@ def own(tmp_path_factory) -> Path:
     # failed subjects make the exit code 1 (docs/data-format.md "Commands"); the manifest says which
     assert r.returncode == 1 and f"{len(BAD)} of " in r.stderr and "subjects failed" in r.stderr, r.stderr[-3000:]
     (root / "preprocess.log").write_text(" ".join(r.stderr.split()))
-    ok(udean(["train", "--config", "tiny", "data.out=data", "train.out=run", "train.epochs=2", "train.steps_per_epoch=2"],
-             root))
+    train = ok(udean(["train", "--config", "tiny", "data.out=data", "train.out=run", "train.epochs=2",
+                      "train.steps_per_epoch=2"], root))
+    (root / "train.log").write_text(train)
     return root
 
 
@@ -117,7 +118,19 @@ def test_training_validates_without_paired_hr_and_writes_best_and_last(own, caps
     assert len(val) == 2 and all(np.isfinite(v["lr_psnr"]) and np.isfinite(v["psnr"]) for v in val)
     assert all(v["volumes"] == 2 and v["hr_volumes"] == 1 for v in val)  # one synthetic pair, one LR-only
     best = json.loads((own / "run" / "best" / "best.json").read_text())
-    assert best["by"] == "psnr" and best["input"]["intensity"] == "percentile" and best["input"]["voxel_mm"] == 2.0
+    assert best["input"]["intensity"] == "percentile" and best["input"]["voxel_mm"] == 2.0
+    # the held-out pair's LR is k-space truncation, not the target's degradation: best/ is not chosen by
+    # its PSNR but by the held-out HR degraded with the model's own learned degradation, each step
+    # against the previous best rescored on that same LR; the run says so
+    assert best["by"] == "learned" and "learned degradation" in best["criterion"]
+    assert "best_learned_psnr" not in val[0] and all(np.isfinite(v["learned_psnr"]) for v in val)
+    chosen = val[0]["step"]
+    for v in val[1:]:
+        if v["learned_psnr"] > v["best_learned_psnr"]:
+            chosen = v["step"]
+    assert best["step"] == chosen and best["value"] == next(v["learned_psnr"] for v in val if v["step"] == chosen)
+    log = (own / "train.log").read_text()
+    assert "best/ is chosen by learned" in log and f"best/ is step {chosen}, chosen by learned" in log
     last = json.loads((own / "run" / "last" / "last.json").read_text())
     assert last["step"] == 4 and last["input"] == best["input"]
     # the evaluator's tables say where the LR came from
