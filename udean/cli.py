@@ -127,6 +127,9 @@ def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | No
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from hpc.threads import share_cores
+
+    share_cores()  # before torch loads: OpenMP threads that wait sleep instead of spinning (hpc/threads.py)
     if not sys.stdout.isatty() and not sys.stderr.isatty():
         # a log file or pipe (batch jobs, CI): rich would cut every table at 80 columns
         os.environ.setdefault("COLUMNS", str(LOG_COLUMNS))
