@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,21 +50,36 @@ def start(data: Path, out: Path, steps: int, mode: str, config: str, log) -> sub
 
 
 def train_rows(out: Path, warmup: int) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train" and r["step"] > warmup]
+    path = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = [r for r in rows if r["kind"] == "train"]
+    return [r for r in rows if r["step"] > warmup] or rows  # a run stopped early: what it did
 
 
-def measure(data: Path, work: Path, runs: int, steps: int, warmup: int, mode: str, config: str) -> dict[str, Any]:
-    """`runs` trainings started together -> each one's median steps/s over the rows logged while all ran."""
+def measure(data: Path, work: Path, runs: int, steps: int, warmup: int, mode: str, config: str,
+            timeout: float) -> dict[str, Any]:
+    """`runs` trainings started together -> each one's median steps/s over the rows logged while all
+    ran. Runs still going after `timeout` s (a collapse) are stopped and measured on what they did."""
     load_before = os.getloadavg()[0]
     outs = [work / f"{mode}_{runs}_{i}" for i in range(runs)]
+    for out in outs:
+        shutil.rmtree(out, ignore_errors=True)  # a run folder of an earlier call would be resumed
     t0 = time.perf_counter()
+    stopped = False
     with open(work / f"{mode}_{runs}.log", "a") as log:
         procs = [start(data, out, steps, mode, config, log) for out in outs]
-        codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"a training failed ({codes}): see {work / f'{mode}_{runs}.log'}")
+        for p in procs:
+            try:
+                p.wait(max(1.0, timeout - (time.perf_counter() - t0)))
+            except subprocess.TimeoutExpired:
+                stopped = True
+                p.kill()
+                p.wait()
+    if not stopped and any(p.returncode for p in procs):
+        raise RuntimeError(f"a training failed: see {work / f'{mode}_{runs}.log'}")
     rows = [train_rows(out, warmup) for out in outs]
+    if not all(rows):
+        raise RuntimeError(f"a run logged no step in {timeout:.0f} s: see {work / f'{mode}_{runs}.log'}")
     lo, hi = max(r[0]["time"] for r in rows), min(r[-1]["time"] for r in rows)  # all of them running
     rates = []
     for r in rows:
@@ -72,6 +88,7 @@ def measure(data: Path, work: Path, runs: int, steps: int, warmup: int, mode: st
     threads = next((line for line in (work / f"{mode}_{runs}.log").read_text().splitlines()
                     if line.startswith("threads:")), None)
     return {"mode": mode, "runs": runs, "patches_per_s": [round(x, 3) for x in rates],
+            "steps_done": [r[-1]["step"] for r in rows], "stopped_at_timeout": stopped,
             "wall_s": round(time.perf_counter() - t0, 1), "threads_line": threads,
             "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2)}
 
@@ -82,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--config", default="demo")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per measurement before its runs are stopped")
     p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 80])
     p.add_argument("--work", default=None, help="keep the data and runs here (default: a temp folder)")
     p.add_argument("--out", default=str(RESULTS / "concurrency_cpu.json"))
@@ -94,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work or tmp)
         data = make_data(work, tuple(args.shape))
         for mode in args.modes:
-            solo = measure(data, work, 1, args.steps, args.warmup, mode, args.config)
-            pair = measure(data, work, 2, args.steps, args.warmup, mode, args.config)
+            solo = measure(data, work, 1, args.steps, args.warmup, mode, args.config, args.timeout)
+            pair = measure(data, work, 2, args.steps, args.warmup, mode, args.config, args.timeout)
             base = solo["patches_per_s"][0]
             shares = [x / base for x in pair["patches_per_s"]]
             row = {"mode": mode, "solo_steps_per_s": round(base / batch, 3),

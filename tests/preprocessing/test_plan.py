@@ -100,3 +100,17 @@ def test_an_lr_folder_not_twice_the_hr_is_refused_before_any_work(scans, capsys)
 def test_a_refused_scan_is_told_how_to_be_allowed():
     with pytest.raises(ValueError, match=r"thick.nii: .*3.00x off the LR grid .*data.own.max_resample=3`"):
         geometry.check_voxels("thick.nii", [1.0, 1.0, 3.0], 1.0, 0.05, 1.5, "LR")
+
+
+def test_tables_in_a_log_are_not_cut_at_80_columns(scans):
+    """A batch log or pipe is no terminal: rich would cut every table at 80 columns there."""
+    import subprocess
+
+    from tests.conftest import BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([str(BIN / "udean"), "preprocess", "--config", "tiny", "--hr", "hr", "--lr", "lr", "--out",
+                          "data", "--plan"], cwd=scans, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if "h_aniso" in line)
+    assert "hr/h_aniso.nii.gz" in row and "resampled: 1 x 1 x 1.5 -> 1 mm" in row and len(row) > 80

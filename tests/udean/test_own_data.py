@@ -117,6 +117,7 @@ def test_training_validates_without_paired_hr_and_writes_best_and_last(own, caps
     val = [v for v in val if v.get("kind") == "val"]
     assert len(val) == 2 and all(np.isfinite(v["lr_psnr"]) and np.isfinite(v["psnr"]) for v in val)
     assert all(v["volumes"] == 2 and v["hr_volumes"] == 1 for v in val)  # one synthetic pair, one LR-only
+    assert all(isinstance(v["volumes"], int) for v in val) and "volumes 2 hr_volumes 1" in (own / "train.log").read_text()
     best = json.loads((own / "run" / "best" / "best.json").read_text())
     assert best["input"]["intensity"] == "percentile" and best["input"]["voxel_mm"] == 2.0
     # the held-out pair's LR is k-space truncation, not the target's degradation: best/ is not chosen by
