@@ -54,13 +54,12 @@ def lattice(shape: tuple[int, ...], size: tuple[int, ...], strides: tuple[int, .
     return np.stack([g.ravel() for g in grid], axis=1).astype(np.int32)
 
 
-def foreground_fraction(vol: np.ndarray, origins: np.ndarray, size: tuple[int, ...], threshold: float) -> np.ndarray:
-    """(K,) fraction of voxels > threshold in each patch, from a summed-volume table."""
+def box_means(vol: np.ndarray, origins: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """(K,) mean of `vol` over each patch of `size` at `origins`, from a summed-volume table."""
     if len(origins) == 0:
         return np.zeros(0)
-    fg = (vol > threshold).astype(np.int64)
-    sat = np.zeros(tuple(n + 1 for n in vol.shape), dtype=np.int64)
-    sat[1:, 1:, 1:] = fg.cumsum(0).cumsum(1).cumsum(2)
+    sat = np.zeros(tuple(n + 1 for n in vol.shape), dtype=np.float64)
+    sat[1:, 1:, 1:] = np.asarray(vol, dtype=np.float64).cumsum(0).cumsum(1).cumsum(2)
     z0, y0, x0 = origins[:, 0], origins[:, 1], origins[:, 2]
     z1, y1, x1 = z0 + size[0], y0 + size[1], x0 + size[2]
     total = (sat[z1, y1, x1] - sat[z0, y1, x1] - sat[z1, y0, x1] - sat[z1, y1, x0]
@@ -68,16 +67,35 @@ def foreground_fraction(vol: np.ndarray, origins: np.ndarray, size: tuple[int, .
     return total / float(np.prod(size))
 
 
+def foreground_fraction(vol: np.ndarray, origins: np.ndarray, size: tuple[int, ...], threshold: float) -> np.ndarray:
+    """(K,) fraction of voxels > threshold in each patch."""
+    return box_means(vol > threshold, origins, size)
+
+
+def detail(vol: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Gradient magnitude of the Gaussian-smoothed (`sigma` voxels) volume: edges and folds, with
+    the voxel noise mostly smoothed away (float32, same shape)."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_gradient_magnitude(np.asarray(vol, dtype=np.float32), sigma)
+
+
 def select_origins(fg_vol: np.ndarray, cfg: PatchConfig, rng: np.random.Generator) -> np.ndarray:
     """(K, 3) LR-grid origins of the kept patches: foreground-aware (fraction of voxels above
     `foreground_threshold` >= `min_foreground`, judged on `fg_vol`, an LR-grid volume), C order,
-    at most `max_per_subject` by a seeded choice that keeps the order."""
+    at most `max_per_subject` by a seeded choice that keeps the order: uniform (`select:
+    random`), or with probability proportional to the patch's mean `detail` (`select: detail`:
+    patches with more edges and folds, fewer of flat white matter and background)."""
     size = lr_size(cfg)
     origins = lattice(fg_vol.shape, size, (cfg.slab_stride, *cfg.stride))
     keep = foreground_fraction(fg_vol, origins, size, cfg.foreground_threshold) >= cfg.min_foreground
     origins = origins[keep]
     if cfg.max_per_subject and len(origins) > cfg.max_per_subject:
-        idx = np.sort(rng.choice(len(origins), cfg.max_per_subject, replace=False))
+        p = None
+        if cfg.select == "detail":
+            w = box_means(detail(fg_vol), origins, size)
+            p = w / w.sum() if w.sum() > 0 else None
+        idx = np.sort(rng.choice(len(origins), cfg.max_per_subject, replace=False, p=p))
         origins = origins[idx]
     return origins
 
