@@ -70,6 +70,9 @@ def supported_precisions() -> tuple[str, ...]:
     accelerator says so. On a CPU, fp16 needs oneDNN fp16 kernels (AVX512-FP16 / AMX-FP16), which
     many CPUs lack (AMD EPYC among them); bf16 runs on every CPU (emulated where there is no
     AVX512-BF16)."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
