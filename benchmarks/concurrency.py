@@ -14,7 +14,10 @@ Modes (the thread count is what `hpc.threads` sizes in both: OMP_NUM_THREADS uns
 A figure is the median steps/s of the train rows (one per step) after `--warmup` steps; for a
 pair, only the rows logged while both ran. The data is the demo's cohort, preprocessed once.
 The machine's load average before and after each measurement is in the JSON: other jobs on the
-machine change every figure here, so a result measured under load says so (`loaded`).
+machine change every steps/s figure here, so a result measured under load says so (`loaded`).
+What load changes least is the CPU seconds a step costs (`cpu_s_per_step`, from /proc while the
+runs go): a waiting thread that spins burns CPU time that trains nothing, so two spinning runs
+pay more per step together than alone, and two passive runs about the same.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +50,9 @@ def start(data: Path, out: Path, steps: int, mode: str, config: str, log) -> sub
     cmd = [executable("udean"), "train", "--config", config, f"data.out={data}", f"train.out={out}", "train.epochs=1",
            f"train.steps_per_epoch={steps}", "train.val_every=0", f"train.checkpoint_every={10 * steps}",
            "train.log_every=1", "train.num_workers=0", "train.fidelity_every=0", "train.image_every=0"]
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # a session of its own: a run stopped at the timeout takes its children with it (a JIT build of
+    # DeepSpeed's CPU op left running would keep its lock)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def train_rows(out: Path, warmup: int) -> list[dict]:
@@ -54,6 +60,15 @@ def train_rows(out: Path, warmup: int) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     rows = [r for r in rows if r["kind"] == "train"]
     return [r for r in rows if r["step"] > warmup] or rows  # a run stopped early: what it did
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(data: Path, work: Path, runs: int, steps: int, warmup: int, mode: str, config: str,
@@ -66,15 +81,19 @@ def measure(data: Path, work: Path, runs: int, steps: int, warmup: int, mode: st
         shutil.rmtree(out, ignore_errors=True)  # a run folder of an earlier call would be resumed
     t0 = time.perf_counter()
     stopped = False
+    samples: list[list[tuple[float, float]]] = [[] for _ in outs]  # (wall time, CPU seconds) per run
     with open(work / f"{mode}_{runs}.log", "a") as log:
         procs = [start(data, out, steps, mode, config, log) for out in outs]
+        while any(p.poll() is None for p in procs) and time.perf_counter() - t0 < timeout:
+            for p, got in zip(procs, samples):
+                if (cpu := cpu_seconds(p.pid)) is not None:
+                    got.append((time.time(), cpu))
+            time.sleep(0.5)
         for p in procs:
-            try:
-                p.wait(max(1.0, timeout - (time.perf_counter() - t0)))
-            except subprocess.TimeoutExpired:
+            if p.poll() is None:
                 stopped = True
-                p.kill()
-                p.wait()
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     if not stopped and any(p.returncode for p in procs):
         raise RuntimeError(f"a training failed: see {work / f'{mode}_{runs}.log'}")
     rows = [train_rows(out, warmup) for out in outs]
@@ -85,10 +104,20 @@ def measure(data: Path, work: Path, runs: int, steps: int, warmup: int, mode: st
     for r in rows:
         both = [x["patches_per_s"] for x in r if lo <= x["time"] <= hi] or [x["patches_per_s"] for x in r]
         rates.append(statistics.median(both))
+    if runs > 1 and hi - lo < 10:  # one start-up took as long as the other run's steps: no overlap to measure
+        print(f"warning: the {runs} {mode} runs measured together overlapped {hi - lo:.0f} s only", flush=True)
+    # CPU seconds per step while all ran: the cost of a step whatever else loads the machine (the
+    # spinning of a waiting OpenMP thread is CPU time that does no step)
+    cpu_per_step = []
+    for r, got in zip(rows, samples):
+        inside = [x for x in r if lo <= x["time"] <= hi] or r
+        t = [g for g in got if inside[0]["time"] <= g[0] <= inside[-1]["time"]]
+        n = inside[-1]["step"] - inside[0]["step"]
+        cpu_per_step.append(round((t[-1][1] - t[0][1]) / n, 3) if len(t) > 1 and n > 0 else None)
     threads = next((line for line in (work / f"{mode}_{runs}.log").read_text().splitlines()
                     if line.startswith("threads:")), None)
     return {"mode": mode, "runs": runs, "patches_per_s": [round(x, 3) for x in rates],
-            "steps_done": [r[-1]["step"] for r in rows], "stopped_at_timeout": stopped,
+            "cpu_s_per_step": cpu_per_step, "steps_done": [r[-1]["step"] for r in rows], "stopped_at_timeout": stopped, "overlap_s": round(hi - lo, 1),
             "wall_s": round(time.perf_counter() - t0, 1), "threads_line": threads,
             "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2)}
 
@@ -117,12 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             base = solo["patches_per_s"][0]
             shares = [x / base for x in pair["patches_per_s"]]
             row = {"mode": mode, "solo_steps_per_s": round(base / batch, 3),
+                   "solo_cpu_s_per_step": solo["cpu_s_per_step"][0], "pair_cpu_s_per_step": pair["cpu_s_per_step"],
                    "pair_steps_per_s": [round(x / batch, 3) for x in pair["patches_per_s"]],
                    "pair_share_of_solo": [round(s, 3) for s in shares], "passes": all(s >= SHARE for s in shares),
                    "solo": solo, "pair": pair}
             rows.append(row)
             print(f"{mode:8s}: solo {row['solo_steps_per_s']:.2f} steps/s; two together "
                   + ", ".join(f"{x:.2f} ({100 * s:.0f} %)" for x, s in zip(row["pair_steps_per_s"], shares))
+                  + f"; CPU s per step {row['solo_cpu_s_per_step']} alone, {row['pair_cpu_s_per_step']} together"
                   + f"; load {solo['loadavg_before']} -> {pair['loadavg_after']}", flush=True)
     loads = [r[k]["loadavg_before"] for r in rows for k in ("solo", "pair")]
     doc = {"provenance": provenance(argv), "cpus": len(os.sched_getaffinity(0)), "config": args.config,
