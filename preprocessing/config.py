@@ -157,9 +157,6 @@ class PatchConfig(Section):
     foreground_threshold: float = Field(0.05, ge=0.0, le=1.0)
     min_foreground: float = Field(0.2, ge=0.0, le=1.0)  # fraction of the patch above threshold
     max_per_subject: int = Field(0, ge=0)  # 0: keep all
-    # which max_per_subject patches: random (uniform), or detail (probability proportional to the
-    # patch's mean gradient magnitude: more edges and folds, less flat tissue and background; ours)
-    select: Literal["random", "detail"] = "random"
     # LR voxels of real context stored around every source HR patch (slab axis, in-plane), for
     # model.source_margin (the two must agree): HR patches 2 (slab + 2 m0) x 2 (h + 2 m1) x
     # 2 (w + 2 m1), cut from the volume edge-padded by 2 m voxels (past the volume's edge the
@@ -179,8 +176,6 @@ class PatchConfig(Section):
         d = handler(self)  # data sets made before margins existed keep their manifest config and hash
         if isinstance(d, dict) and not any(self.source_margin):
             d.pop("source_margin", None)
-        if isinstance(d, dict) and self.select == "random":
-            d.pop("select", None)
         return d
 
 

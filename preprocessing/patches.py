@@ -72,30 +72,16 @@ def foreground_fraction(vol: np.ndarray, origins: np.ndarray, size: tuple[int, .
     return box_means(vol > threshold, origins, size)
 
 
-def detail(vol: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    """Gradient magnitude of the Gaussian-smoothed (`sigma` voxels) volume: edges and folds, with
-    the voxel noise mostly smoothed away (float32, same shape)."""
-    from scipy import ndimage
-
-    return ndimage.gaussian_gradient_magnitude(np.asarray(vol, dtype=np.float32), sigma)
-
-
 def select_origins(fg_vol: np.ndarray, cfg: PatchConfig, rng: np.random.Generator) -> np.ndarray:
     """(K, 3) LR-grid origins of the kept patches: foreground-aware (fraction of voxels above
     `foreground_threshold` >= `min_foreground`, judged on `fg_vol`, an LR-grid volume), C order,
-    at most `max_per_subject` by a seeded choice that keeps the order: uniform (`select:
-    random`), or with probability proportional to the patch's mean `detail` (`select: detail`:
-    patches with more edges and folds, fewer of flat white matter and background)."""
+    at most `max_per_subject` by a seeded choice that keeps the order."""
     size = lr_size(cfg)
     origins = lattice(fg_vol.shape, size, (cfg.slab_stride, *cfg.stride))
     keep = foreground_fraction(fg_vol, origins, size, cfg.foreground_threshold) >= cfg.min_foreground
     origins = origins[keep]
     if cfg.max_per_subject and len(origins) > cfg.max_per_subject:
-        p = None
-        if cfg.select == "detail":
-            w = box_means(detail(fg_vol), origins, size)
-            p = w / w.sum() if w.sum() > 0 else None
-        idx = np.sort(rng.choice(len(origins), cfg.max_per_subject, replace=False, p=p))
+        idx = np.sort(rng.choice(len(origins), cfg.max_per_subject, replace=False))
         origins = origins[idx]
     return origins
 

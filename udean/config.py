@@ -110,12 +110,19 @@ class LossConfig(Section):
     # match sharpened X_{s~t} where the source HR was smoother than the target's anatomy, and the SR
     # learned to blur (docs/quality.md "Real anatomy"); 0: off
     lambda_bound: float = Field(0.0, ge=0.0)
+    # ours, not the paper's: weight of a prior toward no extra blur (`LearnedBlur.deficit`, mean
+    # relu(1 - |H|)^2): unpaired spectra cannot tell a blurrier acquisition from a smoother anatomy,
+    # and where the source HR was sharper than the target's anatomy the degradation learned a blur
+    # the SR then undid on the target (docs/quality.md "Real anatomy"); 0: off
+    lambda_prior: float = Field(0.0, ge=0.0)
 
     @model_serializer(mode="wrap")
-    def _without_unset_bound(self, handler):
-        d = handler(self)  # runs made before the key existed keep the config (and resume) they had
-        if isinstance(d, dict) and not self.lambda_bound:
-            d.pop("lambda_bound", None)
+    def _without_unset_new(self, handler):
+        d = handler(self)  # runs made before these keys existed keep the config (and resume) they had
+        if isinstance(d, dict):
+            for k in ("lambda_bound", "lambda_prior"):
+                if not getattr(self, k):
+                    d.pop(k, None)
         return d
 
     @model_validator(mode="after")
@@ -144,9 +151,6 @@ class TrainConfig(Section):
     # a higher lr than these tolerate (docs/quality.md "Real anatomy")
     lr_degradation: float | None = Field(None, gt=0.0)
     lr_discriminator: float | None = Field(None, gt=0.0)
-    # ours: the first `warmup` fraction of the steps raise every lr linearly to its value (0: none,
-    # the paper's plain cosine decay)
-    warmup: float = Field(0.0, ge=0.0, le=0.5)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0.0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -194,8 +198,8 @@ class TrainConfig(Section):
     def _without_unset_lrs(self, handler):
         d = handler(self)  # runs made before these keys existed keep the config (and resume) they had
         if isinstance(d, dict):
-            for k in ("lr_degradation", "lr_discriminator", "warmup"):
-                if getattr(self, k) == TrainConfig.model_fields[k].default:
+            for k in ("lr_degradation", "lr_discriminator"):
+                if getattr(self, k) is None:
                     d.pop(k, None)
         return d
 

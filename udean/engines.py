@@ -94,23 +94,16 @@ def check_precision(precision: str) -> None:
                          f"supports {', '.join(ok)}; set train.precision={'bf16' if 'bf16' in ok else 'fp32'}")
 
 
-def cosine_lr_factor(step: int, total_steps: int, lr: float, lr_min: float, warmup: float = 0.0) -> float:
+def cosine_lr_factor(step: int, total_steps: int, lr: float, lr_min: float) -> float:
     """Multiplier of the base lr at optimizer step `step`: cosine from lr to lr_min over
-    `total_steps`, then flat at lr_min (paper, II-D: 1e-4 -> 1e-8); with `warmup` > 0 (ours,
-    `train.warmup`), the first `warmup` fraction of the steps also rises linearly from 1 / n to 1:
-    a zero-initialised residual at a high lr otherwise jumps far from its start in the first
-    steps and did not come back (docs/quality.md "Real anatomy")."""
+    `total_steps`, then flat at lr_min (paper, II-D: 1e-4 -> 1e-8)."""
     t = min(step, total_steps) / max(total_steps, 1)
-    factor = (lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))) / lr
-    n = int(round(warmup * total_steps))
-    return factor * min(1.0, (step + 1) / n) if n > 0 else factor
+    return (lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))) / lr
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """`train.lr` -> `train.lr_min` over `total_steps` optimizer steps (`cosine_lr_factor`, with
-    `train.warmup`)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr_factor(s, total_steps, train.lr, train.lr_min, train.warmup))
+    """`train.lr` -> `train.lr_min` over `total_steps` optimizer steps (`cosine_lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr_factor(s, total_steps, train.lr, train.lr_min))
 
 
 def _weights_only_checkpoint_engine(ds_config: Any):
