@@ -63,7 +63,8 @@ NAME = re.compile(r"^step_(\d{8,})$")
 # kernels, inference settings): a resume may change them; every other key must be the one the
 # run was started with
 FREE_KEYS = ("train.out", "train.log_every", "train.num_workers", "train.checkpoint_every", "train.keep_last",
-             "train.val_every", "train.val_subjects", "train.max_nonfinite", "train.backend", "train.compile",
+             "train.val_every", "train.val_subjects", "train.best_by", "train.progress_every", "train.max_nonfinite",
+             "train.backend", "train.compile",
              "data.out", "data.root", "infer")
 
 

@@ -174,6 +174,15 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     val_every: int = Field(1, ge=0)  # epochs; 0: no validation
     val_subjects: int = Field(0, ge=0)  # 0: all val volumes
+    # what chooses best/ (udean/steps.py `criterion`; the run's last line and best.json say which):
+    # auto: psnr where a val volume's LR has the target's degradation (HCP and the synthetic cohort,
+    # paired own scans), else learned where held-out HR exist, else last; psnr: val PSNR against HR;
+    # learned: held-out HR degraded by the model's own learned degradation of that step, the previous
+    # best rescored on the same LR; last: best/ = last/
+    best_by: Literal["auto", "psnr", "learned", "last"] = "auto"
+    # a plain progress line every N steps where the console is not a terminal (a batch job's log
+    # file, where the progress bar shows nothing); 0: none
+    progress_every: int = Field(100, ge=0)
     # udean/fidelity.py: how close X_{s~t} is to the target (and to the true degradation where
     # the data carry it), at step 1, every N steps and at the last into metrics.jsonl / TensorBoard; image summaries
     # (Y_s, X_{s~t}, X_t, SR of X_t) every M steps; 0: off

@@ -82,6 +82,9 @@ def supported_precisions() -> tuple[str, ...]:
     accelerator says so. On a CPU, fp16 needs oneDNN fp16 kernels (AVX512-FP16 / AMX-FP16), which
     many CPUs lack (AMD EPYC among them); bf16 runs on every CPU (emulated where there is no
     AVX512-BF16)."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -129,6 +132,9 @@ def _weights_only_checkpoint_engine(ds_config: Any):
 
 def _allow_deepspeed_checkpoint_types() -> None:
     """DeepSpeed puts a few plain enums/containers in its checkpoints; allow exactly those."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     safe: list[Any] = []
     with contextlib.suppress(ImportError):
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -186,6 +192,9 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
 
     `ds_args`: `Dist.deepspeed_args()`, so DeepSpeed's own set_device picks our GPU (it
     otherwise uses LOCAL_RANK, wrong where each task sees one GPU)."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 

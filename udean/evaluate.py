@@ -39,8 +39,10 @@ k-space degradation (preprocessing/kspace.py; udean/infer.py docstring), so a me
 penalised for a sub-voxel shift.
 
 mean +- std: std is the sample standard deviation over subjects (ddof=1; 0 for one subject).
-Outputs under `out` (default `<train.out>/eval`): results.json, results.md, and a figure per
-subject (`figures`, the first N subjects) as fig_<subject>.png.
+Outputs under `out` (default `<run>/eval`, the run the checkpoint belongs to: `udean.infer.run_folder`;
+one writer at a time, `hpc.lock`): results.json, results.md, and a figure per subject (`figures`,
+the first N subjects) as fig_<subject>.png. When UDEAN scores below tricubic, a warning line says
+so and what that can mean.
 """
 from __future__ import annotations
 
@@ -417,28 +419,41 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path
              out: str | Path | None = None, *, group: str = "test", regions: Sequence[str] = (), limit: int = 0,
              figures: int = 1, save_volumes: bool = False, console=None) -> list[MethodResult]:
     """Tricubic, the untrained image skip and the trained network of `checkpoint` (default
-    `cfg.train.out`) on the `group` volumes of `data` (default `cfg.data.out`), scored on the
-    whole volume, the head and any `regions` more; writes
-    results.json / results.md / figures under `out` (default `<train.out>/eval`), prints the table.
+    `cfg.train.out`) on the `group` volumes of `data` (default: the data set the checkpoint's run
+    trained on, its `data.out`), scored on the whole volume, the head and any `regions` more;
+    writes results.json / results.md / figures under `out` (default `<run>/eval`, the
+    checkpoint's own run, holding that folder's lock), prints the table and a warning when
+    UDEAN scores below tricubic.
 
     The window is `cfg.infer` with the checkpoint's training patch; SSIM uses the checkpoint's
     `loss.ssim_window`."""
+    from hpc.lock import folder_lock
+    from udean.infer import load_sr_model, pick_device, run_folder
+
+    ckpt = Path(checkpoint or cfg.train.out)
+    device = pick_device(cfg.infer.device)
+    net, run_cfg = load_sr_model(ckpt, device)
+    data = Path(data or run_cfg.data.out)
+    out = Path(out or run_folder(ckpt) / "eval")
+    with folder_lock(out, "udean evaluate"):
+        return _evaluate(cfg, ckpt, net, run_cfg, device, data, out, group=group, regions=regions, limit=limit,
+                         figures=figures, save_volumes=save_volumes, console=console)
+
+
+def _evaluate(cfg: Config, ckpt: Path, net, run_cfg: Config, device, data: Path, out: Path, *, group: str,
+              regions: Sequence[str], limit: int, figures: int, save_volumes: bool, console) -> list[MethodResult]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from preprocessing.manifest import load_manifest
     from udean.figures import volume_figure
-    from udean.infer import Inferer, load_sr_model, pick_device
+    from udean.infer import Inferer
 
     console = console or Console()
     t0 = time.perf_counter()
-    ckpt = Path(checkpoint or cfg.train.out)
-    data = Path(data or cfg.data.out)
-    out = Path(out or Path(cfg.train.out) / "eval")
-    device = pick_device(cfg.infer.device)
-    net, run_cfg = load_sr_model(ckpt, device)
     inferer = Inferer.from_config(cfg.infer, run_cfg.data.patches, device)
-    paths = load_manifest(data).volume_paths(group)
+    manifest = load_manifest(data)
+    paths = manifest.volume_paths(group)
     if limit:
         paths = paths[:limit]
     if not paths:
@@ -480,17 +495,39 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path
         results = evaluator.run(paths, on_volume=on_volume, progress=step)
         bar.update(task, completed=len(paths) * len(methods), description="done")
 
+    below = below_tricubic(results, own=bool(manifest.config.get("own")))
     meta = {"group": group, "regions": evaluator.regions, "ssim_window": run_cfg.loss.ssim_window,
             "lr_sources": lr_sources(results[0].subjects) if results else {},
             "checkpoint": str(ckpt), "data": str(data), "device": str(device),
-            "sliding_window": inferer.settings(), "seconds": round(time.perf_counter() - t0, 2)}
+            "sliding_window": inferer.settings(), "seconds": round(time.perf_counter() - t0, 2),
+            "sr_below_tricubic": below is not None}
     js, md = write_results(results, meta, out)
     console.print(rich_table(results, f"{group} set: SR vs HR ({', '.join(evaluator.regions)})", evaluator.regions))
     console.print(describe_lr(meta["lr_sources"]))  # also when a narrow terminal squeezes the LR column
     console.print(f"results: {js}\n         {md}")
     for f in shown:
         console.print(f"figure:  {f}")
+    if below:
+        console.print(f"[bold yellow]warning:[/] {below}", highlight=False)
     return results
+
+
+def below_tricubic(results: list[MethodResult], own: bool = False) -> str | None:
+    """The warning when UDEAN's PSNR (in the head where scored, else the whole volume) is below
+    tricubic's, saying what it can mean; None otherwise. `own`: the data set is own scans."""
+    by = {r.name: r for r in results}
+    if TRICUBIC not in by or UDEAN not in by:
+        return None
+    key = next((k for k in ("psnr_head", "psnr") if np.isfinite(by[UDEAN].mean(k))), None)
+    if key is None or by[UDEAN].mean(key) >= by[TRICUBIC].mean(key):
+        return None
+    where = "in the head" if key == "psnr_head" else "over the whole volume"
+    text = (f"UDEAN scores below tricubic interpolation {where} ({by[UDEAN].mean(key):.2f} vs "
+            f"{by[TRICUBIC].mean(key):.2f} dB PSNR)")
+    if own and lr_sources(by[UDEAN].subjects).get("synthetic"):
+        return (text + ": this LR is synthetic (made from the HR by k-space truncation), not your scanner's; a model "
+                "adapted to your LR scans is not meant to win on it; paired scans (--test-hr/--test-lr) measure it")
+    return text + ": check which criterion chose best/ (best.json 'by'), evaluate last/, or train longer"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -498,8 +535,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--checkpoint", default=None,
                    help="inference checkpoint (best/ folder, .pt file or run folder); default: <train.out>")
-    p.add_argument("--data", default=None, help="preprocessed data folder with manifest.json; default: data.out")
-    p.add_argument("--out", default=None, help="output folder; default: <train.out>/eval")
+    p.add_argument("--data", default=None,
+                   help="preprocessed data folder with manifest.json; default: the data.out the checkpoint's run trained on")
+    p.add_argument("--out", default=None, help="output folder; default: <run>/eval, the checkpoint's own run")
     p.add_argument("--group", default="test", choices=("test", "val"), help="paired volumes to score")
     p.add_argument("--region", action="append", default=[], choices=tuple(REGIONS),
                    help="a region scored besides the whole volume and the head (always both); repeatable: "

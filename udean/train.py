@@ -47,7 +47,7 @@ from udean.engines import Engines, build_engines, check_precision
 from udean.logs import Logs
 from udean.models.udean import build, built_parts
 from udean.losses import adapt_scale, model_parts
-from udean.steps import train_step, validate
+from udean.steps import CRITERIA, SCORE_OF, criterion, train_step, validate
 
 EXIT_NONFINITE = 3  # too many non-finite losses in a row
 
@@ -260,7 +260,7 @@ def _loop(cfg: Config, dist, preempt) -> int:
 
     t = cfg.train
     out = Path(t.out)
-    logs = Logs(out, 0, enabled=dist.is_main)
+    logs = Logs(out, 0, enabled=dist.is_main, progress_every=t.progress_every)
     size_threads(cfg, dist, logs.message)
     fingerprint = check_data(cfg, dist)
     s = setup(cfg, dist)
@@ -276,6 +276,11 @@ def _loop(cfg: Config, dist, preempt) -> int:
     nonfinite_run = int(state["nonfinite_run"]) if state else 0
     nonfinite_total = int(state["nonfinite_total"]) if state else 0
     best = dict(state["best"]) if state else {"psnr": float("-inf"), "ssim": 0.0, "step": -1}
+    from preprocessing.manifest import load_manifest
+
+    by, learned = criterion(t.best_by, load_manifest(cfg.data.out), val_volumes) if val_volumes else ("none", [])
+    incumbent = _incumbent(out, cfg, engines) if by == "learned" and best["step"] >= 0 and \
+        (out / "best" / "generator.pt").is_file() else None
     if state:
         sampler.load_state_dict(state["sampler"])
         if divmod(step, steps_per_epoch) != (sampler.epoch, sampler.position // t.batch_size):
@@ -288,8 +293,11 @@ def _loop(cfg: Config, dist, preempt) -> int:
     elif dist.is_main:
         logs.message(f"training from scratch: {total_steps} steps = {t.epochs} epochs x {steps_per_epoch}, "
                      f"{dist.world_size} rank(s) x {t.batch_size} patches, {len(dataset.source)} source / "
-                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}, "
-                     f"cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}")
+                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}"
+                     + (f", cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}"
+                        if dist.device.type == "cuda" else ""))
+    if by != "none":
+        logs.message(f"best/ is chosen by {by}: {CRITERIA[by]} (train.best_by={t.best_by})")
 
     def save(step: int, reason: str) -> None:
         epoch, batch = divmod(step, steps_per_epoch)
@@ -303,6 +311,9 @@ def _loop(cfg: Config, dist, preempt) -> int:
         if dist.is_main:  # last/: the inference checkpoint of the newest checkpoint
             checkpoint.save_inference(out / "last", weights,
                                       {"step": step, "epoch": epoch, "checkpoint": path.name}, cfg)
+            if by == "last":  # no honest score: best/ is last/, always
+                checkpoint.save_best(out, weights, {"by": "last", "criterion": CRITERIA["last"], "step": step,
+                                                    "epoch": epoch}, cfg)
 
     probe = None
     if dist.is_main and (t.fidelity_every or t.image_every):  # udean/fidelity.py
@@ -357,17 +368,21 @@ def _loop(cfg: Config, dist, preempt) -> int:
             if end_of_epoch:
                 batches = None
                 if val_volumes and (epoch + 1) % t.val_every == 0:
-                    scores = validate(engines, val_volumes, cfg, dist)
+                    scores = validate(engines, val_volumes, cfg, dist, learned, incumbent)
                     logs.val(step, epoch, scores)
-                    # best by PSNR against HR where any val volume has one, else by LR-consistency
-                    by = "psnr" if scores["hr_volumes"] else "lr_psnr"
-                    if scores[by] > best.get("value", best["psnr"]):
-                        best = {"by": by, "value": scores[by], "psnr": scores["psnr"], "ssim": scores["ssim"],
-                                "lr_psnr": scores["lr_psnr"], "step": step, "epoch": epoch}
-                        weights = engines.inference_weights()  # collective: every rank has the same scores
-                        if dist.is_main:
-                            checkpoint.save_best(out, weights, best, cfg)
-                        logs.event(step, "best", **{k: best[k] for k in ("by", "psnr", "ssim", "lr_psnr")})
+                    if by in SCORE_OF:  # `learned`: against the previous best rescored on this step's LR
+                        value = scores[SCORE_OF[by]]
+                        than = scores.get("best_learned_psnr", float("-inf")) if by == "learned" else \
+                            best.get("value", best["psnr"])
+                        if value > than:
+                            best = {"by": by, "criterion": CRITERIA[by], "value": value, "psnr": scores["psnr"],
+                                    "ssim": scores["ssim"], "lr_psnr": scores["lr_psnr"], "step": step, "epoch": epoch}
+                            weights = engines.inference_weights()  # collective: every rank has the same scores
+                            if dist.is_main:
+                                checkpoint.save_best(out, weights, best, cfg)
+                            if by == "learned":
+                                incumbent = _incumbent(out, cfg, engines, weights)
+                            logs.event(step, "best", **{k: best[k] for k in ("by", "value", "psnr", "ssim", "lr_psnr")})
 
             stop = result.stop
             if stop or end_of_epoch or step % t.checkpoint_every == 0 or step == total_steps:
@@ -378,13 +393,29 @@ def _loop(cfg: Config, dist, preempt) -> int:
                              "to be requeued")
                 logs.event(step, "preempted", signal=name)
                 return REQUEUE_EXIT_CODE
-    if best["step"] < 0:  # no validation ran: best/ is the last weights, said so
+    if best["step"] < 0 and by != "last":  # no validation ran: best/ is the last weights, said so
         weights = engines.inference_weights()  # collective
         if dist.is_main:
             checkpoint.save_best(out, weights, {"by": "none: no validation ran, these are the last weights",
                                                 "step": step}, cfg)
     if dist.is_main:
-        logs.message(f"done: {step} steps; best val {best['by'] if 'by' in best else 'psnr'} "
-                     f"{best.get('value', best['psnr']):.3f} dB at step {best['step']}"
-                     if best["step"] >= 0 else f"done: {step} steps; no validation ran: best/ = last/")
+        if by == "last":
+            logs.message(f"done: {step} steps; best/ = last/ (step {step}): {CRITERIA['last']}")
+        elif best["step"] >= 0:
+            logs.message(f"done: {step} steps; best/ is step {best['step']}, chosen by {best.get('by', 'psnr')} "
+                         f"({best.get('value', best['psnr']):.3f} dB): {CRITERIA.get(best.get('by'), '')}")
+        else:
+            logs.message(f"done: {step} steps; no validation ran: best/ = last/")
     return 0
+
+
+def _incumbent(out: Path, cfg: Config, engines: Engines, weights: dict | None = None) -> torch.nn.Module:
+    """The best SR network so far, on the engine's device and in its precision, for criterion
+    `learned` to rescore: `weights`, or on a resume best/generator.pt."""
+    from udean.models.udean import build_sr
+
+    if weights is None:
+        weights = torch.load(Path(out) / "best" / "generator.pt", map_location="cpu", weights_only=True)
+    net = build_sr(cfg.model, slab=cfg.data.patches.slab)
+    net.load_state_dict(weights)
+    return net.to(engines.g.device, engines.dtype).eval()

@@ -232,3 +232,22 @@ def test_host_cost_smoke_counts_ops_by_phase_and_syncs_both_ways(repo, tmp_path)
         float(torch.tensor(3.0))  # a host value read on the host: nothing
     assert sum(counted.writes.values()) == 3 and counted.input_copies == 1 and sum(counted.reads.values()) == 1
     assert z.device == w.device == v.device
+
+
+def test_concurrency_smoke(repo, tmp_path):
+    """benchmarks/concurrency.py: one training, then two at once, per wait policy; every figure
+    present, the shares the ratios of the rates, CPU seconds per step measured."""
+    out = tmp_path / "concurrency.json"
+    _run(repo, "concurrency.py", "--steps", 4, "--warmup", 1, "--modes", "passive", "--shape", 72, 72, 64,
+         "--timeout", 300, "--work", tmp_path / "work", "--out", out)
+    d = json.loads(out.read_text())
+    _provenance_ok(d)
+    (row,) = d["rows"]
+    assert row["mode"] == "passive" and row["solo"]["runs"] == 1 and row["pair"]["runs"] == 2
+    assert row["solo_steps_per_s"] > 0 and len(row["pair_steps_per_s"]) == 2
+    for rate, share in zip(row["pair_steps_per_s"], row["pair_share_of_solo"]):
+        assert share == pytest.approx(rate / row["solo_steps_per_s"], rel=0.02)
+    assert row["passes"] == all(s >= d["share_needed"] for s in row["pair_share_of_solo"])
+    assert all(r["steps_done"] == [4] * r["runs"] for r in (row["solo"], row["pair"]))
+    assert "2 intra-op" in row["solo"]["threads_line"] or "intra-op" in row["solo"]["threads_line"]
+    assert out.with_suffix(".png").stat().st_size > 0
