@@ -30,8 +30,10 @@ from benchmarks.common import RESULTS, bar_chart, provenance, relative, write_js
 # switches, docs/shift.md "What made the difference")
 VARIANTS = {
     "demo": ("the demo: the recommended recipe, width 32, no augmentation", []),
-    "adaptation_off": ("nothing matches X_{s~t} to X_t (lambda_da, spectrum, noise 0): the degradation never adapts",
-                       ["loss.lambdas=[1,0,0,0,0,0]", "loss.lambda_spectrum=0", "loss.lambda_noise=0"]),
+    "adaptation_off": ("nothing matches X_{s~t} to X_t (lambda_da, spectrum, noise 0) and no blur bound or prior: "
+                       "the degradation never adapts",
+                       ["loss.lambdas=[1,0,0,0,0,0]", "loss.lambda_spectrum=0", "loss.lambda_noise=0",
+                        "loss.lambda_bound=0", "loss.lambda_prior=0"]),
     "no_adversary": ("lambda_da 0: the spectrum and noise matches alone adapt the degradation",
                      ["loss.lambdas=[1,0,0,0,0,0]"]),
     "no_spectrum": ("lambda_spectrum 0: the LR adversary and the noise match alone", ["loss.lambda_spectrum=0"]),

@@ -302,7 +302,7 @@ def test_mismatch_test_volumes_carry_the_cohorts_brain_masks(mismatch):
 def test_mismatch_rows_score_each_direction_in_the_brain_and_head(mismatch):
     """Rows per direction in every region; the tricubic row is the Evaluator's on the same
     volumes with their brain masks; no paired val: the denoiser keeps DIPY's estimate (k = 1)
-    and UDEAN is its last step, selected by LR-consistency on the LR-only val volume."""
+    and UDEAN's best/ is its last step (train.best_by auto: an LR-only val volume scores no PSNR)."""
     from benchmarks.shift import DIRECTIONS, test_volumes
     from udean.evaluate import Evaluator, tricubic
 
@@ -324,7 +324,7 @@ def test_mismatch_rows_score_each_direction_in_the_brain_and_head(mismatch):
         den = runs[case, "denoise"]["info"]
         assert den["strength"] == 1.0 and den["val_psnr_head"] == {} and "no paired val" in den["note"]
     (best, *_) = [json.loads(p.read_text()) for p in (work / "weights").rglob("udean_unpaired/best/best.json")]
-    assert best["by"] == "lr_psnr" and best["step"] == 6  # tiny: 6 steps
+    assert best["by"] == "last" and best["step"] == 6  # tiny: 6 steps
     md = (tmp / "results" / "shift_tiny_mismatch.md").read_text()
     assert "## pf_noise: HR template brains (skull-stripped), LR phantom full heads (`hr_mni`)" in md
     assert "## pf_noise: HR phantom full heads, LR template brains (skull-stripped) (`hr_phantom`)" in md

@@ -71,9 +71,11 @@ def test_help_per_job_shows_its_defaults(command, capsys):
 
 
 def test_train_defaults_follow_the_sbatch_script():
-    # slurm/train_udean.sh: one task per GPU, 4 GPUs and 8 CPUs per task
+    # slurm/train_udean.sh asks for no GPU itself (CPU partitions run it too); its GPU line is one
+    # task per GPU, 4 GPUs per node, and 8 CPUs per task: hpc.submit train's defaults
     script = (REPO / "slurm" / "train_udean.sh").read_text()
-    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --cpus-per-task=8" in script
+    assert "#SBATCH --gpus" not in script and "#SBATCH --cpus-per-task=8" in script
+    assert "sbatch -N 2 --ntasks-per-node=4 --gpus-per-node=4 slurm/train_udean.sh" in script
     a = build_parser().parse_args(["train"])
     assert (a.gpus_per_node, a.cpus_per_task, a.tasks_per_node) == (4, 8, None)
 
