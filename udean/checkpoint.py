@@ -58,7 +58,7 @@ NAME = re.compile(r"^step_(\d{8,})$")
 # processes, validation, which only picks best/, the collective backend, inference settings):
 # a resume may change them; every other key must be the one the run was started with
 FREE_KEYS = ("train.out", "train.log_every", "train.num_workers", "train.checkpoint_every", "train.keep_last",
-             "train.val_every", "train.val_subjects", "train.max_nonfinite", "train.backend",
+             "train.val_every", "train.val_subjects", "train.max_nonfinite", "train.backend", "train.stage_dir",
              "data.out", "data.root", "infer")
 
 

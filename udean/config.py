@@ -158,6 +158,10 @@ class TrainConfig(Section):
     # once and keeps the fastest); null: on, except with `deterministic`
     cudnn_benchmark: bool | None = Field(None, validate_default=True)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # node-local disk to copy the shards to before the first step (one rank per node; checked by
+    # the manifest's sha256) and read from ($SLURM_TMPDIR, /local/scratch/$USER: variables are
+    # expanded on each node); null: read data.out (udean/data/stage.py, docs/hpc.md)
+    stage_dir: str | None = None
 
     @field_validator("augment", "augment_source", mode="before")
     @classmethod
