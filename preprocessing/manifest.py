@@ -148,20 +148,41 @@ class Manifest:
                 "subjects": [r.to_dict() for r in self.subjects], "shards": [r.to_dict() for r in self.shards]}
 
 
-def inside(out: str | os.PathLike, rel: str, where: str) -> str:
-    """`rel` if it names a file inside `out` (relative, no `..`, no symlink leading out), else
-    ValueError naming `where`."""
-    parts = Path(rel).parts
-    if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
-        raise ValueError(f"{where}: path {rel!r} must be relative to the data folder, without '..'")
-    root = Path(out).resolve()
-    try:
-        (root / rel).resolve().relative_to(root)
-    except ValueError:
-        raise ValueError(f"{where}: path {rel!r} leads outside the data folder {root} (a symlink)") from None
-    except RuntimeError:  # a symlink loop (older Pythons raise it from resolve)
-        raise ValueError(f"{where}: path {rel!r} is a symlink loop") from None
-    return rel
+class Inside:
+    """`inside(rel, where)`: `rel` if it names a file inside `out` (relative, no `..`, no symlink
+    leading out), else ValueError naming `where`. Each folder is resolved once and each file
+    only looked at (one lstat) unless it is a symlink: resolving every path of the cohort's
+    manifest (an lstat per path component, thousands of paths) was most of a load."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.root = Path(out).resolve()
+        self._seen: dict[str, str | None] = {}  # folder or file -> why it is not inside (None: it is)
+
+    def _leads_out(self, path: Path) -> str | None:
+        try:
+            path.resolve().relative_to(self.root)
+        except ValueError:
+            return f"leads outside the data folder {self.root} (a symlink)"
+        except RuntimeError:  # a symlink loop (older Pythons raise it from resolve)
+            return "is a symlink loop"
+        return None
+
+    def _check(self, rel: str, folder: bool) -> str | None:
+        if rel not in self._seen:
+            parent = os.path.dirname(rel)
+            why = self._check(parent, True) if parent else None
+            if why is None and (folder or os.path.islink(os.path.join(self.root, rel))):
+                why = self._leads_out(self.root / rel)
+            self._seen[rel] = why
+        return self._seen[rel]
+
+    def __call__(self, rel: str, where: str) -> str:
+        if not rel or rel.startswith("/") or "\\" in rel or ".." in rel.split("/"):
+            raise ValueError(f"{where}: path {rel!r} must be relative to the data folder, without '..'")
+        why = self._check(os.path.normpath(rel), False)
+        if why:
+            raise ValueError(f"{where}: path {rel!r} {why}")
+        return rel
 
 
 def load_manifest(out: str | os.PathLike) -> Manifest:
@@ -181,13 +202,14 @@ def load_manifest(out: str | os.PathLike) -> Manifest:
         raise ValueError(f"{path}: missing keys {missing}")
     subjects = [SubjectRow.from_dict(r, f"{path}: subjects[{i}]") for i, r in enumerate(d["subjects"])]
     shards = [ShardRow.from_dict(r, f"{path}: shards[{i}]") for i, r in enumerate(d["shards"])]
+    inside = Inside(out)
     for i, r in enumerate(shards):
-        inside(out, r.path, f"{path}: shards[{i}]")
+        inside(r.path, f"{path}: shards[{i}]")
     for i, r in enumerate(subjects):
         for rel in r.shards.values():
-            inside(out, rel, f"{path}: subjects[{i}] ({r.id})")
+            inside(rel, f"{path}: subjects[{i}] ({r.id})")
     m = Manifest(Path(out), d["config"], d["config_hash"], subjects, shards, d["schema_version"])
-    entries = read_journal(out, m.config_hash)
+    entries = read_journal(out, m.config_hash, inside)
     if entries:
         subjects = {r.id: r for r in m.subjects}
         by_subject: dict[str, list[ShardRow]] = {}
@@ -200,7 +222,8 @@ def load_manifest(out: str | os.PathLike) -> Manifest:
     return m
 
 
-def read_journal(out: str | os.PathLike, config_hash: str) -> list[tuple[SubjectRow, list[ShardRow]]]:
+def read_journal(out: str | os.PathLike, config_hash: str,
+                 inside: Inside | None = None) -> list[tuple[SubjectRow, list[ShardRow]]]:
     """The (row, shard rows) lines of `<out>/manifest.journal` written under `config_hash`, in
     order; [] when there is none or it belongs to another config. A last line without its
     newline is a write a kill cut short: dropped. Any other bad line: ValueError naming it."""
@@ -212,6 +235,7 @@ def read_journal(out: str | os.PathLike, config_hash: str) -> list[tuple[Subject
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     entries = []
+    inside = inside or Inside(out)
     for i, line in enumerate(lines[:-1]):  # lines[-1]: b"" after the last newline, or a torn write
         where = f"{path}: line {i + 1}"
         try:
@@ -229,9 +253,9 @@ def read_journal(out: str | os.PathLike, config_hash: str) -> list[tuple[Subject
         row = SubjectRow.from_dict(d["subject"], f"{where}: subject")
         shards = [ShardRow.from_dict(r, f"{where}: shards[{k}]") for k, r in enumerate(d["shards"])]
         for k, r in enumerate(shards):
-            inside(out, r.path, f"{where}: shards[{k}]")
+            inside(r.path, f"{where}: shards[{k}]")
         for rel in row.shards.values():
-            inside(out, rel, f"{where}: subject ({row.id})")
+            inside(rel, f"{where}: subject ({row.id})")
         entries.append((row, shards))
     return entries
 

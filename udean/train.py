@@ -293,6 +293,7 @@ def check_data(cfg: Config, dist) -> Data:
         results = [(host, r) for host, _, r in gathered if r is not None]
         found = [w for _, r in results for w in r.problems]
         report = {"files": len(rows), "hashed": sum(r.hashed for _, r in results),
+                  "hashed_per_rank": [r.hashed for _, r in results],  # per node when staging
                   "seconds": round(max((r.seconds for _, r in results), default=0.0), 3)}
         if t.stage_dir:
             report.update(staged=str(root), nodes=len(results), fetched=sum(len(r.fetched) for _, r in results),
