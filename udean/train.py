@@ -308,10 +308,11 @@ def check_data(cfg: Config, dist) -> Data:
     errors, found, report = dist.broadcast_object(verdict)
     if errors:
         kind, text = errors[0]
-        raise OutputError(root, text.removeprefix(f"cannot write {root}: ")) if kind == "OutputError" else ValueError(text)
+        if kind == "OutputError":  # "cannot write PATH: WHY" on the rank that met it (a full local disk): exit 74
+            raise OutputError(*text.removeprefix("cannot write ").split(": ", 1))
+        raise ValueError(text)
     if found:
-        where = "the data folder" if t.stage_dir else "the manifest"
-        raise ValueError(f"{manifest_path(manifest.out)}: {len(found)} shard(s) do not match {where} "
+        raise ValueError(f"{manifest_path(manifest.out)}: {len(found)} shard(s) do not match the manifest "
                          f"({'; '.join(found[:3])}); run `udean shards verify {manifest.out}` / `regenerate`")
     return Data(manifest, root, data_fingerprint(manifest), report)
 
