@@ -314,16 +314,19 @@ def chart(path: Path, doc: dict[str, Any]) -> None:
             walls.append(r["wall_s"])
     book = [(f"{c['subjects']}: rank 0 now", c["preprocess"]["rank0_bookkeeping_ms"]) for c in doc["counts"]]
     book += [(f"{c['subjects']}: a manifest rewrite", c["preprocess"]["manifest_write_ms"]) for c in doc["counts"]]
-    load = [(f"{c['subjects']}: {k}", c["loader"][k]["worker"]) for c in doc["counts"] for k in ("bounded", "unbounded")]
+    workers = [(f"{c['subjects']}: {k}", c["loader"][k]["worker"]) for c in doc["counts"] for k in ("bounded", "unbounded")]
+    def panel(title: str, xlabel: str, pairs: list, fmt: str = "{:.0f}", **kw) -> dict[str, Any]:
+        return {"title": title, "xlabel": xlabel, "labels": [x for x, _ in pairs], "values": [v for _, v in pairs],
+                "notes": [fmt.format(v) if v is not None else "-" for _, v in pairs], **kw}
+
+    loadavg = doc["provenance"]["loadavg"][0], doc["provenance"]["loadavg_end"][0]
     bar_chart(path, [
-        {"title": "wall time per stage", "xlabel": "s", "labels": labels, "values": walls},
-        {"title": "rank 0 per subject (before: one manifest rewrite each)", "xlabel": "ms",
-         "labels": [x for x, _ in book], "values": [v for _, v in book], "ref": (2.0, "2 ms")},
-        {"title": "loader worker: open .h5 files (peak)", "xlabel": "files",
-         "labels": [x for x, _ in load], "values": [w.get("h5") for _, w in load]},
-        {"title": "loader worker: private memory (peak USS)", "xlabel": "MiB",
-         "labels": [x for x, _ in load], "values": [w.get("uss_mb") for _, w in load]},
-    ], title=f"cohort at scale: {', '.join(map(str, counts))} subjects, {'x'.join(map(str, doc['shape']))}, 2 ranks")
+        panel("wall time per stage", "s", list(zip(labels, walls))),
+        panel("rank 0 per subject (before: one manifest rewrite each)", "ms", book, "{:.2f}", ref=(2.0, "2 ms")),
+        panel("loader worker: open .h5 files (peak)", "files", [(x, w.get("h5")) for x, w in workers]),
+        panel("loader worker: private memory (peak USS)", "MiB", [(x, w.get("uss_mb")) for x, w in workers]),
+    ], title=f"cohort at scale: {', '.join(map(str, counts))} subjects, {'x'.join(map(str, doc['shape']))}, 2 ranks; "
+             f"machine load average {loadavg[0]:.1f} at the start, {loadavg[1]:.1f} at the end (2 cores)")
 
 
 def main(argv: list[str] | None = None) -> int:
