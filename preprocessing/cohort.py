@@ -1,6 +1,10 @@
-"""The synthetic cohort on disk: `udean cohort`. Subjects (`preprocessing.synthetic.synth_subject`)
-are written in the HCP layout (`discover.HCP_T1W`) as deterministic .nii.gz files (same seed,
-byte-identical files); `preview` draws three orthogonal mid slices of a subject."""
+"""The synthetic cohorts on disk: `udean cohort`. Two anatomies (`ANATOMIES`): `mni`, real T1 anatomy
+made into distinct subjects from the ICBM152 2009 template (`preprocessing.template`, the default
+of the demo and the shift benchmark: methods are chosen on it), and `phantom`, the procedural
+head of `preprocessing.synthetic` (full heads with scalp and skull, any shape, fast: the tests).
+Subjects are written in the HCP layout (`discover.HCP_T1W`, plus HCP's `T1w/brainmask_fs.nii.gz`
+on the same grid) or as a flat folder (`<id>.nii.gz`), as deterministic .nii.gz files (same
+seed, byte-identical files); `preview` draws three orthogonal mid slices of a subject."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +13,53 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.discover import HCP_T1W, hcp_files
+from preprocessing.discover import HCP_BRAINMASK, HCP_T1W, hcp_files
 from preprocessing.synthetic import DEFAULT_SHAPE, check_shape, synth_subject
+
+ANATOMIES = ("mni", "phantom")
+LAYOUTS = ("hcp", "flat")
+
+
+def default_voxel_mm(anatomy: str) -> float:
+    """The voxel size a cohort of `anatomy` is written at unless asked otherwise (mm, isotropic)."""
+    from preprocessing import synthetic, template
+
+    return {"mni": template.VOXEL_MM, "phantom": synthetic.VOXEL_MM}[anatomy]
+
+
+def cohort_shape(anatomy: str, shape=None, voxel_mm: float | None = None) -> tuple[int, int, int]:
+    """The volume shape of every subject: the phantom's `shape` (default HCP's), the template's
+    brain box at `voxel_mm` (a `shape` is refused there: the template decides it)."""
+    _check_anatomy(anatomy)
+    if anatomy == "phantom":
+        return check_shape(DEFAULT_SHAPE if shape is None else shape)
+    if shape is not None:
+        raise ValueError("--shape is the phantom's; the mni cohort's shape is the template's brain box "
+                         "(choose --voxel-mm instead)")
+    from preprocessing.template import grid
+
+    return grid(voxel_mm or default_voxel_mm(anatomy))[0]
+
+
+def _check_anatomy(anatomy: str) -> None:
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy {anatomy!r}: allowed {', '.join(ANATOMIES)}")
+
+
+def make_subject(anatomy: str, seed: int, shape=None, voxel_mm: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(int16 volume, affine, uint8 brain mask) of one subject of `anatomy` (pure in its arguments)."""
+    _check_anatomy(anatomy)
+    voxel_mm = voxel_mm or default_voxel_mm(anatomy)
+    if anatomy == "mni":
+        from preprocessing.template import template_subject
+
+        cohort_shape(anatomy, shape, voxel_mm)  # refuses a shape
+        return template_subject(seed, voxel_mm)
+    from preprocessing.synthetic import BRAIN_LABELS
+
+    vol, affine, labels = synth_subject(seed, cohort_shape(anatomy, shape), voxel_mm, return_labels=True)
+    return vol, affine, np.isin(labels, BRAIN_LABELS).astype(np.uint8)
 
 
 def nifti_gz_bytes(vol: np.ndarray, affine: np.ndarray, level: int = 3) -> bytes:
@@ -40,35 +89,51 @@ def subject_seed(seed: int, i: int) -> int:
     return int(np.random.SeedSequence(int(seed), spawn_key=(int(i),)).generate_state(1, np.uint64)[0])
 
 
-def write_cohort(out: str | os.PathLike, n: int, shape=DEFAULT_SHAPE, seed: int = 0,
-                 first_id: int | None = None, progress: bool = True) -> list[str]:
-    """Write n subjects at `out/HCP_T1W` (atomically, overwriting); returns the file paths."""
+def subject_path(out: str | os.PathLike, sid: str, layout: str = "hcp") -> Path:
+    """Where subject `sid`'s T1w goes in a cohort written with `layout`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: allowed {', '.join(LAYOUTS)}")
+    return Path(out) / (HCP_T1W.format(subject=sid) if layout == "hcp" else f"{sid}.nii.gz")
+
+
+def write_cohort(out: str | os.PathLike, n: int, shape=None, seed: int = 0,
+                 first_id: int | None = None, progress: bool = True, *, anatomy: str = "phantom",
+                 voxel_mm: float | None = None, layout: str = "hcp") -> list[str]:
+    """Write n subjects of `anatomy` at `out` (atomically, overwriting); returns the T1w paths.
+    `layout` hcp: HCP's T1w path and `T1w/brainmask_fs.nii.gz` beside it (same grid); flat:
+    `out/<id>.nii.gz` only (a folder of scans, as `udean preprocess --hr` takes them)."""
     from rich.progress import Progress
 
     from hpc.atomic import atomic_write_bytes
 
     if int(n) < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    shape = check_shape(shape)
+    cohort_shape(anatomy, shape, voxel_mm)  # bad arguments fail before anything is written
     out = Path(out)
     paths = []
     with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task("synthetic cohort", total=n)
+        task = bar.add_task(f"{anatomy} cohort", total=n)
         for i, sid in enumerate(subject_ids(n, seed, first_id)):
-            vol, affine = synth_subject(subject_seed(seed, i), shape)
-            path = out / HCP_T1W.format(subject=sid)
+            vol, affine, brain = make_subject(anatomy, subject_seed(seed, i), shape, voxel_mm)
+            path = subject_path(out, sid, layout)
             atomic_write_bytes(path, nifti_gz_bytes(vol, affine))
+            if layout == "hcp":
+                atomic_write_bytes(out / HCP_BRAINMASK.format(subject=sid), nifti_gz_bytes(brain, affine))
             paths.append(str(path))
             bar.advance(task)
     return paths
 
 
-def cohort_ready(root: str | os.PathLike, n: int, shape) -> bool:
-    """True when `root` holds exactly `n` subjects of `shape` in the HCP layout (a rerun keeps them)."""
+def cohort_ready(root: str | os.PathLike, n: int, shape, layout: str = "hcp", voxel_mm: float | None = None) -> bool:
+    """True when `root` holds exactly `n` subjects of `shape` (and `voxel_mm`, when given) in
+    `layout` (a rerun keeps them)."""
     import nibabel as nib
 
-    files = hcp_files(root)
-    return len(files) == n and all(nib.load(str(f)).shape == tuple(shape) for f in files)
+    files = hcp_files(root) if layout == "hcp" else sorted(Path(root).glob("*.nii.gz"))
+    imgs = [nib.load(str(f)) for f in files]
+    return len(files) == n and all(
+        img.shape == tuple(shape) and (voxel_mm is None or np.allclose(img.header.get_zooms()[:3], voxel_mm))
+        for img in imgs)
 
 
 def _find_nifti(subject: str | os.PathLike) -> Path:
@@ -130,9 +195,18 @@ def preview(subject: str | os.PathLike, out_png: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="number of subjects to write")
-    p.add_argument("--out", default=None, help="cohort root; subjects go to OUT/" + HCP_T1W)
-    p.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"),
-                   help="volume size in voxels (0.7 mm); default: HCP's 320 320 256")
+    p.add_argument("--out", default=None, help="cohort root; subjects go to OUT/" + HCP_T1W + " (--layout hcp) "
+                   "or OUT/<id>.nii.gz (--layout flat)")
+    p.add_argument("--anatomy", choices=ANATOMIES, default="mni",
+                   help="mni: real T1 brains (skull-stripped, 1 mm) made from the ICBM152 2009 template nilearn ships, "
+                        "every subject a deformation of that one averaged template; phantom: procedural full heads "
+                        "(scalp, skull, 0.7 mm, any --shape; fast, for tests)")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="phantom only: volume size in voxels (default HCP's 320 320 256); mni: the template's brain box")
+    p.add_argument("--voxel-mm", type=float, default=None,
+                   help="isotropic voxel size (default: the anatomy's own, mni 1.0, phantom 0.7)")
+    p.add_argument("--layout", choices=LAYOUTS, default="hcp",
+                   help="hcp: HCP's folders with T1w/brainmask_fs.nii.gz beside each scan; flat: OUT/<id>.nii.gz")
     p.add_argument("--seed", type=int, default=0, help="cohort seed: same seed, byte-identical files")
     p.add_argument("--first-id", type=int, default=None, help="first six-digit subject id")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,8 +223,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--n and --out are required (or use --preview SUBJECT PNG)")
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
-    paths = write_cohort(args.out, args.n, tuple(args.shape), args.seed, args.first_id,
-                         progress=not args.no_progress)
-    print(f"{len(paths)} synthetic subjects written under {Path(args.out).resolve()} "
-          f"({HCP_T1W.format(subject='<id>')}), e.g. {paths[0]}")
+    if args.voxel_mm is not None and not args.voxel_mm > 0:
+        raise ValueError(f"--voxel-mm must be positive, got {args.voxel_mm}")
+    shape = None if args.shape is None else tuple(args.shape)
+    paths = write_cohort(args.out, args.n, shape, args.seed, args.first_id, progress=not args.no_progress,
+                         anatomy=args.anatomy, voxel_mm=args.voxel_mm, layout=args.layout)
+    what = {"mni": "real-anatomy (ICBM152 2009 template)", "phantom": "phantom"}[args.anatomy]
+    print(f"{len(paths)} {what} subjects written under {Path(args.out).resolve()}, e.g. {paths[0]}")
     return 0

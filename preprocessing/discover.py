@@ -3,6 +3,7 @@ folders by a seeded split (paper, II-C: 120 / 120 / 30 / 30), or your own scans 
 (`plan_own`: data.own, README "Your own data")."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -21,6 +22,9 @@ HCP_T1W = "{subject}/unprocessed/3T/T1w_MPR1/{subject}_3T_T1w_MPR1.nii.gz"
 HCP_T1W_ACPC = "{subject}/T1w/T1w_acpc_dc_restore.nii.gz"
 
 TEMPLATES = {"hcp": HCP_T1W, "hcp_acpc": HCP_T1W_ACPC}
+# HCP's brain mask (FreeSurfer's, on the T1w_acpc_dc_restore grid); the synthetic cohorts write one
+# on their scan's grid. Preprocessing uses it where its grid is the scan's (`brain_mask_file`).
+HCP_BRAINMASK = "{subject}/T1w/brainmask_fs.nii.gz"
 
 
 def hcp_files(root: str | Path, layout: str = "hcp") -> list[Path]:
@@ -39,6 +43,9 @@ class Subject:
     # own data (plan_own): the acquired LR of a paired val/test subject
     lr_input: str | None = None
     lr_val: bool = False  # a target LR scan also written as an LR-only val volume
+    # HCP layouts: the subject's T1w/brainmask_fs.nii.gz where it exists (val / test volumes store
+    # it as their brain mask when it lies on the scan's grid: preprocessing.subject.brain_mask)
+    brain: str | None = None
     # found unusable at discovery or while planning (unusable id, symlink loop, a name in two
     # roles, ...): the subject fails alone with this
     error: str | None = None
@@ -89,7 +96,9 @@ def discover(root: str | Path, layout: str) -> list[Subject]:
     if layout in TEMPLATES:
         for d in sorted(root.iterdir()):
             if not d.name.startswith(".") and (d.is_dir() or _path_problem(str(d))):
-                subjects.append(_checked(d.name, str(root / TEMPLATES[layout].format(subject=d.name))))
+                sub = _checked(d.name, str(root / TEMPLATES[layout].format(subject=d.name)))
+                mask = root / HCP_BRAINMASK.format(subject=d.name)
+                subjects.append(dataclasses.replace(sub, brain=str(mask)) if mask.is_file() else sub)
     elif layout == "flat":
         for f in sorted(root.iterdir()):
             if not f.name.startswith(".") and f.name.endswith(NIFTI_SUFFIXES) and not f.is_dir():
@@ -132,7 +141,7 @@ def split(subjects: list[Subject], cfg: DataConfig) -> list[Subject]:
     groups = ["unused"] * n
     for g, idx in zip(order, perm):
         groups[idx] = g
-    return [Subject(s.id, s.input, g, error=s.error) for s, g in zip(subjects, groups)]
+    return [dataclasses.replace(s, group=g) for s, g in zip(subjects, groups)]
 
 
 def plan(cfg: DataConfig) -> list[Subject]:

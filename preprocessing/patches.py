@@ -54,18 +54,22 @@ def lattice(shape: tuple[int, ...], size: tuple[int, ...], strides: tuple[int, .
     return np.stack([g.ravel() for g in grid], axis=1).astype(np.int32)
 
 
-def foreground_fraction(vol: np.ndarray, origins: np.ndarray, size: tuple[int, ...], threshold: float) -> np.ndarray:
-    """(K,) fraction of voxels > threshold in each patch, from a summed-volume table."""
+def box_means(vol: np.ndarray, origins: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """(K,) mean of `vol` over each patch of `size` at `origins`, from a summed-volume table."""
     if len(origins) == 0:
         return np.zeros(0)
-    fg = (vol > threshold).astype(np.int64)
-    sat = np.zeros(tuple(n + 1 for n in vol.shape), dtype=np.int64)
-    sat[1:, 1:, 1:] = fg.cumsum(0).cumsum(1).cumsum(2)
+    sat = np.zeros(tuple(n + 1 for n in vol.shape), dtype=np.float64)
+    sat[1:, 1:, 1:] = np.asarray(vol, dtype=np.float64).cumsum(0).cumsum(1).cumsum(2)
     z0, y0, x0 = origins[:, 0], origins[:, 1], origins[:, 2]
     z1, y1, x1 = z0 + size[0], y0 + size[1], x0 + size[2]
     total = (sat[z1, y1, x1] - sat[z0, y1, x1] - sat[z1, y0, x1] - sat[z1, y1, x0]
              + sat[z0, y0, x1] + sat[z0, y1, x0] + sat[z1, y0, x0] - sat[z0, y0, x0])
     return total / float(np.prod(size))
+
+
+def foreground_fraction(vol: np.ndarray, origins: np.ndarray, size: tuple[int, ...], threshold: float) -> np.ndarray:
+    """(K,) fraction of voxels > threshold in each patch."""
+    return box_means(vol > threshold, origins, size)
 
 
 def select_origins(fg_vol: np.ndarray, cfg: PatchConfig, rng: np.random.Generator) -> np.ndarray:

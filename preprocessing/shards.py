@@ -107,6 +107,7 @@ class VolumePair:
     group: str
     slice_axis: int = 0
     lr_source: str = "synthetic"
+    brain: np.ndarray | None = None  # (S, A, B) uint8 brain mask, where the scan came with one on its grid
 
     def to_canonical(self, a: np.ndarray) -> np.ndarray:
         return from_stored(a, self.slice_axis)
@@ -123,10 +124,10 @@ def write_volume(path: str | os.PathLike, vol: VolumePair, storage: StorageConfi
     comp = _compression(storage)
     image = io.BytesIO()
     with h5py.File(image, "w", libver=LIBVER) as f:
-        for name, arr in (("hr", vol.hr), ("lr", vol.lr), ("mask", vol.mask)):
-            if arr is None:  # an LR-only volume
+        for name, arr in (("hr", vol.hr), ("lr", vol.lr), ("mask", vol.mask), ("brain", vol.brain)):
+            if arr is None:  # an LR-only volume; a volume without a brain mask
                 continue
-            arr = arr.astype(np.uint8 if name == "mask" else np.float32)
+            arr = arr.astype(np.uint8 if name in ("mask", "brain") else np.float32)
             kw = dict(chunks=(1, *arr.shape[1:]), **comp) if comp else {}
             f.create_dataset(name, data=arr, track_times=False, **kw)
         f.attrs["hr_affine"] = np.asarray(vol.hr_affine, dtype=np.float64)
@@ -186,7 +187,8 @@ def read_volume(path: str | os.PathLike) -> VolumePair:
                 hr=None if lr_only else f["hr"][()], lr=f["lr"][()], mask=None if lr_only else f["mask"][()],
                 hr_affine=np.asarray(f.attrs["hr_affine"]), lr_affine=np.asarray(f.attrs["lr_affine"]),
                 subject=str(f.attrs["subject"]), group=str(f.attrs["group"]),
-                slice_axis=int(f.attrs["slice_axis"]), lr_source=str(f.attrs.get("lr_source", "synthetic")))
+                slice_axis=int(f.attrs["slice_axis"]), lr_source=str(f.attrs.get("lr_source", "synthetic")),
+                brain=f["brain"][()] if "brain" in f else None)
     except (OSError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable volume file ({type(exc).__name__}: {exc})") from None
 
@@ -196,7 +198,7 @@ def check_file(path: str | os.PathLike, kind: str, expected_count: int | None = 
     try:
         with h5py.File(path, "r") as f:
             if kind == "volume":
-                for name in ("hr", "lr", "mask") if "hr" in f else ("lr",):
+                for name in (("hr", "lr", "mask") if "hr" in f else ("lr",)) + (("brain",) if "brain" in f else ()):
                     _ = f[name][()]
                 for a in ("hr_affine", "lr_affine", "subject", "slice_axis"):
                     _ = f.attrs[a]

@@ -56,6 +56,19 @@ def head_mask(hr: np.ndarray, threshold: float) -> np.ndarray:
     return ndimage.binary_fill_holes(m).astype(np.uint8)
 
 
+def brain_mask(subject: Subject, affine: np.ndarray, shape: tuple[int, ...], notes: list[str]) -> np.ndarray | None:
+    """The subject's brain mask (canonical, uint8) where its file lies on the scan's canonical
+    grid (`affine`, `shape`, before any crop), else None with a note: HCP's brainmask_fs is on the
+    acpc grid, which world coordinates do not relate to the unprocessed scan's."""
+    if not subject.brain:
+        return None
+    img = nib.as_closest_canonical(nifti.read_canonical(subject.brain))
+    if tuple(img.shape) != tuple(shape) or not np.allclose(img.affine, affine, atol=1e-3):
+        notes.append(f"{subject.brain}: not on the scan's grid ({tuple(img.shape)} vs {tuple(shape)}): no brain region")
+        return None
+    return (nifti.voxel_data(img, subject.brain) > 0.5).astype(np.uint8)
+
+
 def subject_degradation(cfg: DataConfig, sid: str) -> DegradationConfig:
     """The subject's degradation: the configured effects, or for level `mixed` its own draw
     from (data.seed, subject) (its "scanner"; the same for every rank and rerun)."""
@@ -204,11 +217,14 @@ def build(subject: Subject, cfg: DataConfig, out: Path, row: SubjectRow, timings
     t = time.perf_counter()
     hr_s = patches.to_stored(hr, ax)
     mask = head_mask(hr_s, cfg.patches.foreground_threshold)
+    brain = None if own else brain_mask(subject, vol.affine, vol.data.shape, notes)
+    if brain is not None:
+        brain = patches.to_stored(kspace.even_crop(brain, scale), ax)
     hr_aff = patches.stored_affine(vol.affine, ax)
     lr_aff = hr_aff @ np.diag([*stored_scale(cfg), 1]).astype(np.float64)
     path = shard_file(out, group, sid)
     write_volume(path, VolumePair(hr=hr_s, lr=lr_s, mask=mask, hr_affine=hr_aff, lr_affine=lr_aff, subject=sid,
-                                  group=group, slice_axis=ax), cfg.storage)
+                                  group=group, slice_axis=ax, brain=brain), cfg.storage)
     shards.append(_shard_row(out, path, group, sid, "volume", 0))
     timings["write"] = time.perf_counter() - t
     row.shards["volume"] = shards[-1].path

@@ -29,6 +29,7 @@ GM = 4  # cortical grey matter (cerebrum and cerebellum)
 WM = 5  # white matter, brainstem included
 DEEP_GM = 6  # thalamus, caudate, putamen
 VENTRICLES = 7  # lateral and third ventricles
+BRAIN_LABELS = (CSF, GM, WM, DEEP_GM, VENTRICLES)  # inside the skull: the brain mask of a subject
 LABEL_NAMES = {BACKGROUND: "background", SCALP: "scalp", SKULL: "skull", CSF: "CSF", GM: "GM",
                WM: "WM", DEEP_GM: "deep GM", VENTRICLES: "ventricles"}
 

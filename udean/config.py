@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_serializer, model_validator
 
 from hpc.atomic import atomic_write_text
 from preprocessing.config import ConfigError, DataConfig, Section
@@ -104,6 +104,19 @@ class LossConfig(Section):
     # ours, not the paper's: weight of a match of X_{s~t}'s noise level to X_t's (losses.noise_loss,
     # the finest Haar band): holds the spectrum match off its noise-and-blur ridge (issue 19); 0: off
     lambda_noise: float = Field(0.0, ge=0.0)
+    # ours, not the paper's: weight of a penalty on every frequency the learned blur
+    # (model.degradation: physics) amplifies (|H(k)| > 1, models/degradation.py `LearnedBlur.excess`):
+    # no acquisition raises a frequency above what k-space truncation keeps. Without it the spectrum
+    # match sharpened X_{s~t} where the source HR was smoother than the target's anatomy, and the SR
+    # learned to blur (docs/quality.md "Real anatomy"); 0: off
+    lambda_bound: float = Field(0.0, ge=0.0)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_bound(self, handler):
+        d = handler(self)  # runs made before the key existed keep the config (and resume) they had
+        if isinstance(d, dict) and not self.lambda_bound:
+            d.pop("lambda_bound", None)
+        return d
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
@@ -125,6 +138,12 @@ class TrainConfig(Section):
     batch_size: int = Field(8, ge=1)  # LR patches per batch, per rank
     lr: float = Field(1e-4, gt=0.0)
     lr_min: float = Field(1e-8, ge=0.0)
+    # ours: learning rates of their own (null: `lr`), on the same cosine schedule, for the physics
+    # degradation's few parameters (model.degradation: physics; blur taps and noise sigma, scaled to
+    # move 1e-2 per step at 1e-3) and for the discriminators' engine. The SR network learns faster at
+    # a higher lr than these tolerate (docs/quality.md "Real anatomy")
+    lr_degradation: float | None = Field(None, gt=0.0)
+    lr_discriminator: float | None = Field(None, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0.0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -162,6 +181,15 @@ class TrainConfig(Section):
     # the manifest's sha256) and read from ($SLURM_TMPDIR, /local/scratch/$USER: variables are
     # expanded on each node); null: read data.out (udean/data/stage.py, docs/hpc.md)
     stage_dir: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_lrs(self, handler):
+        d = handler(self)  # runs made before these keys existed keep the config (and resume) they had
+        if isinstance(d, dict):
+            for k in ("lr_degradation", "lr_discriminator"):
+                if getattr(self, k) is None:
+                    d.pop(k, None)
+        return d
 
     @field_validator("augment", "augment_source", mode="before")
     @classmethod

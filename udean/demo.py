@@ -4,7 +4,9 @@
     udean demo --out /tmp/d --quick # smallest everything (tests)
 
 Stages, each with its own progress bar:
-  1. cohort      synthetic HCP-like T1w subjects (`udean cohort`), small shapes
+  1. cohort      synthetic subjects (`udean cohort`): real anatomy by default (`--anatomy mni`:
+                 deformed copies of the ICBM152 2009 T1 template, 1 mm brains), or the procedural
+                 phantom (`--anatomy phantom`: small full heads, 0.7 mm)
   2. preprocess  `mpirun -n 2 udean preprocess`: split, k-space degradation, patches -> HDF5
                  shards + manifest (MPI, one subject per task)
   3. train       `udean train`: UDEAN, unpaired, DeepSpeed (one process, or `--train-ranks N`
@@ -42,6 +44,7 @@ QUICK = [
 # of training; UDEAN 24.58 dB / 0.7707, tricubic 24.30 dB / 0.7614 (README).
 DEMO = ["train.epochs=10", "train.steps_per_epoch=100", "train.checkpoint_every=100"]
 QUICK_SHAPE = (64, 64, 48)
+QUICK_VOXEL_MM = 3.0  # --quick on the mni anatomy: the template's brain at 3 mm (about 54 x 66 x 58)
 DEMO_SHAPE = (96, 96, 80)
 
 
@@ -49,8 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(config="demo")
     p.description = f"{p.description}. --config defaults to the shipped demo config here."
     p.add_argument("--out", default="demo_out", help="everything goes here (default: demo_out/)")
+    p.add_argument("--anatomy", choices=("mni", "phantom"), default="mni",
+                   help="mni: real T1 brains made from the ICBM152 2009 template (1 mm, skull-stripped); phantom: "
+                        "the procedural full-head phantom (0.7 mm, faster, what the tests use)")
     p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help=f"synthetic volume size, 0.7 mm voxels (default {' '.join(map(str, DEMO_SHAPE))})")
+                   help=f"phantom only: volume size, 0.7 mm voxels (default {' '.join(map(str, DEMO_SHAPE))}; "
+                        f"--quick: {' '.join(map(str, QUICK_SHAPE))}); mni: the template's brain box")
     p.add_argument("--ranks", type=int, default=2, help="MPI ranks for preprocessing (default 2)")
     p.add_argument("--train-ranks", type=int, default=1, help="training processes (torchrun when > 1)")
     p.add_argument("--quick", action="store_true", help="smallest everything: a smoke test in about a minute")
@@ -87,16 +94,22 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, console) -> int:
     from rich.table import Table
 
-    from preprocessing.cohort import cohort_ready
+    from preprocessing.cohort import cohort_ready, cohort_shape, default_voxel_mm
     from udean.config import load, save
 
     t_all = time.perf_counter()
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    shape = tuple(args.shape or (QUICK_SHAPE if args.quick else DEMO_SHAPE))
+    if args.anatomy == "mni":
+        voxel = QUICK_VOXEL_MM if args.quick else default_voxel_mm("mni")
+        shape = cohort_shape("mni", None if args.shape is None else tuple(args.shape), voxel)
+    else:
+        voxel = default_voxel_mm("phantom")
+        shape = tuple(args.shape or (QUICK_SHAPE if args.quick else DEMO_SHAPE))
     overrides = (QUICK if args.quick else DEMO) + list(args.overrides) + [
-        f"data.root={out / 'cohort'}", "data.layout=hcp", f"data.out={out / 'data'}", f"train.out={out / 'run'}"]
+        f"data.root={out / 'cohort'}", "data.layout=hcp", f"data.voxel_size_mm={voxel}", f"data.out={out / 'data'}",
+        f"train.out={out / 'run'}"]
     cfg = load(args.config or "demo", overrides)  # not args.cfg: the paths above must win
     if args.ranks < 1 or args.train_ranks < 1:
         raise ValueError("--ranks and --train-ranks must be >= 1")
@@ -109,7 +122,8 @@ def _run(args: argparse.Namespace, console) -> int:
         raise ValueError("the demo needs data.split.preset=counts (it makes exactly that many subjects)")
     timings: dict[str, float] = {}
     console.rule(f"[bold]UDEAN demo[/] -> {out}")
-    console.print(f"{n_subjects} synthetic subjects {shape[0]}x{shape[1]}x{shape[2]} (source/target/val/test "
+    console.print(f"{n_subjects} {args.anatomy} subjects {shape[0]}x{shape[1]}x{shape[2]} at {voxel:g} mm "
+                  f"(source/target/val/test "
                   f"{'/'.join(map(str, n))}), {args.ranks} MPI ranks, {args.train_ranks} training process(es); "
                   f"config: {config}", highlight=False)
 
@@ -117,11 +131,12 @@ def _run(args: argparse.Namespace, console) -> int:
     t = time.perf_counter()
     console.rule("[bold]1/4 synthetic cohort")
     root = out / "cohort"
-    if cohort_ready(root, n_subjects, shape):
+    if cohort_ready(root, n_subjects, shape, voxel_mm=voxel):
         console.print(f"kept {root} ({n_subjects} subjects)")
     else:
         shutil.rmtree(root, ignore_errors=True)
-        _call([executable("udean"), "cohort", "--n", str(n_subjects), "--out", str(root), "--shape", *map(str, shape),
+        _call([executable("udean"), "cohort", "--anatomy", args.anatomy, "--n", str(n_subjects), "--out", str(root),
+               *(["--shape", *map(str, shape)] if args.anatomy == "phantom" else []), "--voxel-mm", str(voxel),
                "--seed", str(cfg.data.split.seed)], console, "cohort")
     timings["cohort"] = time.perf_counter() - t
 

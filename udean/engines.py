@@ -64,6 +64,33 @@ def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
     return ds
 
 
+def supported_precisions() -> tuple[str, ...]:
+    """The `train.precision` values this machine's DeepSpeed accelerator can run, asked as
+    `deepspeed.initialize` asks it (its sanity check): fp32 always; bf16 and fp16 where the
+    accelerator says so. On a CPU, fp16 needs oneDNN fp16 kernels (AVX512-FP16 / AMX-FP16), which
+    many CPUs lack (AMD EPYC among them); bf16 runs on every CPU (emulated where there is no
+    AVX512-BF16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return tuple(p for p, ok in (("fp32", True), ("bf16", acc.is_bf16_supported()), ("fp16", acc.is_fp16_supported()))
+                 if ok)
+
+
+def check_precision(precision: str) -> None:
+    """ValueError naming `train.precision`, the device and what it supports, where DeepSpeed would
+    refuse the precision at initialize (with a traceback from inside it, after the work before)."""
+    ok = supported_precisions()
+    if precision not in ok:
+        from deepspeed.accelerator import get_accelerator
+
+        name = get_accelerator().device_name()
+        what = "this CPU (oneDNN has no fp16 kernels here)" if name == "cpu" and precision == "fp16" else \
+            f"this {name} device"
+        raise ValueError(f"train.precision={precision} is not supported on {what}: DeepSpeed's {name} accelerator "
+                         f"supports {', '.join(ok)}; set train.precision={'bf16' if 'bf16' in ok else 'fp32'}")
+
+
 def cosine_lr_factor(step: int, total_steps: int, lr: float, lr_min: float) -> float:
     """Multiplier of the base lr at optimizer step `step`: cosine from lr to lr_min over
     `total_steps`, then flat at lr_min (paper, II-D: 1e-4 -> 1e-8)."""
@@ -133,6 +160,7 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines would drown rank 0's progress
+    check_precision(cfg.train.precision)
     _allow_deepspeed_checkpoint_types()
     ds = deepspeed_config(cfg.train)
     engines = []
@@ -141,13 +169,31 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
         # one dict per engine: DeepSpeed keeps the dict it is given, and before 0.19.1 popped
         # `torch_adam` out of it, so a shared dict gave the second engine FusedAdam
         engine, *_ = deepspeed.initialize(
-            args=ds_args, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+            args=ds_args, model=module, model_parameters=param_groups(module, cfg.train, module is discriminators),
             config=copy.deepcopy(ds), lr_scheduler=lambda opt: cosine_schedule(opt, cfg.train, total_steps),
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
         _cast_buffers(engine.module, PRECISION_DTYPE[cfg.train.precision])
         engines.append(engine)
     return Engines(g=engines[0], d=engines[1], dtype=PRECISION_DTYPE[cfg.train.precision])
+
+
+def param_groups(module: nn.Module, train: TrainConfig, discriminator: bool = False) -> list[dict]:
+    """The optimizer's parameter groups of one engine: every trainable parameter at `train.lr`,
+    except the discriminators' at `train.lr_discriminator` and the physics degradation's (the
+    generator's `blur` and `noise` modules) at `train.lr_degradation`, where those are set. The
+    cosine schedule scales every group's lr alike."""
+    own = train.lr_discriminator if discriminator else train.lr_degradation
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    special = [p for n, p in params if discriminator or n.split(".", 1)[0] in DEGRADATION_PARTS]
+    if own is None or not special:
+        return [{"params": [p for _, p in params]}]
+    ids = {id(p) for p in special}
+    rest = [p for _, p in params if id(p) not in ids]
+    return ([{"params": rest}] if rest else []) + [{"params": special, "lr": own}]
+
+
+DEGRADATION_PARTS = ("blur", "noise")  # the Generator's physics degradation (models/degradation.py)
 
 
 def _cast_buffers(module: nn.Module, dtype: torch.dtype) -> None:

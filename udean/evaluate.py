@@ -13,8 +13,10 @@ prediction on the HR grid; every prediction is scored on the same voxels:
   every voxel, background included, like the paper's whole-volume numbers; `head` the voxels
   inside the dilated head (`head_mask`, computed from the HR at evaluation time), where the
   anatomy is: a noisy background makes whole-volume scores reward denoising a threshold would
-  also give, so decisions about a method are made on the head; `bbox` (an extra) the bounding
-  box of the stored head mask (+ 4 voxels). Score keys: `psnr`, `ssim` (whole volume) and
+  also give, so decisions about a method are made on the head; `brain` (an extra) the brain
+  mask the volume file stores (scans that came with one on their grid: the synthetic cohorts'
+  T1w/brainmask_fs.nii.gz; volumes without one get no brain scores); `bbox` (an extra) the
+  bounding box of the stored head mask (+ 4 voxels). Score keys: `psnr`, `ssim` (whole volume) and
   `psnr_<region>`, `ssim_<region>` for every other region;
 - scores (`SCORES`): PSNR (dB, data range 1) and mean per-slice SSIM (2D Gaussian window, the
   loss's `ssim_window`, slices along the acquisition axis) from udean.metrics, the functions
@@ -119,24 +121,33 @@ def head_mask(hr: np.ndarray, smooth: float = 1.0, threshold: float = 0.05, dila
 Scored = tuple[Box, "np.ndarray | None"]  # the box scored, and inside it the voxels (None: all)
 
 
-def _volume(hr: np.ndarray, mask: np.ndarray) -> Scored:
-    return whole(mask), None
+def _volume(hr: np.ndarray, vol: VolumePair, grid: Box) -> Scored | None:
+    return whole(hr), None
 
 
-def _head(hr: np.ndarray, mask: np.ndarray) -> Scored:
-    m = head_mask(hr)
-    box = bbox(m)  # the SSIM windows of voxels at the head's edge stay inside the box (margin 4 > 3)
+def _in(m: np.ndarray) -> Scored:
+    box = bbox(m)  # the SSIM windows of voxels at the mask's edge stay inside the box (margin 4 > 3)
     return box, m[box]
 
 
-def _bbox(hr: np.ndarray, mask: np.ndarray) -> Scored:
-    return bbox(mask), None
+def _head(hr: np.ndarray, vol: VolumePair, grid: Box) -> Scored | None:
+    return _in(head_mask(hr))
 
 
-# name -> (what it is, f(HR, stored mask, both on the score grid) -> (scored box, voxels in it))
-REGIONS: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], Scored]]] = {
+def _brain(hr: np.ndarray, vol: VolumePair, grid: Box) -> Scored | None:
+    return None if vol.brain is None else _in(vol.brain[grid].astype(bool))
+
+
+def _bbox(hr: np.ndarray, vol: VolumePair, grid: Box) -> Scored | None:
+    return bbox(vol.mask[grid]), None
+
+
+# name -> (what it is, f(HR on the score grid, the volume, the score grid) -> (scored box, voxels
+# in it), or None where the volume has no such region: no scores of it for that volume)
+REGIONS: dict[str, tuple[str, Callable[[np.ndarray, VolumePair, Box], Scored | None]]] = {
     "volume": ("whole volume", _volume),
     "head": ("dilated head mask", _head),
+    "brain": ("brain mask (volumes that have one)", _brain),
     "bbox": ("head-mask bounding box", _bbox),
 }
 ALWAYS = ("volume", "head")  # the regions every table reports
@@ -265,7 +276,8 @@ class Evaluator:
         """Every method on one volume -> ({name: prediction}, {name: scores of every region})."""
         grid = score_grid(vol)
         hr = None if vol.hr is None else np.asarray(vol.hr, dtype=np.float32)
-        scored = {} if hr is None else {r: REGIONS[r][1](hr[grid], vol.mask[grid]) for r in self.regions}
+        scored = {} if hr is None else {r: REGIONS[r][1](hr[grid], vol, grid) for r in self.regions}
+        scored = {r: v for r, v in scored.items() if v is not None}
         lr = torch.as_tensor(np.ascontiguousarray(vol.lr, dtype=np.float32))
         preds, scores = {}, {}
         for name, fn in self.methods.items():

@@ -24,6 +24,8 @@ Choices where the paper is open (also in LossConfig / ModelConfig):
   `lambda_spectrum` adds `spectrum_loss` (X_{s~t}'s log power spectrum against X_t's; not
   warmed up: with `model.cycle_detach` it only moves the degradation network).
   `lambda_noise` adds `noise_loss` (X_{s~t}'s noise level against X_t's; not warmed up either).
+  `lambda_bound` adds the learned blur's amplification (`LearnedBlur.excess`, in `out` as
+  "blur_excess" when the generator has a physics degradation): no frequency above 1.
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def active_terms(cfg) -> tuple[str, ...]:
 def forward_args(cfg) -> dict:
     """The keyword arguments of `Generator.forward` for this loss: the outputs its active terms
     read, and the sigma branch when `lambda_noise` is on."""
-    return {"outputs": sorted({o for k in active_terms(cfg) for o in NEEDS[k]}), "sigma_branch": bool(cfg.lambda_noise)}
+    outputs = {o for k in active_terms(cfg) for o in NEEDS[k]} | ({"blur_excess"} if cfg.lambda_bound else set())
+    return {"outputs": sorted(outputs), "sigma_branch": bool(cfg.lambda_noise)}
 
 
 def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -157,6 +160,9 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
     if cfg.lambda_noise:
         t["noise"] = noise_loss(out.get("x_st_sigma", out["x_st"]), x_t)
         total = total + cfg.lambda_noise * t["noise"]
+    if cfg.lambda_bound and "blur_excess" in out:
+        t["bound"] = out["blur_excess"]
+        total = total + cfg.lambda_bound * t["bound"]
     t["total"] = total
     return total, t
 

@@ -43,7 +43,7 @@ from udean import checkpoint
 from udean.config import Config, TrainConfig, save as save_config
 from udean.data.sampler import UnpairedSampler
 from udean.data.shards import PatchShards, UnpairedPatches, check_source_margin
-from udean.engines import Engines, build_engines
+from udean.engines import Engines, build_engines, check_precision
 from udean.logs import Logs
 from udean.models.udean import build, inference_state_dict
 from udean.losses import adapt_scale
@@ -158,6 +158,7 @@ def train(cfg: Config, dist=None, preempt=None, restart: bool = False) -> int:
     from hpc.dist import init
     from hpc.signals import Preemption
 
+    check_precision(cfg.train.precision)  # before any work: DeepSpeed would refuse it at initialize, after setup
     own_dist, own_preempt = dist is None, preempt is None
     dist = init(cfg.train.backend) if own_dist else dist
     preempt = Preemption.install() if own_preempt else preempt

@@ -105,8 +105,8 @@ def reached_step(metrics: Path, step: int) -> bool:
 def data(cluster, tmp_path_factory) -> Path:
     """A 6-subject synthetic cohort, preprocessed by sbatch slurm/preprocess_hcp.sh on 2 MPI ranks."""
     work = tmp_path_factory.mktemp("slurm")
-    subprocess.run(["udean", "cohort", "--n", "6", "--out", str(work / "hcp"), "--shape", "48", "48", "48",
-                    "--no-progress"], check=True, capture_output=True)
+    subprocess.run(["udean", "cohort", "--anatomy", "phantom", "--n", "6", "--out", str(work / "hcp"),
+                    "--shape", "48", "48", "48", "--no-progress"], check=True, capture_output=True)
     env = job_env(UDEAN_MPI_LAUNCH="mpirun", UDEAN_CONFIG="tiny",
                   UDEAN_DATA_ROOT=str(work / "hcp"), UDEAN_DATA=str(work / "data"))
     log = work / "preprocess.out"

@@ -64,8 +64,8 @@ def shard_sums(data: Path) -> dict[str, str]:
 def data2(env2, tmp_path_factory) -> Path:
     """6 subjects (48^3), preprocessed by sbatch slurm/preprocess_hcp.sh: mpirun over 2 nodes."""
     work = tmp_path_factory.mktemp("two_node")
-    run2([str(Path(sys.executable).parent / "udean"), "cohort", "--n", "6", "--out", str(work / "hcp"),
-          "--shape", "48", "48", "48", "--no-progress"], env2)
+    run2([str(Path(sys.executable).parent / "udean"), "cohort", "--anatomy", "phantom", "--n", "6",
+          "--out", str(work / "hcp"), "--shape", "48", "48", "48", "--no-progress"], env2)
     log = work / "preprocess.out"
     job = sbatch("slurm/preprocess_hcp.sh", [], [*ONE_PER_NODE, f"--output={log}"],
                  {**env2, **MPIRUN, "UDEAN_CONFIG": "tiny", "UDEAN_DATA_ROOT": str(work / "hcp"),

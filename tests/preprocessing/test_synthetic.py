@@ -78,7 +78,8 @@ def test_nifti_loads_with_affine_as_sform_and_qform(tmp_path):
 def test_cli_writes_cohort_at_hcp_path(tmp_path):
     out = tmp_path / "cohort"
     udean = Path(sys.executable).parent / "udean"
-    res = subprocess.run([str(udean), "cohort", "--n", "3", "--shape", *map(str, SMALL), "--out", str(out)],
+    res = subprocess.run([str(udean), "cohort", "--anatomy", "phantom", "--n", "3", "--shape", *map(str, SMALL),
+                          "--out", str(out)],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
@@ -89,7 +90,9 @@ def test_cli_writes_cohort_at_hcp_path(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--n", "0", "--out", "x"], "at least 1"),
-    (["--n", "2", "--out", "x", "--shape", "16", "96", "80"], "at least 32"),
+    (["--n", "2", "--out", "x", "--anatomy", "phantom", "--shape", "16", "96", "80"], "at least 32"),
+    (["--n", "2", "--out", "x", "--shape", "64", "64", "48"], "--shape is the phantom's"),  # mni: the template's box
+    (["--n", "2", "--out", "x", "--voxel-mm", "0"], "--voxel-mm must be positive"),
     (["--n", "2"], "--out"),
 ])
 def test_cli_bad_arguments_fail_with_a_clear_message(tmp_path, monkeypatch, capsys, argv, message):

@@ -1,7 +1,9 @@
 """Both DeepSpeed engines and the training step on 2 real ranks (torchrun, gloo), for every
 `train.precision` x `train.zero_stage` the config accepts: each engine has its own DeepSpeed
-dict and torch's Adam; every combination steps; the step agrees on its flags (non-finite loss,
-preemption) in one all-reduce with one host read.
+dict and torch's Adam; every combination this machine's accelerator supports steps, and the
+others (fp16 on a CPU without oneDNN fp16) are refused by `check_precision` exactly where
+DeepSpeed refuses them; the step agrees on its flags (non-finite loss, preemption) in one
+all-reduce with one host read.
 
 The worker below (this file run as a script by torchrun) records what it saw per rank in JSON;
 the test asserts on it.
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 if __name__ == "__main__":  # run by torchrun as a script: make `tests` and `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -28,7 +32,9 @@ def worker(out: str) -> None:
     from benchmarks.zero_precision import HostSyncs
     from hpc.dist import init
     from udean.config import load
-    from udean.engines import build_engines, deepspeed_config
+    import deepspeed
+
+    from udean.engines import build_engines, deepspeed_config, supported_precisions
     from udean.models.udean import build
     from udean.steps import train_step
 
@@ -38,6 +44,19 @@ def worker(out: str) -> None:
         cfg = load("paper", TINY + [f"train.precision={precision}", f"train.zero_stage={zero}"])
         torch.manual_seed(0)
         gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+        if precision not in supported_precisions():  # e.g. fp16 on a CPU without oneDNN fp16 (AMD EPYC)
+            refused = {}
+            try:
+                build_engines(cfg, gen, discs, total_steps=100, device=dist.device)
+            except ValueError as exc:
+                refused["ours"] = str(exc)
+            try:  # DeepSpeed itself, without our check: the refusal must be its own answer, not ours
+                deepspeed.initialize(model=gen, model_parameters=list(gen.parameters()),
+                                     config=deepspeed_config(cfg.train), dist_init_required=False)
+            except ValueError as exc:
+                refused["deepspeed"] = str(exc)
+            seen[f"{precision}/{zero}"] = {"refused": refused}
+            continue
         engines = build_engines(cfg, gen, discs, total_steps=100, device=dist.device)
         g, d = engines.g, engines.d
         y = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -70,6 +89,23 @@ def worker(out: str) -> None:
             "our_collectives": sum(n for o, n in counted.collectives.items() if o in ("udean", "hpc")),
         }
         del engines, g, d
+    # learning rates of their own for the degradation and the discriminators (train.lr_degradation,
+    # lr_discriminator): the groups reach the optimizer DeepSpeed wraps, and the schedule scales them alike
+    for precision, zero in (("bf16", 1), ("fp32", 0)):
+        cfg = load("recommended", TINY + [f"train.precision={precision}", f"train.zero_stage={zero}", "train.lr=3e-3",
+                                          "train.lr_degradation=1e-3", "train.lr_discriminator=2e-3",
+                                          "model.source_margin=[0,0]"])
+        gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+        engines = build_engines(cfg, gen, discs, total_steps=4, device=dist.device)
+        y = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
+        x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        lrs = [[[pg["lr"] for pg in e.optimizer.param_groups] for e in (engines.g, engines.d)]]
+        blur = gen.blur.plane.detach().float().clone()
+        for _ in range(2):
+            train_step(engines, y, x, cfg.loss, dist)
+        lrs.append([[pg["lr"] for pg in e.optimizer.param_groups] for e in (engines.g, engines.d)])
+        seen[f"groups {precision}/{zero}"] = {"lrs": lrs, "blur_moved": not torch.equal(blur, gen.blur.plane.float())}
+        del engines
     Path(out, f"rank{dist.rank}.json").write_text(json.dumps(seen))
     dist.shutdown()
 
@@ -79,9 +115,23 @@ def test_every_tested_precision_and_zero_stage_steps_and_the_step_agrees_on_its_
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        groups = {k: seen.pop(k) for k in list(seen) if k.startswith("groups")}
+        assert set(groups) == {"groups bf16/1", "groups fp32/0"}, groups
         assert set(seen) == {f"{p}/{z}" for p, z in COMBOS}
+        for combo, s in groups.items():
+            (g0, d0), (g2, d2) = s["lrs"]
+            assert g0 == pytest.approx([3e-3, 1e-3]) and d0 == pytest.approx([2e-3]), (combo, s)
+            # cosine over 4 steps, at step 2: every group at the same fraction of its own lr
+            assert [a / b for a, b in zip(g2 + d2, g0 + d0)] == pytest.approx([g2[0] / g0[0]] * 3) and g2[0] < g0[0]
+            assert s["blur_moved"], combo  # the degradation's group is trained
         for combo, s in seen.items():
             where = f"rank {rank}, {combo}: {s}"
+            if "refused" in s:  # a precision this machine's accelerator cannot run: refused by us as by DeepSpeed
+                precision = combo.split("/")[0]
+                assert precision != "fp32", where
+                assert s["refused"]["ours"].startswith(f"train.precision={precision} is not supported on "), where
+                assert "not supported on your device" in s["refused"]["deepspeed"], where
+                continue
             assert s["zero_stage"] == int(combo[-1]), where
             # each engine its own dict, left as built: DeepSpeed < 0.19.1 popped torch_adam out of a
             # shared one and gave the D engine FusedAdam (a CUDA JIT build)
@@ -94,6 +144,31 @@ def test_every_tested_precision_and_zero_stage_steps_and_the_step_agrees_on_its_
             # the step's flags: one all-reduce and one host read (was: a read, then an all-reduce
             # with a read of its own, and the preemption flag in another all-reduce after the step)
             assert (s["our_syncs"], s["our_collectives"]) == (1, 1), where
+        trained = {c for c, s in seen.items() if "refused" not in s}
+        assert trained >= {"fp32/0", "fp32/1", "bf16/0", "bf16/1"}, seen  # every accelerator runs these
+
+
+# A machine whose accelerator has no fp16 (a CPU without oneDNN fp16, such as AMD EPYC), on any machine
+NO_FP16 = """
+import sys
+from deepspeed.accelerator import get_accelerator
+type(get_accelerator()).is_fp16_supported = lambda self: False
+from udean.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_precision_the_device_cannot_run_is_one_line_and_exit_2_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    r = run_cmd([BIN / "python", "-c", NO_FP16, "train", "--config", "tiny", "train.precision=fp16",
+                 f"train.out={out}", f"data.out={tmp_path / 'data'}"], timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("udean train: error: train.precision=fp16 is not supported on "
+                                                     "this "), r.stderr
+    assert "supports fp32, bf16" in errors[0] and errors[0].endswith("set train.precision=bf16"), errors[0]
+    assert not out.exists()  # refused before train.out was claimed, data read or engines built
 
 
 if __name__ == "__main__":

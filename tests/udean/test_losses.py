@@ -259,6 +259,26 @@ def test_generator_loss_adds_the_weighted_target_terms(setup, weight, term, fn):
     assert total.item() == pytest.approx(base.item() + 0.3 * t[term].item(), rel=1e-5)
 
 
+def test_generator_loss_adds_the_blur_bound_only_where_there_is_a_learned_blur(setup):
+    gen, discs, y_s, x_t = setup
+    from udean.models.udean import Generator
+
+    phys = Generator("thin_slab", 3, 8, 1, 1, 2, 2, image_skip=True, degradation="physics")
+    with torch.no_grad():
+        phys.blur.plane[3, 3] = 0.08  # centre 1.8 - mean: a sharpening kernel
+        out = phys(y_s, x_t, **losses.forward_args(LossConfig(lambda_bound=2.0)))
+        assert "blur_excess" not in phys(y_s, x_t)  # asked for only by the bound
+        base, t0 = losses.generator_loss(out, y_s, x_t, discs, LossConfig())
+        total, t = losses.generator_loss(out, y_s, x_t, discs, LossConfig(lambda_bound=2.0))
+    assert "bound" not in t0 and t["bound"].item() == pytest.approx(phys.blur.excess().item())
+    assert t["bound"].item() > 0
+    assert total.item() == pytest.approx(base.item() + 2.0 * t["bound"].item(), rel=1e-5)
+    with torch.no_grad():  # the decoder degradation has no blur: nothing to bound
+        cfg = LossConfig(lambdas=(1.0, 0.0, 0.0, 0.0, 0.0, 0.0), lambda_bound=2.0)
+        out = gen(y_s, x_t, **losses.forward_args(cfg))
+        assert "blur_excess" not in out and "bound" not in losses.generator_loss(out, y_s, x_t, discs, cfg)[1]
+
+
 # --------------------------------------------------------------------------- noise match (ours)
 def test_noise_loss_pins_the_noise_level_and_ignores_edges():
     """Near 0 for one noise level across different anatomy (a sharp diagonal edge in one batch,

@@ -265,6 +265,34 @@ def test_learned_blur_is_the_convolution_it_reports():
     assert torch.allclose(blur(x)[0], ref, atol=1e-6)
 
 
+def test_blur_excess_is_zero_for_physical_blurs_and_its_gradient_removes_amplification():
+    import numpy as np
+
+    from udean.models.degradation import GAIN, LearnedBlur
+
+    blur = LearnedBlur(5, 3)
+    assert blur.excess().item() == 0.0  # the identity
+    with torch.no_grad():  # a box blur: every tap >= 0, so |H| <= H(0) = 1 everywhere
+        blur.plane.fill_(0.0)
+        blur.plane[1:4, 1:4] = 1.0 / 9 / GAIN
+        blur.plane[2, 2] -= 1.0 / GAIN
+    plane, _, _ = blur.kernels()
+    assert plane.min() >= -1e-7 and blur.excess().item() == 0.0
+    with torch.no_grad():  # an unsharp mask: centre 1.8, four neighbours -0.2: amplifies up to 2.6x
+        blur.plane.fill_(0.0)
+        blur.plane[2, 2] = 0.8 / GAIN
+        blur.plane[1, 2] = blur.plane[3, 2] = blur.plane[2, 1] = blur.plane[2, 3] = -0.2 / GAIN
+    plane, _, _ = blur.kernels()
+    h = np.abs(np.fft.fft2(plane.detach().numpy(), s=(32, 32)))
+    assert h.max() > 2.0
+    want = ((np.maximum(h - 1, 0) ** 2).mean())
+    assert blur.excess().item() == pytest.approx(want, rel=1e-5)
+    blur.excess().backward()
+    with torch.no_grad():
+        blur.plane -= 1e-3 * blur.plane.grad  # gradient descent on the penalty: less sharpening
+    assert blur.excess().item() < want
+
+
 def test_rician_noise_has_the_learned_sigma():
     """|c + sigma n| has std sigma on a bright constant and the Rayleigh mean sigma sqrt(pi/2) on
     zero; sigma is a parameter the loss can move; noise=False is the clean magnitude."""

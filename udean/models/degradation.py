@@ -104,6 +104,16 @@ class LearnedBlur(nn.Module):
         odd = None if self.odd is None else GAIN * 0.5 * (self.odd - self.odd.flip(0).flip(1))
         return self._kernel(self.plane), self._kernel(self.slab), odd
 
+    def excess(self, n: int = 32) -> torch.Tensor:
+        """Mean over an n-point (n x n in-plane) frequency grid of relu(|H(k)| - 1)^2, H the
+        response of the slab kernel and of the in-plane kernel (even + i odd): how much the
+        blur amplifies any frequency. A k-space weighting never does (it keeps, attenuates or
+        drops), so `loss.lambda_bound` penalises it: a scalar, 0 for any physical blur."""
+        plane, slab, odd = self.kernels()
+        h_plane = torch.fft.fft2(plane if odd is None else torch.complex(plane, odd), s=(n, n)).abs()
+        h_slab = torch.fft.fft(slab, n=n).abs()
+        return (torch.relu(h_plane - 1.0) ** 2).mean() + (torch.relu(h_slab - 1.0) ** 2).mean()
+
     @staticmethod
     def _plane(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         b, s, h, w = x.shape

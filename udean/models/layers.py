@@ -11,6 +11,8 @@ One code path serves both variants of the model:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -153,6 +155,26 @@ def downsample2(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _kspace_axis_fft(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Forward half of the x2 truncation along axis `d`: the FFT of the mirror extension, cut to the
+    central n // 2 bins of the centred spectrum (frequencies 0 .. ceil(m/2)-1, then -floor(m/2) .. -1)."""
+    n = 2 * x.shape[d]
+    k = torch.fft.fft(torch.cat([x, x.flip(d)], d), dim=d)
+    m = n // 2
+    return torch.cat([k.narrow(d, 0, (m + 1) // 2), k.narrow(d, n - m // 2, m // 2)], d)
+
+
+@functools.lru_cache(maxsize=64)
+def _kspace_matrix(n: int, device: torch.device) -> torch.Tensor:
+    """(n // 2, n) complex64 on `device`: the x2 truncation along one axis of length n as a matrix
+    (mirror extension, FFT, central half, inverse FFT, first half), the rows of
+    `kspace_downsample2`'s separable operator, computed once per length and device (in float64)
+    by running the FFT pipeline on the identity."""
+    x = _kspace_axis_fft(torch.eye(n, dtype=torch.float64), -1)
+    a = torch.fft.ifft(x, dim=-1).narrow(-1, 0, x.shape[-1] // 2).T
+    return a.to(device=device, dtype=torch.complex64).contiguous()
+
+
 def kspace_downsample2(y: torch.Tensor) -> torch.Tensor:
     """(B, 2S, 2H, 2W) HR -> (B, S, H, W): x2 k-space truncation (preprocessing/kspace.py's
     degradation: central half of the centred spectrum on each axis, mean kept, magnitude) of each
@@ -162,17 +184,12 @@ def kspace_downsample2(y: torch.Tensor) -> torch.Tensor:
     the LR Nyquist frequency, which a degradation learned from the target's spectrum then fills
     with independent noise.
 
-    One axis at a time (the 3D FFT is separable and mirroring one axis commutes with the FFT
-    along another), each spectrum cut to its kept half before the next axis is mirrored, and no
-    fftshift: 2x the patch at most instead of the 8x mirror volume (the shifted version was half
-    of the UDEAN CPU step, mostly torch.roll).
-    """
-    x = y.float()
+    Separable (the 3D FFT is separable and mirroring one axis commutes with the FFT along
+    another): per axis a fixed complex (n/2, n) matrix (`_kspace_matrix`, the FFT pipeline run once
+    on the identity), then the magnitude. Three small matrix products instead of mirror, FFT and
+    inverse FFT per axis: the same operator (max |diff| ~1e-6, tests) at a fraction of the CPU step
+    and of the dispatched ops."""
+    x = y.float().to(torch.complex64)
     for d in (-3, -2, -1):
-        n = 2 * x.shape[d]
-        k = torch.fft.fft(torch.cat([x, x.flip(d)], d), dim=d)
-        m = n // 2  # the central n // 2 bins of the centred spectrum: frequencies 0 .. ceil(m/2)-1, then -floor(m/2) .. -1
-        x = torch.cat([k.narrow(d, 0, (m + 1) // 2), k.narrow(d, n - m // 2, m // 2)], d)
-    for d in (-3, -2, -1):
-        x = torch.fft.ifft(x, dim=d).narrow(d, 0, x.shape[d] // 2)
+        x = torch.movedim(torch.matmul(torch.movedim(x, d, -1), _kspace_matrix(x.shape[d], x.device).T), -1, d)
     return (x.abs() / 8).to(y.dtype)

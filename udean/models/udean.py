@@ -124,7 +124,8 @@ class Generator(nn.Module):
         f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
         y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images. `outputs`: only these (and x_st, always),
         skipping the networks nothing asked for (`losses.forward_args`: a term weighted 0 costs
-        nothing); None: all. With `source_margin`, also y_s: the centre of the source patch, the
+        nothing); None: all of `OUTPUTS` (and "blur_excess", the learned blur's amplification, only
+        when asked for: `loss.lambda_bound`). With `source_margin`, also y_s: the centre of the source patch, the
         Y_s every loss compares with; with `sigma_branch` (and the noise layer), also x_st_sigma:
         X_{s~t} with its noise-free part detached and its own noise draw, whose only gradient is
         into sigma (`losses.noise_loss`; off, the RNG stream is unchanged).
@@ -141,6 +142,8 @@ class Generator(nn.Module):
                 f_s = self.down_extractor(y_s)
             x, im = self._clean(y_s, f_s)
         x_st = out["x_st"] = self._noisy(x, im)
+        if self.blur is not None and "blur_excess" in want:  # losses: loss.lambda_bound
+            out["blur_excess"] = self.blur.excess()
         if sigma_branch and self.noise is not None:
             out["x_st_sigma"] = self.noise(x.detach(), None if im is None else im.detach())
         if want & {"f_s", "y_hat_s"}:
