@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from preprocessing.shards import patch_count, read_patches, stored_scale
+from preprocessing.shards import patch_count, read_patches, value_scale
 
 MAX_OPEN = 32  # open shards per PatchShards, so per loader worker 2 x this (source, target)
 
@@ -66,7 +66,7 @@ class PatchShards:
 
         f = h5py.File(self.paths[k], "r", rdcc_nbytes=0)
         ds = f["patches"]
-        entry = self._files[k] = (f, ds, stored_scale(ds))
+        entry = self._files[k] = (f, ds, value_scale(ds))
         return entry
 
     def __getitem__(self, i: int) -> np.ndarray:
