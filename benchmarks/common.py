@@ -28,7 +28,8 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
-PACKAGES = ("torch", "deepspeed", "numpy", "h5py", "mpi4py", "scipy", "nibabel", "matplotlib", "SimpleITK")
+PACKAGES = ("torch", "deepspeed", "numpy", "h5py", "mpi4py", "scipy", "nibabel", "matplotlib", "SimpleITK", "nilearn",
+            "dipy")
 
 
 def relative(path: str | os.PathLike | None) -> str | None:

@@ -29,13 +29,18 @@ from benchmarks.common import RESULTS, bar_chart, provenance, relative, write_js
 # name -> (what it changes, overrides on top of the demo's config: udean/configs/recommended.yaml's
 # switches, docs/shift.md "What made the difference")
 VARIANTS = {
-    "demo": ("the demo: the recommended recipe", []),
+    "demo": ("the demo: the recommended recipe, width 32, no augmentation", []),
     "adaptation_off": ("nothing matches X_{s~t} to X_t (lambda_da, spectrum, noise 0): the degradation never adapts",
                        ["loss.lambdas=[1,0,0,0,0,0]", "loss.lambda_spectrum=0", "loss.lambda_noise=0"]),
     "no_adversary": ("lambda_da 0: the spectrum and noise matches alone adapt the degradation",
                      ["loss.lambdas=[1,0,0,0,0,0]"]),
     "no_spectrum": ("lambda_spectrum 0: the LR adversary and the noise match alone", ["loss.lambda_spectrum=0"]),
     "no_noise_match": ("lambda_noise 0: the spectrum match can trade noise for blur", ["loss.lambda_noise=0"]),
+    "no_bound": ("lambda_bound 0: the learned blur may amplify frequencies", ["loss.lambda_bound=0"]),
+    "no_prior": ("lambda_prior 0: no pull of the learned blur toward none", ["loss.lambda_prior=0"]),
+    "width_16": ("model.features 16 (the previous demo's width)", ["model.features=16"]),
+    "augment": ("the recommended recipe's flips (target) and 8 flips / rotations (source)",
+                ["train.augment=flips", "train.augment_source=dihedral"]),
     "paper_objective": ("the paper's six terms (lambdas 1, 0.1, 1, 1, 0.1, 0.1) on the physics degradation",
                         ["loss.lambdas=[1,0.1,1,1,0.1,0.1]"]),
 }

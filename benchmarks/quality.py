@@ -4,11 +4,14 @@ trained with one budget and scored by one evaluator on the same test volumes.
     python benchmarks/quality.py --protocol tiny      # CI smoke test: minutes on a CPU
     python benchmarks/quality.py --protocol reduced   # a real comparison, < 1 h on one GPU
     python benchmarks/quality.py --protocol paper --root /data/HCP   # the paper's protocol
-    python benchmarks/quality.py --protocol reduced --shape 64 64 48 --steps 300 model.features=16
+    python benchmarks/quality.py --protocol reduced --anatomy phantom --shape 64 64 48 --steps 300 model.features=16
 
 Stages (every one resumes: the cohort and shards are kept, UDEAN runs resume from their
 checkpoints, baseline weights are cached under <out>/runs/<hash of config + budget>/).
-  1. data       a synthetic HCP-like cohort (or --root HCP), preprocessed three times
+  1. data       a cohort (`--anatomy`, preprocessing/cohort.py: mni, the default, real T1 brains
+                made from the ICBM152 2009 template, its brain box at the protocol's voxel (`tiny`
+                3 mm, `reduced` 1 mm), HCP's brain mask beside each scan; phantom, the procedural
+                full heads at 0.7 mm, `--shape`) or --root HCP, preprocessed three times
                 (`preprocessing.driver.preprocess`): unpaired, misaligned (same target / val /
                 test subjects, II-C) and "realistic" (unpaired, target LR with partial Fourier,
                 elliptical k-space and noise: the acquisition effects truncation misses)
@@ -17,12 +20,15 @@ checkpoints, baseline weights are cached under <out>/runs/<hash of config + budg
                 the baselines of udean/baselines with the same budget (optimiser steps x batch,
                 Adam, cosine LR)
   3. evaluate   `udean.evaluate.Evaluator` on the test volumes (the evaluator of
-                `udean evaluate`), tricubic from there too; figures by `udean.figures`
+                `udean evaluate`): whole volume, head mask and, where the volumes have one, brain
+                mask; tricubic from there too; figures by `udean.figures`
   4. report     Table I, Table II and the shift study as Markdown + JSON with the paper's
                 numbers beside ours; Fig. 3 / 4-style PNGs with error maps
 
 Outputs: <results>/quality_<tag>.{md,json} and quality_<tag>_fig3.png / _fig4.png, with the
-provenance (machine, versions, date, command; benchmarks.common) in the JSON and the Markdown.
+provenance (machine, versions, date, command; benchmarks.common) and the anatomy ("mni",
+"phantom", or "root" for --root data) in the JSON and the Markdown. The work folder's cohort and
+data sets are per anatomy (<out>/cohort/<anatomy>, <out>/data/<anatomy>/).
 The sliding window is the config's `infer:` section (e.g. `infer.batch_size=32`).
 """
 from __future__ import annotations
@@ -71,6 +77,8 @@ NAMES = {
     "sup_real": "TS-RCAN, synthetic LR by realistic acquisition",
     "udean_real": "UDEAN unpaired, target LR by realistic acquisition",
 }
+ANATOMY = {"mni": "real-anatomy cohort (ICBM152 2009 template, every subject a deformation of one averaged template)",
+           "phantom": "phantom cohort"}
 TABLE_I = ["b1", "b2", "b3", "udean_mis", "udean_unp"]
 TABLE_II = ["tricubic", "zssr", "cyclegan_unp", "dasr_unp", "udean_unp", "cyclegan_mis", "dasr_mis", "udean_mis"]
 # shift study rows: (key, trained on); udean_unp / b3 trained on k-space truncation / nearest
@@ -84,17 +92,18 @@ REALISTIC = ["data.degradation.partial_fourier=0.75", "data.degradation.elliptic
 @dataclass
 class Protocol:
     config: str  # configs/<name>.yaml
-    shape: tuple[int, int, int] | None  # synthetic cohort size; None: --root data
+    shape: tuple[int, int, int] | None  # phantom cohort size (0.7 mm); None: --root data
     overrides: list[str] = field(default_factory=list)
     steps: int = 0  # optimiser steps per method; 0: train.epochs x one pass over the target patches
     registration_iterations: int = 200
+    mni_voxel_mm: float = 1.0  # the mni cohort: the template's brain box at this voxel
 
 
 PROTOCOLS = {
     # CI smoke test: every method and table, minutes on a shared CPU
     "tiny": Protocol("tiny", (64, 64, 48), [
         "data.split.counts=[2,2,1,2]", "train.batch_size=2", "train.lr=1e-3", "train.lr_min=1e-5",
-        "train.precision=fp32", "train.log_every=10"], steps=40, registration_iterations=30),
+        "train.precision=fp32", "train.log_every=10"], steps=40, registration_iterations=30, mni_voxel_mm=3.0),
     # a real comparison on one GPU in under an hour (narrower model, fewer subjects and steps)
     "reduced": Protocol("demo", (160, 160, 128), [
         "data.split.counts=[8,8,2,4]", "data.patches.lr_size=[32,32]", "data.patches.stride=[16,16]",
@@ -126,28 +135,31 @@ def make_data(args, proto: Protocol, out: Path, console) -> dict:
     from preprocessing.driver import preprocess
     from udean.config import load, save
 
-    root = Path(args.root) if args.root else out / "cohort"
+    root = Path(args.root) if args.root else out / "cohort" / args.anatomy
     # the paper's tables degrade by k-space truncation (and "realistic" by its own effects), whatever
     # level the protocol's config names (the demo's is pf_noise)
     base = ["data.degradation.level=custom"] + list(proto.overrides) + list(args.overrides)
-    first = load(proto.config, base)
     if proto.shape is not None and not args.root:
         from preprocessing.cohort import cohort_ready, write_cohort
 
-        shape = tuple(args.shape or proto.shape)
+        shape, voxel = cohort_spec(args, proto)
+        base.append(f"data.voxel_size_mm={voxel}")
+        first = load(proto.config, base)
         n = sum(first.data.split.counts) if first.data.split.preset == "counts" else None
         if n is None:
             raise ValueError("a synthetic cohort needs data.split.preset=counts")
-        if not cohort_ready(root, n, shape):
-            console.print(f"cohort: {n} synthetic subjects {shape} -> {root}")
-            write_cohort(root, n, shape, seed=first.data.split.seed, progress=False)
+        if not (root.is_dir() and cohort_ready(root, n, shape, voxel_mm=voxel)):
+            console.print(f"cohort: {n} {args.anatomy} subjects {shape} at {voxel:g} mm -> {root}")
+            write_cohort(root, n, shape if args.anatomy == "phantom" else None, seed=first.data.split.seed,
+                         progress=False, anatomy=args.anatomy, voxel_mm=voxel)
     elif not args.root:
         raise ValueError(f"--protocol {args.protocol} needs --root (the HCP folder)")
-    # 0.7 mm (HCP); a flat root is read as it is
+    # --root: 0.7 mm (HCP); a flat root is read as it is
+    data = out / "data" / (args.anatomy if not args.root else "root")
     cfgs = {}
     for name, extra in (("unpaired", ["data.mode=unpaired"]), ("misaligned", ["data.mode=misaligned"]),
                         ("realistic", ["data.mode=unpaired", *REALISTIC])):
-        cfg = load(proto.config, base + extra + [f"data.root={root}", f"data.out={out / 'data' / name}"])
+        cfg = load(proto.config, base + extra + [f"data.root={root}", f"data.out={data / name}"])
         if name == "realistic" and args.skip_shift:
             continue
         t = time.perf_counter()
@@ -162,6 +174,18 @@ def make_data(args, proto: Protocol, out: Path, console) -> dict:
         save(cfg, Path(cfg.data.out) / "quality_config.yaml")
         cfgs[name] = cfg
     return cfgs
+
+
+def cohort_spec(args, proto: Protocol) -> tuple[tuple[int, int, int], float]:
+    """(shape, voxel mm) of the protocol's `--anatomy` cohort: mni the template's brain box at
+    `proto.mni_voxel_mm` (`--shape` is the phantom's), the phantom `--shape` or the protocol's at 0.7 mm."""
+    from preprocessing.cohort import cohort_shape, default_voxel_mm
+
+    if args.anatomy == "mni":
+        if args.shape:
+            raise ValueError("--shape is the phantom's (--anatomy phantom); the mni cohort is the template's brain box")
+        return cohort_shape("mni", None, proto.mni_voxel_mm), proto.mni_voxel_mm
+    return tuple(args.shape or proto.shape), default_voxel_mm("phantom")
 
 
 # --------------------------------------------------------------------------- stage 3/4: evaluate, report
@@ -202,7 +226,8 @@ def evaluate(cfgs: dict, nets: dict, budget, args, device, console, info: dict) 
 
     console.print(f"evaluating {len(methods)} methods on the test volumes")
     window = unp.loss.ssim_window
-    regions = [] if args.region == "volume" else [args.region]  # the whole volume and the head always
+    # the whole volume and the head always; the brain where the volumes have a brain mask
+    regions = ["brain"] + ([] if args.region == "volume" else [args.region])
     results = {"kspace": {r.name: r for r in Evaluator(methods, regions=regions, window=window).run(
         volumes(unp), on_volume=keep_first)}}
     if "realistic" in cfgs:
@@ -214,20 +239,24 @@ def evaluate(cfgs: dict, nets: dict, budget, args, device, console, info: dict) 
 def row(r, key: str) -> dict:
     d = r.to_dict()
     p = PAPER.get(key)
-    return {"key": key, "method": NAMES[key], **{k: d[k] for k in SCORED}, "n": d["n"], "subjects": d["subjects"],
+    return {"key": key, "method": NAMES[key], **{k: d[k] for k in SCORED if k in d}, "n": d["n"],
+            "subjects": d["subjects"],
             "paper": None if p is None else {"ssim_mean": p[0], "ssim_std": p[1], "psnr_mean": p[2], "psnr_std": p[3]}}
 
 
-# every table: the whole volume and the dilated head mask (udean.evaluate regions)
-SCORED = [f"{k}{r}_{s}" for r in ("", "_head") for k in ("ssim", "psnr") for s in ("mean", "std")]
+# every table: the whole volume, the dilated head mask and, where the volumes have one, the brain
+# mask (udean.evaluate regions)
+SCORED = [f"{k}{r}_{s}" for r in ("", "_head", "_brain") for k in ("ssim", "psnr") for s in ("mean", "std")]
 
 
-def _both(r: dict) -> str:
-    """SSIM | PSNR | SSIM (head) | PSNR (head) cells (results from before the head region: -)."""
+def _cells(r: dict, brain: bool) -> str:
+    """SSIM | PSNR | SSIM (head) | PSNR (head) [| SSIM (brain) | PSNR (brain)] cells (results
+    without a region: -)."""
     from udean.evaluate import pm
 
-    return " | ".join(pm(r[f"{k}_mean"], r[f"{k}_std"], n) if f"{k}_mean" in r else "-"
-                      for k, n in (("ssim", 4), ("psnr", 2), ("ssim_head", 4), ("psnr_head", 2)))
+    keys = (("ssim", 4), ("psnr", 2), ("ssim_head", 4), ("psnr_head", 2)) + (
+        (("ssim_brain", 4), ("psnr_brain", 2)) if brain else ())
+    return " | ".join(pm(r[f"{k}_mean"], r[f"{k}_std"], n) if f"{k}_mean" in r else "-" for k, n in keys)
 
 
 def markdown(doc: dict) -> str:
@@ -236,11 +265,13 @@ def markdown(doc: dict) -> str:
     meta = doc["meta"]
     prov = meta["provenance"]
     gpu = prov["machine"]["gpu"]
-    lines = [f"# Quality benchmark: Tables I and II (`--protocol {meta['protocol']}`)", "",
+    lines = [f"# Quality benchmark: Tables I and II (`--protocol {meta['protocol']}`, anatomy: "
+             f"{meta.get('anatomy', 'phantom')})", "",
              f"- date: {prov['date']}", f"- machine: {prov['machine']['cpu']}, {prov['machine']['cores']} cores, "
              f"device `{meta['device']}`" + (f" ({gpu['name']})" if gpu else "") + f", torch {prov['versions']['torch']}",
              f"- command: `{prov['command']}`", f"- wall time: {meta['seconds']:.0f} s",
-             f"- data: synthetic cohort {meta['shape']} voxels (0.7 mm), source/target/val/test = "
+             f"- data: {ANATOMY.get(meta.get('anatomy'), 'synthetic cohort')} {meta['shape']} voxels "
+             f"({meta.get('voxel_mm', 0.7):g} mm), source/target/val/test = "
              f"{'/'.join(map(str, meta['split']))}; test subjects scored: {meta['test_subjects']}; region: {meta['region']}"
              if meta.get("shape") else f"- data: {meta['root']}",
              f"- budget, every method: {meta['budget']['steps']} optimiser steps x {meta['budget']['batch_size']} patches, "
@@ -250,15 +281,18 @@ def markdown(doc: dict) -> str:
              "SSIM / PSNR (dB): mean ± sample std over test subjects, x2 x2 x2; the paper's numbers (HCP, full "
              "protocol) are beside ours for reference, not for a like-for-like comparison.", ""]
 
+    brain = any("psnr_brain_mean" in r for r in doc["table_i"] + doc["table_ii"])
+    regions = "| SSIM | PSNR | SSIM (head) | PSNR (head) " + ("| SSIM (brain) | PSNR (brain) " if brain else "")
+
     def table(title: str, keys: list[str]) -> None:
-        lines.extend([f"## {title}", "", "| Method | SSIM | PSNR | SSIM (head) | PSNR (head) | paper SSIM | paper PSNR "
-                      "| train s |", "|---|---|---|---|---|---|---|---|"])
+        lines.extend([f"## {title}", "", f"| Method {regions}| paper SSIM | paper PSNR | train s |",
+                      "|---|---|---|---|---|" + ("---|---|" if brain else "") + "---|---|---|"])
         for r in doc["table_i" if title.startswith("Table I:") else "table_ii"]:
             if r["key"] not in keys:
                 continue
             p = r["paper"]
             secs = doc["methods"].get(r["key"], {}).get("train_seconds", "")
-            lines.append(f"| {r['method']} | {_both(r)} | "
+            lines.append(f"| {r['method']} | {_cells(r, brain)} | "
                          + (f"{pm(p['ssim_mean'], p['ssim_std'], 4)} | {pm(p['psnr_mean'], p['psnr_std'], 2)}" if p else "- | -")
                          + f" | {secs} |")
         lines.append("")
@@ -272,7 +306,8 @@ def markdown(doc: dict) -> str:
                       "| test: realistic SSIM | PSNR | SSIM (head) | PSNR (head) |",
                       "|---|---|---|---|---|---|---|---|---|---|"])
         for r in doc["shift"]:
-            lines.append(f"| {r['method']} | {r['trained_on']} | {_both(r['kspace'])} | {_both(r['realistic'])} |")
+            lines.append(f"| {r['method']} | {r['trained_on']} | {_cells(r['kspace'], False)} | "
+                         f"{_cells(r['realistic'], False)} |")
         lines.append("")
     reg = doc["methods"].get("b2", {}).get("registration")
     if reg:
@@ -308,11 +343,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="trailing key.sub=value arguments override the config (udean config tree)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="reduced")
-    p.add_argument("--out", default=None, help="work folder (cohort, data, runs); default quality_out/<protocol>")
+    p.add_argument("--out", default=None, help="work folder (cohort, data, runs); default quality_out/<protocol>_<anatomy>")
     p.add_argument("--results", default=str(RESULTS), help="where the tables and figures go")
     p.add_argument("--tag", default=None, help="file tag: quality_<tag>.*; default the protocol")
     p.add_argument("--root", default=None, help="HCP root instead of a synthetic cohort (required for paper)")
-    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="synthetic cohort size")
+    p.add_argument("--anatomy", choices=("mni", "phantom"), default="mni",
+                   help="the cohort: mni, real T1 brains from the ICBM152 2009 template (default); phantom, the "
+                        "procedural full heads")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="phantom cohort size (--anatomy phantom)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per method (the shared budget)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N test volumes (0: all)")
     p.add_argument("--region", choices=("volume", "bbox"), default="volume",
@@ -335,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     proto = PROTOCOLS[args.protocol]
     console = Console()
     t0 = time.perf_counter()
-    out = Path(args.out or Path("quality_out") / args.protocol).resolve()
+    out = Path(args.out or Path("quality_out") / f"{args.protocol}_{args.anatomy}").resolve()
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or args.protocol
@@ -382,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     doc["meta"] = {
         "protocol": args.protocol, "provenance": provenance(argv), "device": str(device),
         "seconds": timer.seconds["total"], "stages": timer.seconds,
-        "shape": list(args.shape or proto.shape) if proto.shape and not args.root else None, "root": relative(args.root),
+        "anatomy": "root" if args.root else args.anatomy,
+        **({"shape": list(cohort_spec(args, proto)[0]), "voxel_mm": cohort_spec(args, proto)[1]}
+           if proto.shape and not args.root else {"shape": None}), "root": relative(args.root),
         "split": list(unp.data.split.counts), "test_subjects": len(next(iter(ks.values())).subjects),
         "region": args.region, "budget": budget.to_dict(),
         "model": {k: v for k, v in unp.model.model_dump().items()}, "patches": unp.data.patches.model_dump(),

@@ -68,19 +68,20 @@ def grid(shape: tuple[int, ...], affine: np.ndarray, voxel: float) -> tuple[tupl
 
 
 def to_grid(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int], target_affine: np.ndarray,
-            *, mode: str = "nearest") -> np.ndarray:
+            *, mode: str = "nearest", order: int = 3) -> np.ndarray:
     """Resample `data` (voxel -> world `affine`) onto (shape, target_affine), anti-aliased
     where the target voxel is coarser; float32, clipped to the input's range. `mode`: outside
-    the input's field of view, "nearest" extends the edge, "constant" gives 0."""
+    the input's field of view, "nearest" extends the edge, "constant" gives 0. `order` 0:
+    nearest neighbour, for masks and labels (no low-pass: a label has no in-between values)."""
     import nibabel as nib
     from nibabel.processing import resample_from_to, smooth_image
 
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     src, dst = voxel_sizes(affine), float(voxel_sizes(target_affine).max())
     fwhm = np.sqrt(np.maximum(dst ** 2 - src ** 2, 0.0))
-    if np.any(fwhm > 0):
+    if order > 0 and np.any(fwhm > 0):
         img = smooth_image(img, fwhm)
-    out = resample_from_to(img, (tuple(shape), np.asarray(target_affine, dtype=np.float64)), order=3, mode=mode)
+    out = resample_from_to(img, (tuple(shape), np.asarray(target_affine, dtype=np.float64)), order=order, mode=mode)
     res = np.asarray(out.dataobj, dtype=np.float32)
     lo, hi = float(np.min(data)), float(np.max(data))
     return np.clip(res, min(lo, 0.0) if mode == "constant" else lo, hi, out=res)

@@ -110,12 +110,19 @@ class LossConfig(Section):
     # match sharpened X_{s~t} where the source HR was smoother than the target's anatomy, and the SR
     # learned to blur (docs/quality.md "Real anatomy"); 0: off
     lambda_bound: float = Field(0.0, ge=0.0)
+    # ours, not the paper's: weight of a prior toward no extra blur (`LearnedBlur.deficit`, mean
+    # relu(1 - |H|)^2): unpaired spectra cannot tell a blurrier acquisition from a smoother anatomy,
+    # and where the source HR was sharper than the target's anatomy the degradation learned a blur
+    # the SR then undid on the target (docs/quality.md "Real anatomy"); 0: off
+    lambda_prior: float = Field(0.0, ge=0.0)
 
     @model_serializer(mode="wrap")
-    def _without_unset_bound(self, handler):
-        d = handler(self)  # runs made before the key existed keep the config (and resume) they had
-        if isinstance(d, dict) and not self.lambda_bound:
-            d.pop("lambda_bound", None)
+    def _without_unset_new(self, handler):
+        d = handler(self)  # runs made before these keys existed keep the config (and resume) they had
+        if isinstance(d, dict):
+            for k in ("lambda_bound", "lambda_prior"):
+                if not getattr(self, k):
+                    d.pop(k, None)
         return d
 
     @model_validator(mode="after")

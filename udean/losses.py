@@ -49,7 +49,8 @@ def active_terms(cfg) -> tuple[str, ...]:
 def forward_args(cfg) -> dict:
     """The keyword arguments of `Generator.forward` for this loss: the outputs its active terms
     read, and the sigma branch when `lambda_noise` is on."""
-    outputs = {o for k in active_terms(cfg) for o in NEEDS[k]} | ({"blur_excess"} if cfg.lambda_bound else set())
+    outputs = ({o for k in active_terms(cfg) for o in NEEDS[k]} | ({"blur_excess"} if cfg.lambda_bound else set())
+               | ({"blur_deficit"} if cfg.lambda_prior else set()))
     return {"outputs": sorted(outputs), "sigma_branch": bool(cfg.lambda_noise)}
 
 
@@ -163,6 +164,9 @@ def generator_loss(out: dict, y_s: torch.Tensor, x_t: torch.Tensor, discs, cfg,
     if cfg.lambda_bound and "blur_excess" in out:
         t["bound"] = out["blur_excess"]
         total = total + cfg.lambda_bound * t["bound"]
+    if cfg.lambda_prior and "blur_deficit" in out:
+        t["prior"] = out["blur_deficit"]
+        total = total + cfg.lambda_prior * t["prior"]
     t["total"] = total
     return total, t
 

@@ -1,7 +1,8 @@
-"""benchmarks/quality.py --protocol tiny end to end (the CI smoke test): real preprocessing
-(three data sets), every method trained (UDEAN through `udean train` / DeepSpeed), every method
-scored by udean.evaluate's Evaluator on the same test volumes, tables + figures written. The
-methods are trained by udean.baselines.methods (the registry), the protocol is the script's."""
+"""benchmarks/quality.py --protocol tiny end to end (the CI smoke test): the real-anatomy cohort
+(mni, 3 mm), real preprocessing (three data sets), every method trained (UDEAN through `udean
+train` / DeepSpeed), every method scored by udean.evaluate's Evaluator on the same test volumes
+(brain mask included), tables + figures written. The methods are trained by
+udean.baselines.methods (the registry), the protocol is the script's."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,11 @@ def test_quality_tiny_protocol_writes_both_tables_and_the_shift_study(tmp_path):
     from benchmarks import quality
 
     doc = json.loads((res / "quality_tiny.json").read_text())
+    # the real-anatomy cohort by default (the template's brain box at 3 mm), scored in its brain masks too
+    from preprocessing.template import grid
+
+    assert (doc["meta"]["anatomy"], doc["meta"]["voxel_mm"], doc["meta"]["shape"]) == ("mni", 3.0, list(grid(3.0)[0]))
+    assert all("psnr_brain_mean" in r for r in doc["table_i"] + doc["table_ii"])
     assert [r["key"] for r in doc["table_i"]] == quality.TABLE_I
     assert [r["key"] for r in doc["table_ii"]] == quality.TABLE_II
     assert [r["key"] for r in doc["shift"]] == [k for k, _ in quality.SHIFT]
@@ -46,5 +52,6 @@ def test_quality_tiny_protocol_writes_both_tables_and_the_shift_study(tmp_path):
     assert str(REPO) not in prov["command"]  # paths inside the repository are written relative to it
     md = (res / "quality_tiny.md").read_text()
     assert "Table I" in md and "Table II" in md and "0.9247 ± 0.0097" in md and "Degradation shift" in md
+    assert "anatomy: mni" in md and "PSNR (brain)" in md
     for f in doc["figures"]:
         assert Path(f).stat().st_size > 10_000

@@ -331,3 +331,17 @@ def test_an_lr_scan_is_used_as_acquired_and_its_thick_axis_is_said(tmp_path):
     np.testing.assert_allclose(patches[0], scan.data[z:z + 3, y:y + 16, x:x + 16], atol=1e-3)  # float16 storage
     axial = cfg.model_copy(update={"patches": cfg.patches.model_copy(update={"slice_axis": 2})})
     assert not [n for n in process({s.id: s for s in plan(axial)}["t"], axial, tmp_path / "o2").notes if "thick" in n]
+
+
+def test_nearest_neighbour_resampling_keeps_a_mask_a_mask():
+    # order 0 (masks, labels): no low-pass, only the input's values, at the world position
+    mask = np.zeros((20, 20, 20), np.float32)
+    mask[5:12, 6:15, 4:9] = 1.0
+    shifted = np.eye(4)
+    shifted[:3, 3] = [2.0, -1.0, 3.0]  # the target grid's voxel 0 is input voxel (2, -1, 3)
+    out = geometry.to_grid(mask, np.eye(4), (20, 20, 20), shifted, mode="constant", order=0)
+    assert set(np.unique(out)) == {0.0, 1.0}
+    np.testing.assert_array_equal(out[3:10, 7:16, 1:6], 1.0)
+    assert out.sum() == mask.sum()
+    coarse = geometry.to_grid(mask, np.eye(4), (10, 10, 10), np.diag([2.0, 2.0, 2.0, 1.0]), order=0)
+    assert set(np.unique(coarse)) <= {0.0, 1.0}  # coarser: still no in-between values

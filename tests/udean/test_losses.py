@@ -270,9 +270,13 @@ def test_generator_loss_adds_the_blur_bound_only_where_there_is_a_learned_blur(s
         assert "blur_excess" not in phys(y_s, x_t)  # asked for only by the bound
         base, t0 = losses.generator_loss(out, y_s, x_t, discs, LossConfig())
         total, t = losses.generator_loss(out, y_s, x_t, discs, LossConfig(lambda_bound=2.0))
+        cfg = LossConfig(lambda_bound=2.0, lambda_prior=3.0)
+        total2, t2 = losses.generator_loss(phys(y_s, x_t, **losses.forward_args(cfg)), y_s, x_t, discs, cfg)
     assert "bound" not in t0 and t["bound"].item() == pytest.approx(phys.blur.excess().item())
-    assert t["bound"].item() > 0
+    assert t["bound"].item() > 0 and "prior" not in t
     assert total.item() == pytest.approx(base.item() + 2.0 * t["bound"].item(), rel=1e-5)
+    assert t2["prior"].item() == pytest.approx(phys.blur.deficit().item()) and t2["prior"].item() > 0
+    assert total2.item() == pytest.approx(total.item() + 3.0 * t2["prior"].item(), rel=1e-5)
     with torch.no_grad():  # the decoder degradation has no blur: nothing to bound
         cfg = LossConfig(lambdas=(1.0, 0.0, 0.0, 0.0, 0.0, 0.0), lambda_bound=2.0)
         out = gen(y_s, x_t, **losses.forward_args(cfg))

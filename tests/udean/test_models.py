@@ -271,13 +271,16 @@ def test_blur_excess_is_zero_for_physical_blurs_and_its_gradient_removes_amplifi
     from udean.models.degradation import GAIN, LearnedBlur
 
     blur = LearnedBlur(5, 3)
-    assert blur.excess().item() == 0.0  # the identity
+    assert blur.excess().item() == 0.0 and blur.deficit().item() < 1e-12  # the identity
     with torch.no_grad():  # a box blur: every tap >= 0, so |H| <= H(0) = 1 everywhere
         blur.plane.fill_(0.0)
         blur.plane[1:4, 1:4] = 1.0 / 9 / GAIN
         blur.plane[2, 2] -= 1.0 / GAIN
     plane, _, _ = blur.kernels()
     assert plane.min() >= -1e-7 and blur.excess().item() == 0.0
+    h = np.abs(np.fft.fft2(plane.detach().numpy(), s=(32, 32)))  # ... and attenuates: the prior's deficit
+    assert blur.deficit().item() == pytest.approx((np.maximum(1 - h, 0) ** 2).mean(), rel=1e-5)
+    assert blur.deficit().item() > 0.05
     with torch.no_grad():  # an unsharp mask: centre 1.8, four neighbours -0.2: amplifies up to 2.6x
         blur.plane.fill_(0.0)
         blur.plane[2, 2] = 0.8 / GAIN

@@ -23,8 +23,9 @@ LR with the acquisition effects truncation misses). Keys, and what each trains o
                   degradation whatever the target's (benchmarks/shift.py: the degradation shift)
     oracle        SupervisedTSRCAN on (the unpaired data set's own degradation of the source HR,
                   HR): the true degradation, an upper bound no user has (shift.py; = sup_kspace)
-    denoise       not trained: non-local means + tricubic, its strength chosen on the val volumes
-                  (`udean.baselines.denoise`); a volume method, not a network (`VOLUME_METHODS`)
+    denoise       not trained: DIPY's Rician non-local means + tricubic, its strength chosen on the
+                  paired val volumes (none: DIPY's noise estimate as it is; `udean.baselines.denoise`);
+                  a volume method, not a network (`VOLUME_METHODS`)
 
 `train_one(key, ...)` trains (or loads) one of them; `train_methods` every one quality.py needs.
 ZSSR trains on each test volume itself (`udean.baselines.zssr.ZSSR`, an evaluator method).
@@ -195,7 +196,8 @@ def train_one(key: str, data: dict[str, Config], budget: Budget, runs: Path, dev
         t = time.perf_counter()
         val = [read_volume(p) for p in load_manifest(unp.data.out).volume_paths("val")]
         k, scores = choose_strength(val, loss.ssim_window)
-        info.update(strength=k, val_psnr_head=scores, note=NOTE, train_seconds=round(time.perf_counter() - t, 2))
+        note = NOTE if scores else f"{NOTE}; no paired val volume to choose k on: k = {k:g}"
+        info.update(strength=k, val_psnr_head=scores, note=note, train_seconds=round(time.perf_counter() - t, 2))
         runs.mkdir(parents=True, exist_ok=True)
         side.write_text(json.dumps(info, indent=1))
     return denoise_tricubic(info["strength"]), info

@@ -82,10 +82,11 @@ def misaligned_pairs(m: Manifest) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_hr(m: Manifest, sid: str) -> np.ndarray:
-    """A subject's HR volume as preprocessing saw it: canonical (X, Y, Z), [0, 1], even-cropped."""
+    """A subject's HR volume as preprocessing saw it: canonical (X, Y, Z), [0, 1] (own data: its
+    data.own.intensity scaling, as its source patches), even-cropped."""
     cfg = data_config(m)
-    vol = nifti.load(m.subject(sid).input, cfg.voxel_size_mm, cfg.voxel_tolerance_mm)
-    return kspace.even_crop(vol.data, tuple(cfg.degradation.scale))
+    scan = nifti.load_scan(m.subject(sid).input, nifti.scan_spec(cfg, "HR"))
+    return kspace.even_crop(scan.data, tuple(cfg.degradation.scale))
 
 
 def target_lr(m: Manifest, sid: str, hr: np.ndarray) -> np.ndarray:

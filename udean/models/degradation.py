@@ -104,15 +104,22 @@ class LearnedBlur(nn.Module):
         odd = None if self.odd is None else GAIN * 0.5 * (self.odd - self.odd.flip(0).flip(1))
         return self._kernel(self.plane), self._kernel(self.slab), odd
 
-    def excess(self, n: int = 32) -> torch.Tensor:
-        """Mean over an n-point (n x n in-plane) frequency grid of relu(|H(k)| - 1)^2, H the
-        response of the slab kernel and of the in-plane kernel (even + i odd): how much the
-        blur amplifies any frequency. A k-space weighting never does (it keeps, attenuates or
-        drops), so `loss.lambda_bound` penalises it: a scalar, 0 for any physical blur."""
+    def responses(self, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """|H(k)| of the in-plane kernel (even + i odd) on an n x n grid and of the slab kernel on n points."""
         plane, slab, odd = self.kernels()
-        h_plane = torch.fft.fft2(plane if odd is None else torch.complex(plane, odd), s=(n, n)).abs()
-        h_slab = torch.fft.fft(slab, n=n).abs()
-        return (torch.relu(h_plane - 1.0) ** 2).mean() + (torch.relu(h_slab - 1.0) ** 2).mean()
+        return (torch.fft.fft2(plane if odd is None else torch.complex(plane, odd), s=(n, n)).abs(),
+                torch.fft.fft(slab, n=n).abs())
+
+    def excess(self, n: int = 32) -> torch.Tensor:
+        """Mean over the frequency grid of relu(|H(k)| - 1)^2 (in-plane + slab): how much the blur
+        amplifies any frequency. A k-space weighting never does (it keeps, attenuates or drops),
+        so `loss.lambda_bound` penalises it: a scalar, 0 for any physical blur."""
+        return sum((torch.relu(h - 1.0) ** 2).mean() for h in self.responses(n))
+
+    def deficit(self, n: int = 32) -> torch.Tensor:
+        """Mean over the frequency grid of relu(1 - |H(k)|)^2 (in-plane + slab): how much the blur
+        attenuates, 0 for the identity (`loss.lambda_prior`: extra blur only where the data ask)."""
+        return sum((torch.relu(1.0 - h) ** 2).mean() for h in self.responses(n))
 
     @staticmethod
     def _plane(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,8 @@ class Generator(nn.Module):
         x_st = out["x_st"] = self._noisy(x, im)
         if self.blur is not None and "blur_excess" in want:  # losses: loss.lambda_bound
             out["blur_excess"] = self.blur.excess()
+        if self.blur is not None and "blur_deficit" in want:  # losses: loss.lambda_prior
+            out["blur_deficit"] = self.blur.deficit()
         if sigma_branch and self.noise is not None:
             out["x_st_sigma"] = self.noise(x.detach(), None if im is None else im.detach())
         if want & {"f_s", "y_hat_s"}:

@@ -212,3 +212,37 @@ def test_weighted_sr_loss_equals_unweighted_for_unit_weights():
     plain, _ = sr_loss(a, b)
     weighted, _ = sr_loss(a, b, weight=torch.ones(2, 1, 16, 16))
     assert weighted.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_the_rician_denoiser_removes_noise_and_its_bias():
+    """DIPY's Rician NLM (udean.baselines.denoise) on a piecewise-constant volume with Rician
+    noise: closer to the truth than the noisy input, and the background's Rician floor
+    (sigma sqrt(pi / 2) for a zero signal) mostly removed, where a Gaussian-model NLM keeps it."""
+    from dipy.denoise.nlmeans import nlmeans
+
+    from udean.baselines.denoise import dipy_sigma, nlm
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((32, 32, 32), np.float32)
+    truth[8:24, 6:26, 10:22] = 0.6
+    truth[12:20, 10:22, 13:19] = 0.9
+    sigma = 0.03
+    noisy = np.abs(truth + sigma * (rng.standard_normal(truth.shape) + 1j * rng.standard_normal(truth.shape)))
+    noisy = noisy.astype(np.float32)
+    np.testing.assert_array_equal(nlm(noisy, 0.0), noisy)  # k = 0: the input
+    assert sigma / 2 < dipy_sigma(noisy) < 3 * sigma
+    out = nlm(noisy, 1.0)
+    assert out.dtype == np.float32 and out.shape == noisy.shape
+    assert np.abs(out - truth).mean() < 0.5 * np.abs(noisy - truth).mean()
+    back = truth == 0
+    gauss = nlmeans(noisy, dipy_sigma(noisy), rician=False, method="classic", num_threads=1)
+    assert noisy[back].mean() > 0.03 and out[back].mean() < 0.5 * gauss[back].mean()
+
+
+def test_without_a_paired_val_volume_the_denoiser_keeps_dipys_estimate():
+    from preprocessing.shards import VolumePair
+    from udean.baselines.denoise import DEFAULT_STRENGTH, choose_strength
+
+    lr_only = VolumePair(hr=None, lr=np.zeros((8, 8, 8), np.float32), mask=None, hr_affine=np.eye(4),
+                         lr_affine=np.diag([2.0, 2.0, 2.0, 1.0]), subject="a", group="val", lr_source="acquired")
+    assert choose_strength([lr_only]) == (DEFAULT_STRENGTH, {}) and DEFAULT_STRENGTH == 1.0
