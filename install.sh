@@ -38,7 +38,8 @@ elif [ "$have" != "$want" ]; then
 fi
 export DS_BUILD_OPS=0
 pip install -q -e ".[test,baselines,bench]" 2>&1 | grep -v "^WARNING: Location" || true
-python -c "import udean.cli, torch, deepspeed, mpi4py, h5py" || { echo "install.sh: import check failed" >&2; exit 1; }
+python -c "from hpc.dist import quiet_deepspeed; quiet_deepspeed(); import udean.cli, torch, deepspeed, mpi4py, h5py" ||
+  { echo "install.sh: import check failed" >&2; exit 1; }
 if [ "$want" = gpu ] && ! python -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then
   echo "install.sh: --gpu, but $(python -c 'import torch; print(torch.__version__)') is a CPU build: set" \
        "UDEAN_TORCH_INDEX to a CUDA wheel index (docs/hpc.md)" >&2

@@ -6,6 +6,8 @@
 #   .ci/slurm.sh           install slurm-wlm + munge if missing, write the config, start
 #                          munged, slurmctld and slurmd, wait until the node is idle
 #   .ci/slurm.sh status    print the cluster state; exit 1 if it is not usable
+#   .ci/slurm.sh stop      stop slurmd and slurmctld (started by this script; munged stays: other
+#                          tools use it); `.ci/slurm.sh` starts them again
 #
 # Idempotent: a second run finds everything up and returns at once. Needs root (CI container).
 # Debian slurm-wlm; no cgroups (proctrack/linuxproc, task/none), no accounting database.
@@ -33,6 +35,19 @@ usable() {
 
 if [[ "${1:-}" == "two-node" ]]; then
     exec bash "$(dirname "$0")/slurm-2node.sh" "${2:-status}"
+fi
+
+if [[ "${1:-}" == "stop" ]]; then
+    for pidfile in /run/slurmd.pid /run/slurmctld.pid; do
+        [[ -f $pidfile ]] || continue
+        pid=$(cat "$pidfile")
+        if kill -0 "$pid" 2>/dev/null; then
+            log "stopping $(basename "$pidfile" .pid) (pid $pid)"
+            kill "$pid"
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        fi
+    done
+    exit 0
 fi
 
 if [[ "${1:-}" == "status" ]]; then

@@ -39,7 +39,7 @@ VARIANTS = {
     "no_bound": ("lambda_bound 0: the learned blur may amplify frequencies", ["loss.lambda_bound=0"]),
     "no_prior": ("lambda_prior 0: no pull of the learned blur toward none", ["loss.lambda_prior=0"]),
     "width_16": ("model.features 16 (the previous demo's width)", ["model.features=16"]),
-    "augment": ("the recommended recipe's flips (target) and 8 flips / rotations (source)",
+    "augment": ("issue 19's flips (target LR) and 8 flips / rotations (source HR)",
                 ["train.augment=flips", "train.augment_source=dihedral"]),
     "paper_objective": ("the paper's six terms (lambdas 1, 0.1, 1, 1, 0.1, 0.1) on the physics degradation",
                         ["loss.lambdas=[1,0.1,1,1,0.1,0.1]"]),

@@ -2,15 +2,15 @@
 
     python benchmarks/gpu_check.py --out X.json [--smoke]
 
-the real training step (udean.steps.train_step through both DeepSpeed engines, each precision
-at its default ZeRO stage) in fp32 and in bf16 from the same weights on the same batches: the
-generator's outputs before any step and every loss term of the first steps must agree within
-REL_MAX (a wrong kernel, e.g. the cuDNN bf16 Conv3d bugs, gives errors of order 1; rounding
-~1e-2). Exit 1 if not: the timings that follow would time wrong arithmetic. (ZeRO stage and
-cudnn.benchmark timings: benchmarks/train_step.py --zero-stage / --cudnn-benchmark.)
+the default recipe's training step (`recommended`, the paper's sizes: udean.steps.train_step
+through both DeepSpeed engines, each precision at its default ZeRO stage) in fp32 and in bf16
+from the same weights on the same batches and noise draws: the generator's outputs before any
+step and every loss term of the first steps must agree within REL_MAX (a wrong kernel, e.g. the
+cuDNN bf16 Conv3d bugs, gives errors of order 1; rounding ~1e-2). Exit 1 if not: the timings
+that follow would time wrong arithmetic. (Host cost and step time of the same recipe:
+benchmarks/host_cost.py.)
 
-One process, one device (cuda if available). --smoke: the tiny model of train_step.py's smoke
-mode on CPU, seconds.
+One process, one device (cuda if available). --smoke: the tiny model on CPU, seconds.
 """
 from __future__ import annotations
 
@@ -21,26 +21,27 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import provenance, write_json  # noqa: E402
-from benchmarks.train_step import config  # noqa: E402
+from benchmarks.host_cost import SMOKE, batch  # noqa: E402
 
 import torch  # noqa: E402
 
 REL_MAX = 0.05
 
 
-def setup(variant: str, precision: str, batch: int, smoke: bool, dist):
-    """Fresh engines from seed 0, and two fixed batches: the same for every setup."""
+def setup(variant: str, precision: str, n: int, smoke: bool, dist):
+    """Fresh engines from seed 0 as training builds them, and two fixed batches: the same for
+    every setup."""
+    from udean.config import load
     from udean.engines import build_engines
+    from udean.losses import model_parts
     from udean.models.udean import build
 
-    cfg = config(variant, batch, precision, smoke)
+    cfg = load("recommended", (SMOKE if smoke else []) + [f"model.variant={variant}", f"train.batch_size={n}",
+                                                          f"train.precision={precision}"])
     torch.manual_seed(0)
-    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
     engines = build_engines(cfg, gen, discs, total_steps=1000, device=dist.device, ds_args=dist.deepspeed_args())
-    s, (h, w) = cfg.data.patches.slab, cfg.data.patches.lr_size
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(batch, 2 * s, 2 * h, 2 * w, generator=g).to(dist.device),
-                torch.rand(batch, s, h, w, generator=g).to(dist.device)) for _ in range(2)]
+    batches = [tuple(t.to(dist.device) for t in batch(cfg, n, dist.device, seed=1 + i)) for i in range(2)]
     return cfg, engines, batches
 
 
@@ -56,8 +57,9 @@ def correctness(args, dist) -> dict[str, Any]:
     for precision in ("fp32", "bf16"):
         cfg, engines, batches = setup(args.variant, precision, args.batch, args.smoke, dist)
         y_s, x_t = batches[0]
+        torch.manual_seed(2)  # the same noise draws in both precisions (the degradation is float32 in both)
         with torch.no_grad():
-            out = engines.g(y_s.to(engines.dtype), x_t.to(engines.dtype))
+            out = engines.g(y_s, x_t)
         losses = [train_step(engines, *batches[i % 2], cfg.loss, dist).scalars() for i in range(args.steps)]
         runs[precision] = {"outputs": {k: v.detach().float().cpu() for k, v in out.items()}, "losses": losses}
         del engines

@@ -42,7 +42,8 @@ def make_data(work: Path, shape: tuple[int, int, int]) -> Path:
     data = work / "data"
     if not (data / "manifest.json").exists():
         env = environment(1)
-        for cmd in (["cohort", "--n", "11", "--out", work / "cohort", "--shape", *shape, "--no-progress"],
+        for cmd in (["cohort", "--anatomy", "phantom", "--n", "11", "--out", work / "cohort", "--shape", *shape,
+                     "--no-progress"],
                     ["preprocess", "--config", "demo", "--data-root", work / "cohort", "--out", data, "--no-progress"]):
             r = subprocess.run([executable("udean"), *map(str, cmd)], capture_output=True, text=True, env=env)
             if r.returncode:

@@ -126,10 +126,12 @@ def make_batch(cfg, batch: int, device: torch.device, seed: int = 0) -> tuple[to
 
 
 def build_models(cfg, seed: int = 0):
+    """Generator and Discriminators as training builds them (only the networks the loss reads)."""
+    from udean.losses import model_parts
     from udean.models.udean import build
 
     torch.manual_seed(seed)  # every setup starts from the same weights
-    return build(cfg.model, slab=cfg.data.patches.slab)
+    return build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
 
 
 def bf16_check(cfg, device: torch.device, batch: int = 2) -> dict[str, Any]:
@@ -235,6 +237,8 @@ def engine_step(cfg, dist, flags: set[str]) -> tuple[Callable, dict[str, Any]]:
 
     gen, discs = build_models(cfg)
     notes: dict[str, Any] = {}
+    if "compile" in flags:  # train.compile: what training does with it
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
     engines = build_engines(cfg, gen, discs, total_steps=10_000, device=dist.device)
     notes["optimizer"] = type(engines.g.optimizer).__name__
     if "channels_last" in flags:
@@ -251,11 +255,6 @@ def engine_step(cfg, dist, flags: set[str]) -> tuple[Callable, dict[str, Any]]:
             for group in opt.param_groups:
                 group["fused"], group["foreach"] = True, False
         notes["fused_adams"] = len(adams)
-    if "compile" in flags:
-        gen.compile()
-        for d in (discs.d_lr, discs.d_feat, discs.d_hr):
-            if d is not None:
-                d.compile()
 
     def step(y_s, x_t):
         return train_step(engines, y_s, x_t, cfg.loss, dist)

@@ -6,92 +6,41 @@ training step costs on it: host syncs, collectives, dispatched ops, step time.
     python benchmarks/zero_precision.py --paper-size                  # a GPU: LR 64x64 patches, batch 8
 
 Every (precision, zero stage) the config accepts (fp32 / bf16 / fp16 x ZeRO 0 / 1) gets fresh
-engines from the same seed and the same batch; one step is run under `HostSyncs`, then
+engines from the same seed and the same batch; one step is run under `HostCost`
+(benchmarks/host_cost.py: host syncs both ways by origin, collectives, dispatched ops), then
 `--steps` steps are timed. Why it matters: at ZeRO 0, DeepSpeed wraps a bf16 / fp16 Adam in
 `FP16_UnfusedOptimizer`, whose overflow check (deepspeed/runtime/utils.py
 `CheckOverflow.has_overflow_serial`) tests every gradient with a Python `if` on a device tensor:
 one host sync per parameter tensor, every step, in each engine. ZeRO 1 (`DeepSpeedZeroOptimizer`)
-checks one flat buffer.
+checks nothing per tensor (its overflow test is off for bf16: udean/engines.py).
 
-A host sync is counted where a tensor's value is read on the host (`aten._local_scalar_dense`:
-`.item()`, `bool()`, `float()`; on a GPU also device-to-host copies), attributed to the code that asked
-(udean / hpc, deepspeed, torch.optim). torch.optim's reads are its step counters, which torch
-keeps on the host on a GPU as well (no device sync there), so `syncs_per_step` leaves them out.
-The counts do not depend on the device: CPU counts are what a GPU would do. CPU step times say
-little about a GPU, where each sync also drains the launch queue.
+`syncs_per_step` leaves out torch.optim's reads of its step counters, which torch keeps on the
+host on a GPU as well. The counts do not depend on the device: CPU counts are what a GPU would
+do. CPU step times say little about a GPU, where each sync also drains the launch queue.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, bar_chart, provenance, write_json  # noqa: E402
+from benchmarks.host_cost import HostCost  # noqa: E402
 from benchmarks.train_step import SMOKE_OVERRIDES, cleanup, sync  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-_TORCH = str(Path(torch.__file__).parent)
-
-
-def _origin() -> str:
-    """Who asked: the innermost frame outside torch's own plumbing (torch.optim counts), by package."""
-    for frame in reversed(traceback.extract_stack()):
-        name = frame.filename
-        if "/torch/optim/" in name:
-            return "torch.optim"
-        if name.startswith(_TORCH) or name == __file__:
-            continue
-        for pkg in ("deepspeed", "udean", "hpc"):
-            if f"/{pkg}/" in name:
-                return pkg
-        return "other"
-    return "other"
-
-
-def _to_host(func, args, kwargs) -> bool:
-    """A device-to-host copy (`.cpu()`, `.tolist()` of a CUDA tensor); never true on a CPU."""
-    if func is torch.ops.aten._to_copy.default:
-        return args[0].device.type != "cpu" and str(kwargs.get("device", args[0].device)) == "cpu"
-    if func is torch.ops.aten.copy_.default:
-        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
-    return False
-
-
-class HostSyncs(TorchDispatchMode):
-    """Counts, while active: host reads of tensor values (`syncs`, by origin), collectives
-    (`collectives`, c10d ops by origin) and every dispatched op (`ops`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs: collections.Counter = collections.Counter()
-        self.collectives: collections.Counter = collections.Counter()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        if func is torch.ops.aten._local_scalar_dense.default or _to_host(func, args, kwargs or {}):
-            self.syncs[_origin()] += 1
-        elif func.namespace == "c10d":
-            self.collectives[_origin()] += 1
-        return func(*args, **(kwargs or {}))
-
-    def device_syncs(self) -> int:
-        """Syncs a GPU would pay: all but torch.optim's host-side step counters."""
-        return sum(n for origin, n in self.syncs.items() if origin != "torch.optim")
 
 
 def measure(precision: str, zero: int, args, dist) -> dict[str, Any]:
     from udean.config import load
     from udean.engines import build_engines
+    from udean.losses import model_parts
     from udean.models.udean import build
     from udean.steps import train_step
 
@@ -99,7 +48,7 @@ def measure(precision: str, zero: int, args, dist) -> dict[str, Any]:
     cfg = load("paper", (SMOKE_OVERRIDES if args.smoke else size) + [
         f"train.precision={precision}", f"train.zero_stage={zero}", f"train.batch_size={args.batch}"])
     torch.manual_seed(0)
-    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
     tensors = {"g": sum(1 for p in gen.parameters() if p.requires_grad),
                "d": sum(1 for p in discs.parameters() if p.requires_grad)}
     engines = build_engines(cfg, gen, discs, total_steps=10_000, device=dist.device, ds_args=dist.deepspeed_args())
@@ -109,7 +58,7 @@ def measure(precision: str, zero: int, args, dist) -> dict[str, Any]:
     x_t = torch.rand(args.batch, s, h, w, generator=g).to(dist.device)
     for _ in range(args.warmup):
         train_step(engines, y_s, x_t, cfg.loss, dist)
-    with HostSyncs() as counted:
+    with HostCost(inputs=(y_s, x_t)) as counted:
         first = train_step(engines, y_s, x_t, cfg.loss, dist)
     times = []
     for _ in range(args.steps):
@@ -122,8 +71,9 @@ def measure(precision: str, zero: int, args, dist) -> dict[str, Any]:
                "paper", [f"train.precision={precision}"]).train.zero_stage,
            "optimizer": {"g": type(engines.g.optimizer).__name__, "d": type(engines.d.optimizer).__name__},
            "param_tensors": tensors, "syncs_per_step": counted.device_syncs(),
-           "syncs_by_origin": dict(counted.syncs), "collectives_by_origin": dict(counted.collectives),
-           "ops_per_step": counted.ops, "skipped": first.skipped,
+           "syncs_by_origin": dict(counted.reads + counted.writes), "reads_by_origin": dict(counted.reads),
+           "writes_by_origin": dict(counted.writes), "collectives_by_origin": dict(counted.collectives),
+           "ops_per_step": sum(counted.ops.values()), "skipped": first.skipped,
            "step_s_median": statistics.median(times), "step_s_min": min(times), "steps": args.steps,
            "batch": args.batch}
     del engines
@@ -138,7 +88,7 @@ def chart(path: Path, result: dict) -> Path | None:
     m = result["provenance"]["machine"]
     where = m["gpu"]["name"] if m.get("gpu") else f"CPU {m['cpu']} ({m['cores']} cores)"
     return bar_chart(path, [
-        {"title": "host syncs per G+D step (device reads)", "xlabel": "syncs", "labels": labels,
+        {"title": "host syncs per G+D step (both ways)", "xlabel": "syncs", "labels": labels,
          "values": [r["syncs_per_step"] for r in rows], "colors": colors,
          "notes": [str(r["syncs_per_step"]) for r in rows]},
         {"title": "ms per G+D step (median)", "xlabel": "ms", "labels": labels,

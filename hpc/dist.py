@@ -21,7 +21,9 @@ A CPU build of torch on a node where SLURM allocated GPUs is an install mistake 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import os
 import socket
 import sys
@@ -239,6 +241,7 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
         torch.cuda.set_device(device_rank)
         device = torch.device("cuda", device_rank)
 
+    quiet_deepspeed()
     import deepspeed
     from deepspeed.constants import default_pg_timeout
 
@@ -248,11 +251,27 @@ def init(backend: str = "auto", timeout_s: float | None = None, environ: dict | 
                                                               torch.__version__))
     if env.local_rank == 0:  # one process per node looks; the build itself happens inside init_distributed
         clear_stale_build_locks()
-    # DeepSpeed adopts the group that exists (its comm backend, cdb) instead of starting its own
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    # DeepSpeed adopts the group that exists (its comm backend, cdb) instead of starting its own;
+    # on CPU it prints that it built its shared-memory op, in every command: kept off the console
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    for line in said.getvalue().splitlines():
+        if line.strip() and "built successfully" not in line:
+            print(line, flush=True)
     return Dist(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                 local_world_size=env.local_world_size, launcher=env.launcher, backend=backend,
                 device=device, device_rank=device_rank, _torch_dist=torch_dist, _exported=(environ, before))
+
+
+def quiet_deepspeed() -> None:
+    """Before DeepSpeed is imported: where torch sees no CUDA device, name DeepSpeed's accelerator
+    (DS_ACCELERATOR=cpu, what it detects itself there and what this process runs on), so that it
+    does not warn "Setting accelerator to CPU" in every command. A value already set wins."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

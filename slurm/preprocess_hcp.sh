@@ -4,6 +4,10 @@
 #
 #   UDEAN_DATA_ROOT=/data/HCP_1200 UDEAN_DATA=/scratch/$USER/udean-data sbatch slurm/preprocess_hcp.sh
 #   sbatch -N 4 slurm/preprocess_hcp.sh data.mode=misaligned      # trailing args: config overrides
+#   UDEAN_CONFIG=demo sbatch -N 1 --ntasks-per-node=8 slurm/preprocess_hcp.sh --hr hr --lr lr --out mine/data
+#                                   # your own scans: every `udean preprocess` flag passes through
+#                                   # (--hr --lr --val-hr --val-lr --test-hr --test-lr --dataset
+#                                   # --voxel-size --register; README "Your own data")
 #
 #   UDEAN_DATA_ROOT  HCP root (subject folders), default: data.root of the config
 #   UDEAN_DATA       output folder (manifest.json, shards/), default: data.out of the config
@@ -23,6 +27,7 @@
 set -eo pipefail
 source "${UDEAN_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"
 udean_setup
+UDEAN_NEEDS_MPI=1  # the ranks must form one MPI world (udean_srun_mpi)
 
 args=(--config "${UDEAN_CONFIG:-recommended}" --no-progress)
 [[ -n "${UDEAN_DATA_ROOT:-}" ]] && args+=(--data-root "$UDEAN_DATA_ROOT")

@@ -21,6 +21,7 @@
 set -eo pipefail
 source "${UDEAN_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"
 udean_setup
+UDEAN_NEEDS_MPI=1  # the ranks must form one MPI world (udean_srun_mpi)
 
 out=${1:-${UDEAN_DATA:?set UDEAN_DATA (or pass the output folder as the first argument)}}
 group_args=()

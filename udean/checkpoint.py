@@ -7,6 +7,8 @@ Layout under `train.out` (`checkpoint_dir` names a checkpoint for writer and rea
         G/ds/...                DeepSpeed engine of the generators (module, optimizer, LR schedule)
         D/ds/...                DeepSpeed engine of the discriminators
         state_rank{r}.pt        our state per rank: step, epoch, sampler, RNG, counters, best
+        sr_fp32.pt              the SR network's weights as the optimizer's float32 masters (under
+                                bf16 / fp16 the engine's module holds a rounded copy)
         files.json              size + sha256 of every file above (written last: "complete")
       latest                    name of the newest checkpoint (a hint for people and tools)
       .tmp-step_...             a checkpoint being written; renamed when complete
@@ -14,7 +16,8 @@ Layout under `train.out` (`checkpoint_dir` names a checkpoint for writer and rea
                                 when no validation ran): generator.pt, config.yaml, best.json
     last/                       inference checkpoint of the newest checkpoint: generator.pt,
                                 config.yaml, last.json (`save_inference`; `udean export` makes
-                                one from any checkpoint, `generator_state`)
+                                one from any checkpoint, `sr_weights`). All three hold float32
+                                master weights.
 
 Writing: every rank writes into the temp folder (DeepSpeed's save is collective; ZeRO ranks
 write their own optimizer shards), rank 0 lists the files with their sha256, renames the folder
@@ -53,12 +56,15 @@ from hpc.atomic import atomic_path, atomic_write_text, check_free_space, file_mi
 from preprocessing.config import diff_keys
 
 TAG = "ds"  # DeepSpeed's tag inside G/ and D/
+SR_FP32 = "sr_fp32.pt"  # in a checkpoint: the SR network's float32 master weights
 NAME = re.compile(r"^step_(\d{8,})$")
 # config keys that cannot change the trained state (paths, logging, checkpoint cadence, loader
-# processes, validation, which only picks best/, the collective backend, inference settings):
-# a resume may change them; every other key must be the one the run was started with
+# processes, validation, which only picks best/, the collective backend, compiled or eager
+# kernels, inference settings): a resume may change them; every other key must be the one the
+# run was started with
 FREE_KEYS = ("train.out", "train.log_every", "train.num_workers", "train.checkpoint_every", "train.keep_last",
-             "train.val_every", "train.val_subjects", "train.max_nonfinite", "train.backend", "train.stage_dir",
+             "train.val_every", "train.val_subjects", "train.best_by", "train.progress_every", "train.max_nonfinite",
+             "train.backend", "train.compile", "train.stage_dir",
              "data.out", "data.root", "infer")
 
 
@@ -165,10 +171,12 @@ def _size(folder: Path) -> int:
         return 0
 
 
-def save(out: str | os.PathLike, step: int, engines, state: dict[str, Any], dist, keep_last: int) -> Path:
+def save(out: str | os.PathLike, step: int, engines, state: dict[str, Any], dist, keep_last: int,
+         sr_weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Collective: write the checkpoint of `step` atomically; keep it and the `keep_last - 1`
     newest older ones. OutputError on every rank (before anything is written) when the disk
-    has less room than the previous checkpoint took."""
+    has less room than the previous checkpoint took. `sr_weights` (`Engines.inference_weights`):
+    written as `SR_FP32` by rank 0."""
     from hpc.atomic import OutputError
 
     final = checkpoint_dir(out, step)
@@ -190,6 +198,9 @@ def save(out: str | os.PathLike, step: int, engines, state: dict[str, Any], dist
     engines.d.save_checkpoint(str(tmp / "D"), tag=TAG, save_latest=False)
     with atomic_path(tmp / f"state_rank{dist.rank}.pt") as p:
         torch.save({**state, "rank": dist.rank, "rng": rng_state(getattr(dist, "device", None))}, p)
+    if dist.is_main and sr_weights is not None:
+        with atomic_path(tmp / SR_FP32) as p:
+            torch.save(sr_weights, p)
     dist.barrier()
     if dist.is_main:
         atomic_write_text(tmp / "files.json", json.dumps(_inventory(tmp), indent=1))
@@ -207,7 +218,8 @@ def save(out: str | os.PathLike, step: int, engines, state: dict[str, Any], dist
 def refusal(folder: Path, state: dict[str, Any], expect: dict[str, Any] | None, world_size: int) -> str | None:
     """Why the run in `folder`'s state must not be resumed by this start, or None.
 
-    expect: {"config": Config.to_dict(), "data": data fingerprint} of this start (None: no check)."""
+    expect: {"config": Config.to_dict(), "data": data fingerprint, "parts": `built_parts` of the
+    engines' modules} of this start (None: no check)."""
     if expect is None:
         return None
     if isinstance(state.get("config"), dict):
@@ -218,11 +230,27 @@ def refusal(folder: Path, state: dict[str, Any], expect: dict[str, Any] | None, 
     if state.get("data") and expect.get("data") and state["data"] != expect["data"]:
         return (f"checkpoint {folder.name} was trained on other data: the source/target shards of data.out are "
                 "not the ones it saw")
+    if expect.get("parts"):
+        saved = state.get("parts") or full_parts(expect["config"])  # written before parts were recorded: all built
+        if saved != expect["parts"]:
+            diff = sorted({f"{k}.{n}" for k in ("g", "d") for n in set(saved.get(k, [])) ^ set(expect["parts"][k])})
+            return (f"checkpoint {folder.name} holds other networks than this start builds ({', '.join(diff)} differ; "
+                    "an earlier version built every network, also those no active loss term reads): its weights "
+                    "and optimizer state do not fit; resume it with the version that wrote it")
     saved_world, zero = int(state.get("world_size", world_size)), int(expect["config"]["train"]["zero_stage"])
     if zero >= 1 and saved_world != world_size:
         return (f"checkpoint {folder.name} holds ZeRO stage {zero} optimizer state sharded over {saved_world} "
                 f"rank(s); this job has {world_size}: resume it with {saved_world} rank(s)")
     return None
+
+
+def full_parts(config: dict[str, Any]) -> dict[str, list[str]]:
+    """The networks of a full build of this config (every one, whatever the loss reads)."""
+    from udean.config import from_dict
+    from udean.models.udean import discriminator_parts, generator_parts
+
+    model = from_dict(config).model
+    return {"g": list(generator_parts(model)), "d": list(discriminator_parts(model))}
 
 
 def _load_one(folder: Path, engines, dist, expect: dict[str, Any] | None) -> dict[str, Any]:
@@ -268,6 +296,7 @@ def load_latest(out: str | os.PathLike, engines, dist, warn: Callable[[str], Non
             raise ResumeRefused(f"{out}: {why}; or start over with --restart (the old run is moved aside, not "
                                 "deleted) or another train.out")
         if not dist.all_reduce_flag(problem is not None):
+            engines.g_updated()  # collective: every rank loaded
             return state
         reasons.append(f"{folder.name}: {problem or 'failed on another rank'}")
         if i + 1 < len(candidates):
@@ -334,11 +363,13 @@ def save_best(out: str | os.PathLike, weights: dict[str, torch.Tensor], info: di
     return save_inference(Path(out) / "best", weights, info, cfg)
 
 
-def generator_state(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The generators' weights in the training checkpoint `folder` (DeepSpeed's saved module,
-    G/ds/mp_rank_00_model_states.pt), verified against files.json and read with
-    weights_only=True; ValueError naming the folder otherwise."""
+def sr_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The SR network's weights (`inference_state_dict` keys) in the training checkpoint `folder`,
+    verified against files.json and read with weights_only=True: its float32 masters (`SR_FP32`),
+    or, in a checkpoint written before those were saved, the generator's weights DeepSpeed saved
+    (the engine's copy: rounded under bf16 / fp16). ValueError naming the folder otherwise."""
     from udean.engines import _allow_deepspeed_checkpoint_types
+    from udean.models.udean import INFERENCE_PARTS
 
     folder = Path(folder)
     if not (folder / "files.json").is_file():
@@ -346,17 +377,18 @@ def generator_state(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     problem = verify(folder)
     if problem:
         raise ValueError(f"{folder}: corrupt training checkpoint ({problem})")
-    path = folder / "G" / TAG / "mp_rank_00_model_states.pt"
+    fp32 = (folder / SR_FP32).is_file()
+    path = folder / SR_FP32 if fp32 else folder / "G" / TAG / "mp_rank_00_model_states.pt"
     _allow_deepspeed_checkpoint_types()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable for any reason: say which file
         raise ValueError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
-    module = state.get("module") if isinstance(state, dict) else None
+    module = state if fp32 else state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict) or not module:
         raise ValueError(f"{path}: no module weights in it (a ZeRO-3 checkpoint keeps them partitioned: "
                          "export is for ZeRO stages 0-2)")
-    return module
+    return {k: v for k, v in module.items() if k.split(".", 1)[0] in INFERENCE_PARTS}
 
 
 def unreadable_weights(path: str | os.PathLike, exc: BaseException) -> str:

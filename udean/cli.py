@@ -51,6 +51,7 @@ EXIT_CODES = {
     130: "interrupted (Ctrl-C)",
 }
 EXIT_OUTPUT = 74
+LOG_COLUMNS = 200  # the width of tables written to a log file or pipe
 
 EPILOG = """config overrides: append key.sub=value after the options, e.g.
   udean train --config demo train.lr=3e-4 model.variant=3d
@@ -126,6 +127,12 @@ def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | No
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from hpc.threads import share_cores
+
+    share_cores()  # before torch loads: OpenMP threads that wait sleep instead of spinning (hpc/threads.py)
+    if not sys.stdout.isatty() and not sys.stderr.isatty():
+        # a log file or pipe (batch jobs, CI): rich would cut every table at 80 columns
+        os.environ.setdefault("COLUMNS", str(LOG_COLUMNS))
     if not argv or argv[0] not in COMMANDS:
         _parser().parse_args(argv)  # prints help or the "invalid choice" error
         _parser().print_help()

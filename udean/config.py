@@ -174,6 +174,15 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     val_every: int = Field(1, ge=0)  # epochs; 0: no validation
     val_subjects: int = Field(0, ge=0)  # 0: all val volumes
+    # what chooses best/ (udean/steps.py `criterion`; the run's last line and best.json say which):
+    # auto: psnr where a val volume's LR has the target's degradation (HCP and the synthetic cohort,
+    # paired own scans), else learned where held-out HR exist, else last; psnr: val PSNR against HR;
+    # learned: held-out HR degraded by the model's own learned degradation of that step, the previous
+    # best rescored on the same LR; last: best/ = last/
+    best_by: Literal["auto", "psnr", "learned", "last"] = "auto"
+    # a plain progress line every N steps where the console is not a terminal (a batch job's log
+    # file, where the progress bar shows nothing); 0: none
+    progress_every: int = Field(100, ge=0)
     # udean/fidelity.py: how close X_{s~t} is to the target (and to the true degradation where
     # the data carry it), at step 1, every N steps and at the last into metrics.jsonl / TensorBoard; image summaries
     # (Y_s, X_{s~t}, X_t, SR of X_t) every M steps; 0: off
@@ -183,6 +192,11 @@ class TrainConfig(Section):
     # torch.backends.cudnn.benchmark during training (fixed patch shapes: cuDNN times its kernels
     # once and keeps the fastest); null: on, except with `deterministic`
     cudnn_benchmark: bool | None = Field(None, validate_default=True)
+    # ours: torch.compile of every network's forward (the generator, each discriminator): less
+    # host work per step where eager dispatch bounds a GPU (docs/performance.md, host_cost.py;
+    # benchmarks/train_step.py bf16+compile times it); off until a GPU run shows it helps:
+    # compiling takes minutes at the start of every run
+    compile: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     # node-local disk to copy the shards to before the first step (one rank per node; checked by
     # the manifest's sha256) and read from ($SLURM_TMPDIR, /local/scratch/$USER: variables are

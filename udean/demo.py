@@ -39,10 +39,6 @@ QUICK = [
     "model.disc_features=8", "model.disc_blocks=1",
     "train.epochs=1", "train.steps_per_epoch=4", "train.batch_size=2", "train.checkpoint_every=4", "train.log_every=1",
 ]
-# The demo's schedule for 2 CPU cores (configs/demo.yaml, then these, then the user's overrides):
-# 1000 steps instead of 120. Measured (2026-12-01, `udean demo --fresh`, pf_noise target): 660 s
-# of training; UDEAN 24.58 dB / 0.7707, tricubic 24.30 dB / 0.7614 (README).
-DEMO = ["train.epochs=10", "train.steps_per_epoch=100", "train.checkpoint_every=100"]
 QUICK_SHAPE = (64, 64, 48)
 QUICK_VOXEL_MM = 3.0  # --quick on the mni anatomy: the template's brain at 3 mm (about 54 x 66 x 58)
 DEMO_SHAPE = (96, 96, 80)
@@ -107,7 +103,7 @@ def _run(args: argparse.Namespace, console) -> int:
     else:
         voxel = default_voxel_mm("phantom")
         shape = tuple(args.shape or (QUICK_SHAPE if args.quick else DEMO_SHAPE))
-    overrides = (QUICK if args.quick else DEMO) + list(args.overrides) + [
+    overrides = (QUICK if args.quick else []) + list(args.overrides) + [
         f"data.root={out / 'cohort'}", "data.layout=hcp", f"data.voxel_size_mm={voxel}", f"data.out={out / 'data'}",
         f"train.out={out / 'run'}"]
     cfg = load(args.config or "demo", overrides)  # not args.cfg: the paths above must win

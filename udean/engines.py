@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,8 +30,10 @@ PRECISION_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.
 
 
 def adam_params(train: TrainConfig) -> dict[str, Any]:
-    """The paper's Adam (II-D) from the `train:` section: lr, betas, eps, no weight decay."""
-    return {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps, "weight_decay": 0.0}
+    """The paper's Adam (II-D) from the `train:` section: lr, betas, eps, no weight decay.
+    foreach: a few multi-tensor ops per step instead of ~10 ops per parameter tensor, on every
+    device (torch picks it by itself only on CUDA); the same numbers as the per-tensor loop."""
+    return {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps, "weight_decay": 0.0, "foreach": True}
 
 
 def adam(params, train: TrainConfig) -> torch.optim.Adam:
@@ -55,8 +57,18 @@ def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # our logs report progress; DeepSpeed's would interleave
         "wall_clock_breakdown": False,
     }
+    if train.zero_stage >= 1:
+        # gradients reduced from where autograd put them: the contiguous buffer copied every
+        # gradient tensor twice more (~6 ops each, every step; benchmarks/host_cost.py)
+        ds["zero_optimization"]["contiguous_gradients"] = False
+    if train.zero_stage >= 1 and not train.grad_clip:
+        # the global gradient norm is read only to clip: without clipping it is ~4 ops per gradient
+        # tensor every step and a host read (benchmarks/host_cost.py)
+        ds["zero_optimization"]["compute_grad_norm"] = False
     if train.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+        # no per-tensor overflow test (~12 ops per gradient tensor and a host read every step): bf16
+        # has fp32's exponent range, so like fp32 it skips a step only on a non-finite loss (steps.py)
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
     elif train.precision == "fp16":
         # dynamic loss scaling; DeepSpeed skips the step itself on an overflow
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
@@ -70,6 +82,9 @@ def supported_precisions() -> tuple[str, ...]:
     accelerator says so. On a CPU, fp16 needs oneDNN fp16 kernels (AVX512-FP16 / AMX-FP16), which
     many CPUs lack (AMD EPYC among them); bf16 runs on every CPU (emulated where there is no
     AVX512-BF16)."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -117,6 +132,9 @@ def _weights_only_checkpoint_engine(ds_config: Any):
 
 def _allow_deepspeed_checkpoint_types() -> None:
     """DeepSpeed puts a few plain enums/containers in its checkpoints; allow exactly those."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     safe: list[Any] = []
     with contextlib.suppress(ImportError):
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -136,7 +154,8 @@ class Engines:
 
     g: Any  # deepspeed.DeepSpeedEngine
     d: Any
-    dtype: torch.dtype  # what inputs are cast to (the engines' compute precision)
+    dtype: torch.dtype  # the networks' weights (the engines' compute precision)
+    refresh: Callable[[], None] | None = None  # `keep_fp32`'s, None when nothing needs it
 
     @property
     def generator(self) -> nn.Module:
@@ -149,6 +168,23 @@ class Engines:
     def lr(self) -> float:
         return float(self.g.get_lr()[0])
 
+    def g_updated(self) -> None:
+        """Collective: after G's parameters changed (a step, a checkpoint load), the float32
+        masters the degradation reads (`keep_fp32`) follow."""
+        if self.refresh is not None:
+            self.refresh()
+
+    def inference_weights(self) -> dict[str, torch.Tensor]:
+        """Collective (every rank): `inference_state_dict` of the generator in float32 on the CPU,
+        each parameter its optimizer's master copy: under bf16 / fp16 the module holds a rounded
+        copy of it (best/, last/ and `udean export` write these)."""
+        from udean.models.udean import inference_state_dict
+
+        masters = fp32_masters(self.g)
+        named = dict(self.generator.named_parameters())
+        return {k: (masters(named[k]) if k in named else v).detach().float().cpu().clone()
+                for k, v in inference_state_dict(self.generator).items()}
+
 
 def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
                   total_steps: int, device: torch.device, ds_args=None) -> Engines:
@@ -156,6 +192,9 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
 
     `ds_args`: `Dist.deepspeed_args()`, so DeepSpeed's own set_device picks our GPU (it
     otherwise uses LOCAL_RANK, wrong where each task sees one GPU)."""
+    from hpc.dist import quiet_deepspeed
+
+    quiet_deepspeed()
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
@@ -166,6 +205,8 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
     engines = []
     for module in (generator, discriminators):
         module.to(device)
+        islands = [(p, p.detach().clone()) for m in module.modules() if getattr(m, "keep_fp32", False)
+                   for p in m.parameters(recurse=False)]
         # one dict per engine: DeepSpeed keeps the dict it is given, and before 0.19.1 popped
         # `torch_adam` out of it, so a shared dict gave the second engine FusedAdam
         engine, *_ = deepspeed.initialize(
@@ -173,9 +214,84 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
             config=copy.deepcopy(ds), lr_scheduler=lambda opt: cosine_schedule(opt, cfg.train, total_steps),
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
+        if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+            # nothing to average on one rank: DeepSpeed still flattened, all-reduced and copied
+            # back every gradient (~5 ops per tensor, every step). ZeRO >= 1 builds its gradient
+            # partitions in that pass, so it keeps it.
+            engine.enable_backward_allreduce = False
         _cast_buffers(engine.module, PRECISION_DTYPE[cfg.train.precision])
-        engines.append(engine)
-    return Engines(g=engines[0], d=engines[1], dtype=PRECISION_DTYPE[cfg.train.precision])
+        engines.append((engine, keep_fp32(engine, islands) if cfg.train.precision != "fp32" else None))
+    (g, refresh), (d, d_refresh) = engines
+    assert d_refresh is None, "the discriminators have no float32 islands"
+    if cfg.train.compile:  # each network's forward, where the step calls it (the losses call each D)
+        for module in (generator, *discriminators.children()):
+            module.compile()
+    return Engines(g=g, d=d, dtype=PRECISION_DTYPE[cfg.train.precision], refresh=refresh)
+
+
+def fp32_masters(engine) -> Callable[[nn.Parameter], torch.Tensor]:
+    """parameter -> its float32 master copy in `engine`'s optimizer (the parameter itself in an
+    fp32 engine). At ZeRO >= 1 each rank holds the masters of its partition only, and the call is
+    collective (`deepspeed.utils.safe_get_full_fp32_param`: an all-reduce per parameter); at ZeRO
+    0 a bf16 / fp16 optimizer (FP16_UnfusedOptimizer) holds one fp32 tensor per parameter."""
+    opt = engine.optimizer
+    by_id = ({id(p): m for lo, hi in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(lo, hi)}
+             if hasattr(opt, "fp32_groups") else {})
+
+    def master(p: nn.Parameter) -> torch.Tensor:
+        if p.dtype == torch.float32:
+            return p
+        if id(p) in by_id:
+            return by_id[id(p)]
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(p)
+        assert value is not None, f"no float32 master for a {p.dtype} parameter in {type(opt).__name__}"
+        return value
+    return master
+
+
+def keep_fp32(engine, islands: list[tuple[nn.Parameter, torch.Tensor]]) -> Callable[[], None] | None:
+    """Float32 islands in a bf16 / fp16 engine: the parameters of modules marked `keep_fp32`
+    (models/degradation.py) read as their optimizer's float32 masters (`p.master`, see
+    `degradation.fp32`); `islands` pairs each with its value before DeepSpeed rounded it.
+
+    DeepSpeed makes the masters from the rounded copies: they are set back to the values the
+    model was built with. At ZeRO 0 `p.master` is the master itself, updated in place by the
+    optimizer; at ZeRO >= 1 it is a view of one small float32 buffer that the returned function
+    (collective, after every step and load: `Engines.g_updated`) fills from the ranks that own
+    the pieces, in one all-reduce. Returns None when nothing needs refreshing."""
+    if not islands:
+        return None
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_groups"):  # ZeRO 0
+        master = fp32_masters(engine)
+        for p, value in islands:
+            p.master = master(p)
+            p.master.data.copy_(value)
+        return None
+    import deepspeed.comm as ds_comm
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    params = [p for p, _ in islands]
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+    starts = [sum(p.numel() for p in params[:i]) for i in range(len(params))]
+    views = [flat.narrow(0, start, p.numel()) for start, p in zip(starts, params)]
+    for (p, value), view in zip(islands, views):
+        safe_set_full_fp32_param(p, value)  # this rank's piece
+        p.master = view.view(p.shape)
+
+    @torch.no_grad()
+    def refresh() -> None:
+        flat.zero_()
+        for p, view in zip(params, views):
+            if p._hp_mapping is not None:  # this rank owns a piece of p
+                where = p._hp_mapping.lp_fragment_address
+                view.narrow(0, where.start, where.numel).copy_(p._hp_mapping.get_hp_fragment())
+        ds_comm.all_reduce(flat, group=params[0]._dp_group)
+
+    refresh()
+    return refresh
 
 
 def param_groups(module: nn.Module, train: TrainConfig, discriminator: bool = False) -> list[dict]:

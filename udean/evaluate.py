@@ -39,8 +39,10 @@ k-space degradation (preprocessing/kspace.py; udean/infer.py docstring), so a me
 penalised for a sub-voxel shift.
 
 mean +- std: std is the sample standard deviation over subjects (ddof=1; 0 for one subject).
-Outputs under `out` (default `<train.out>/eval`): results.json, results.md, and a figure per
-subject (`figures`, the first N subjects) as fig_<subject>.png.
+Outputs under `out` (default `<run>/eval`, the run the checkpoint belongs to: `udean.infer.run_folder`;
+one writer at a time, `hpc.lock`): results.json, results.md, and a figure per subject (`figures`,
+the first N subjects) as fig_<subject>.png. When UDEAN scores below tricubic, a warning line says
+so and what that can mean.
 """
 from __future__ import annotations
 
@@ -190,12 +192,13 @@ LR_SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {"lr_psnr"
 SCORE_NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lr_psnr": "LR-consistency PSNR (dB)"}
 
 
-def score(pred: np.ndarray, hr: np.ndarray, *, window: int = 7, voxels: np.ndarray | None = None) -> dict[str, float]:
+def score(pred: np.ndarray, hr: np.ndarray, *, window: int = 7, voxels: np.ndarray | None = None,
+          device: str | torch.device = "cpu") -> dict[str, float]:
     """Every score of `pred` vs `hr`, both (D, H, W) slices first; `voxels` (bool, same shape):
-    only those (SSIM: the mean of its map over them), None: all."""
-    a = torch.as_tensor(np.ascontiguousarray(pred, dtype=np.float32))
-    b = torch.as_tensor(np.ascontiguousarray(hr, dtype=np.float32))
-    v = None if voxels is None else torch.as_tensor(np.asarray(voxels, dtype=bool))
+    only those (SSIM: the mean of its map over them), None: all; computed on `device`."""
+    a = torch.as_tensor(np.ascontiguousarray(pred, dtype=np.float32), device=device)
+    b = torch.as_tensor(np.ascontiguousarray(hr, dtype=np.float32), device=device)
+    v = None if voxels is None else torch.as_tensor(np.asarray(voxels, dtype=bool), device=device)
     return {name: fn(a, b, window, v) for name, fn in SCORES.items()}
 
 
@@ -262,13 +265,15 @@ OnVolume = Callable[[VolumePair, dict[str, np.ndarray], dict[str, dict]], None]
 class Evaluator:
     """Scores `methods` (name -> f(volume) -> prediction of the HR grid; the first is the table's
     first row) on paired volumes: the whole volume and the head (`ALWAYS`) and any `regions`
-    more (keys of REGIONS), SSIM `window`."""
+    more (keys of REGIONS), SSIM `window`, computed on `device` (validation: the training
+    device, not the CPU: SSIM of a whole volume is seconds of CPU time)."""
 
-    def __init__(self, methods: dict[str, Method], *, regions: Sequence[str] = (), window: int = 7):
+    def __init__(self, methods: dict[str, Method], *, regions: Sequence[str] = (), window: int = 7,
+                 device: str | torch.device = "cpu"):
         bad = [r for r in regions if r not in REGIONS]
         if bad:
             raise ValueError(f"region {bad[0]!r}: allowed {', '.join(REGIONS)}")
-        self.methods, self.window = dict(methods), window
+        self.methods, self.window, self.device = dict(methods), window, torch.device(device)
         self.regions = list(dict.fromkeys((*ALWAYS, *regions)))
 
     def score_volume(self, vol: VolumePair, progress: Callable[[str], None] | None = None
@@ -278,7 +283,7 @@ class Evaluator:
         hr = None if vol.hr is None else np.asarray(vol.hr, dtype=np.float32)
         scored = {} if hr is None else {r: REGIONS[r][1](hr[grid], vol, grid) for r in self.regions}
         scored = {r: v for r, v in scored.items() if v is not None}
-        lr = torch.as_tensor(np.ascontiguousarray(vol.lr, dtype=np.float32))
+        lr = torch.as_tensor(np.ascontiguousarray(vol.lr, dtype=np.float32), device=self.device)
         preds, scores = {}, {}
         for name, fn in self.methods.items():
             if progress is not None:
@@ -290,9 +295,9 @@ class Evaluator:
             preds[name] = pred
             scores[name] = {}
             for r, (box, voxels) in scored.items():
-                got = score(pred[grid][box], hr[grid][box], window=self.window, voxels=voxels)
+                got = score(pred[grid][box], hr[grid][box], window=self.window, voxels=voxels, device=self.device)
                 scores[name].update({score_key(k, r): v for k, v in got.items()})
-            p = torch.as_tensor(np.ascontiguousarray(pred[grid], dtype=np.float32))
+            p = torch.as_tensor(np.ascontiguousarray(pred[grid], dtype=np.float32), device=self.device)
             scores[name].update({k: fn_lr(p, lr) for k, fn_lr in LR_SCORES.items()})
         return preds, scores
 
@@ -414,28 +419,41 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path
              out: str | Path | None = None, *, group: str = "test", regions: Sequence[str] = (), limit: int = 0,
              figures: int = 1, save_volumes: bool = False, console=None) -> list[MethodResult]:
     """Tricubic, the untrained image skip and the trained network of `checkpoint` (default
-    `cfg.train.out`) on the `group` volumes of `data` (default `cfg.data.out`), scored on the
-    whole volume, the head and any `regions` more; writes
-    results.json / results.md / figures under `out` (default `<train.out>/eval`), prints the table.
+    `cfg.train.out`) on the `group` volumes of `data` (default: the data set the checkpoint's run
+    trained on, its `data.out`), scored on the whole volume, the head and any `regions` more;
+    writes results.json / results.md / figures under `out` (default `<run>/eval`, the
+    checkpoint's own run, holding that folder's lock), prints the table and a warning when
+    UDEAN scores below tricubic.
 
     The window is `cfg.infer` with the checkpoint's training patch; SSIM uses the checkpoint's
     `loss.ssim_window`."""
+    from hpc.lock import folder_lock
+    from udean.infer import load_sr_model, pick_device, run_folder
+
+    ckpt = Path(checkpoint or cfg.train.out)
+    device = pick_device(cfg.infer.device)
+    net, run_cfg = load_sr_model(ckpt, device)
+    data = Path(data or run_cfg.data.out)
+    out = Path(out or run_folder(ckpt) / "eval")
+    with folder_lock(out, "udean evaluate"):
+        return _evaluate(cfg, ckpt, net, run_cfg, device, data, out, group=group, regions=regions, limit=limit,
+                         figures=figures, save_volumes=save_volumes, console=console)
+
+
+def _evaluate(cfg: Config, ckpt: Path, net, run_cfg: Config, device, data: Path, out: Path, *, group: str,
+              regions: Sequence[str], limit: int, figures: int, save_volumes: bool, console) -> list[MethodResult]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from preprocessing.manifest import load_manifest
     from udean.figures import volume_figure
-    from udean.infer import Inferer, load_sr_model, pick_device
+    from udean.infer import Inferer
 
     console = console or Console()
     t0 = time.perf_counter()
-    ckpt = Path(checkpoint or cfg.train.out)
-    data = Path(data or cfg.data.out)
-    out = Path(out or Path(cfg.train.out) / "eval")
-    device = pick_device(cfg.infer.device)
-    net, run_cfg = load_sr_model(ckpt, device)
     inferer = Inferer.from_config(cfg.infer, run_cfg.data.patches, device)
-    paths = load_manifest(data).volume_paths(group)
+    manifest = load_manifest(data)
+    paths = manifest.volume_paths(group)
     if limit:
         paths = paths[:limit]
     if not paths:
@@ -473,21 +491,43 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, data: str | Path
                 bar.advance(task)
             bar.update(task, description=text)
 
-        evaluator = Evaluator(methods, regions=regions, window=run_cfg.loss.ssim_window)
+        evaluator = Evaluator(methods, regions=regions, window=run_cfg.loss.ssim_window, device=device)
         results = evaluator.run(paths, on_volume=on_volume, progress=step)
         bar.update(task, completed=len(paths) * len(methods), description="done")
 
+    below = below_tricubic(results, own=bool(manifest.config.get("own")))
     meta = {"group": group, "regions": evaluator.regions, "ssim_window": run_cfg.loss.ssim_window,
             "lr_sources": lr_sources(results[0].subjects) if results else {},
             "checkpoint": str(ckpt), "data": str(data), "device": str(device),
-            "sliding_window": inferer.settings(), "seconds": round(time.perf_counter() - t0, 2)}
+            "sliding_window": inferer.settings(), "seconds": round(time.perf_counter() - t0, 2),
+            "sr_below_tricubic": below is not None}
     js, md = write_results(results, meta, out)
     console.print(rich_table(results, f"{group} set: SR vs HR ({', '.join(evaluator.regions)})", evaluator.regions))
     console.print(describe_lr(meta["lr_sources"]))  # also when a narrow terminal squeezes the LR column
     console.print(f"results: {js}\n         {md}")
     for f in shown:
         console.print(f"figure:  {f}")
+    if below:
+        console.print(f"[bold yellow]warning:[/] {below}", highlight=False)
     return results
+
+
+def below_tricubic(results: list[MethodResult], own: bool = False) -> str | None:
+    """The warning when UDEAN's PSNR (in the head where scored, else the whole volume) is below
+    tricubic's, saying what it can mean; None otherwise. `own`: the data set is own scans."""
+    by = {r.name: r for r in results}
+    if TRICUBIC not in by or UDEAN not in by:
+        return None
+    key = next((k for k in ("psnr_head", "psnr") if np.isfinite(by[UDEAN].mean(k))), None)
+    if key is None or by[UDEAN].mean(key) >= by[TRICUBIC].mean(key):
+        return None
+    where = "in the head" if key == "psnr_head" else "over the whole volume"
+    text = (f"UDEAN scores below tricubic interpolation {where} ({by[UDEAN].mean(key):.2f} vs "
+            f"{by[TRICUBIC].mean(key):.2f} dB PSNR)")
+    if own and lr_sources(by[UDEAN].subjects).get("synthetic"):
+        return (text + ": this LR is synthetic (made from the HR by k-space truncation), not your scanner's; a model "
+                "adapted to your LR scans is not meant to win on it; paired scans (--test-hr/--test-lr) measure it")
+    return text + ": check which criterion chose best/ (best.json 'by'), evaluate last/, or train longer"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -495,8 +535,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--checkpoint", default=None,
                    help="inference checkpoint (best/ folder, .pt file or run folder); default: <train.out>")
-    p.add_argument("--data", default=None, help="preprocessed data folder with manifest.json; default: data.out")
-    p.add_argument("--out", default=None, help="output folder; default: <train.out>/eval")
+    p.add_argument("--data", default=None,
+                   help="preprocessed data folder with manifest.json; default: the data.out the checkpoint's run trained on")
+    p.add_argument("--out", default=None, help="output folder; default: <run>/eval, the checkpoint's own run")
     p.add_argument("--group", default="test", choices=("test", "val"), help="paired volumes to score")
     p.add_argument("--region", action="append", default=[], choices=tuple(REGIONS),
                    help="a region scored besides the whole volume and the head (always both); repeatable: "

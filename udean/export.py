@@ -3,9 +3,11 @@ checkpoint, for `udean infer` / `udean evaluate` (udean.checkpoint, "Layout").
 
 A training checkpoint (RUN/checkpoints/step_N) holds both engines, their optimizers and our
 state; inference needs only the SR network (paper, Fig. 1: LR encoder + SR decoder). Export
-reads the generators' weights DeepSpeed saved (verified against files.json, weights_only=True),
-loads them into the run's Generator (strict: they must fit RUN/config.yaml) and writes
-generator.pt, config.yaml and export.json to DIR (default RUN/export/step_N).
+reads its float32 master weights (sr_fp32.pt; a checkpoint written before those were saved: the
+generator's weights DeepSpeed saved, in the engine's precision, said so in export.json), verified
+against files.json and read with weights_only=True, checks that they fit the run's SR network
+(strict: RUN/config.yaml) and writes generator.pt, config.yaml and export.json to DIR (default
+RUN/export/step_N).
 """
 from __future__ import annotations
 
@@ -47,20 +49,20 @@ def run_config(folder: Path) -> Config:
 
 
 def from_training_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """(inference weights, the run's config) of a training checkpoint folder."""
-    from udean.models.udean import build, inference_state_dict
+    """(inference weights, the run's config) of a training checkpoint folder
+    (`checkpoint.sr_weights`); the weights must fit the run's SR network (strict)."""
+    from udean.models.udean import load_inference
 
     folder = Path(folder)
     cfg = run_config(folder)
-    state = checkpoint.generator_state(folder)
-    gen, _ = build(cfg.model, slab=cfg.data.patches.slab)
+    weights = checkpoint.sr_weights(folder)
     try:
-        gen.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+        load_inference(weights, cfg.model)
+    except (RuntimeError, ValueError) as exc:
         text = " ".join(str(exc).split())
         raise ValueError(f"{folder}: its weights do not fit the model of {folder.parent.parent / 'config.yaml'} "
                          f"({text[:300]})") from None
-    return inference_state_dict(gen), cfg
+    return weights, cfg
 
 
 def export(run: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
@@ -68,9 +70,12 @@ def export(run: str | Path, step: int | None = None, out: str | Path | None = No
     (default RUN/export/step_N); returns the generator.pt written."""
     folder = training_checkpoint(run, step)
     weights, cfg = from_training_checkpoint(folder)
+    kind = ("float32 master weights" if (folder / checkpoint.SR_FP32).is_file() else
+            "the engine's module weights (the checkpoint predates its float32 masters: rounded under bf16 / fp16)")
     n = int(checkpoint.NAME.match(folder.name).group(1)) if checkpoint.NAME.match(folder.name) else None
     out = Path(out) if out is not None else folder.parent.parent / "export" / folder.name
-    return checkpoint.save_inference(out, weights, {"step": n, "checkpoint": str(folder)}, cfg, name="export")
+    return checkpoint.save_inference(out, weights, {"step": n, "checkpoint": str(folder), "weights": kind}, cfg,
+                                     name="export")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

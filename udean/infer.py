@@ -47,10 +47,13 @@ data.voxel_tolerance_mm) is resampled onto it first (preprocessing.geometry: sam
 and field of view), within data.own.max_resample per axis, and refused beyond; the SR then has
 half the training LR voxel size, and the convention above holds for the resampled grid.
 
-Intensities: the input is scaled to [0, 1] with preprocessing's own scaling of the checkpoint's
-data config (min-max for the paper protocol, the percentiles of data.own for own data: the
-network's training range), the SR volume is clipped to [0, 1], mapped back to the input's units
-by the inverse of the input's own scaling (`--keep-normalised`: left in [0, 1]), float32.
+Intensities: the input is scaled with preprocessing's own scaling of the checkpoint's data
+config (min-max for the paper protocol, the percentiles of data.own for own data) and clipped to
+[0, 1], the network's training range; the SR volume is clipped to [0, 1] and mapped back to the
+input's units by the inverse of the input's own scaling (`--keep-normalised`: left in [0, 1]),
+float32. What the clip took away (voxels above the 99.5th percentile of the head: contrast-enhanced
+vessels and lesions, what a clinician looks at; or below the background floor) is carried to the
+SR grid trilinearly (`carried`) and added back, and the SR is kept within the input's own range.
 """
 from __future__ import annotations
 
@@ -333,6 +336,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
                             "folder, a generator.pt, or a training checkpoint RUN/checkpoints/step_N)")
 
 
+def run_folder(checkpoint: str | Path) -> Path:
+    """The training run a checkpoint belongs to (`udean evaluate` writes into its eval/): RUN for
+    RUN, RUN/best, RUN/last, RUN/export/step_N, RUN/checkpoints/step_N or a generator.pt in
+    them; any other weights file: its own folder."""
+    kind, path = resolve_checkpoint(checkpoint)
+    folder = path.parent if kind == "weights" else path
+    if kind == "training" or folder.parent.name == "export":
+        return folder.parent.parent
+    return folder.parent if folder.name in ("best", "last") else folder
+
+
 def checkpoint_config(weights: Path) -> Config:
     """The config the weights were trained with: config.yaml beside them or in the run folder
     above, else `config` in a best.json beside them (older checkpoints)."""
@@ -411,11 +425,11 @@ class LRInput(NamedTuple):
     record: dict  # voxel sizes / shapes in and out, resampled (preprocessing.nifti.Scan.record)
 
 
-def read_lr_nifti(path: str | Path, spec=None) -> LRInput:
+def read_lr_nifti(path: str | Path, spec=None, clip: bool = True) -> LRInput:
     """LR NIfTI in any orientation -> `LRInput`, conformed to `spec` (an `input_spec`; default:
     any voxel size, min-max): preprocessing's own loading, checks (not NIfTI, not 3D, NaN/Inf,
     constant, voxel size), resampling and scaling (preprocessing.nifti.load_scan), so inference
-    sees what training saw."""
+    sees what training saw (`clip=False`: the scaled values beyond [0, 1] kept)."""
     import nibabel as nib
 
     from preprocessing import nifti
@@ -424,7 +438,7 @@ def read_lr_nifti(path: str | Path, spec=None) -> LRInput:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     spec = spec or nifti.ScanSpec("LR", 1.0, math.inf)
-    scan = nifti.load_scan(path, spec)
+    scan = nifti.load_scan(path, spec, clip=clip)
     original = nib.load(str(path))  # lazy: header and affine only
     return LRInput(scan.data, scan.affine, original, scan.scaling, scan.record)
 
@@ -500,19 +514,32 @@ class Predictor:
                  progress: Progress | None = None) -> InferResult:
         from preprocessing import intensity
 
-        lr = read_lr_nifti(lr_path, self.spec)
+        lr = read_lr_nifti(lr_path, self.spec, clip=False)
         ax = self.slice_axis
-        lr_s = to_stored(lr.data, ax)
+        beyond = intensity.excess(lr.data)  # what the network's [0, 1] does not hold
+        lr_s = to_stored(lr.data - beyond, ax)
         try:
             check_lr_volume(lr_s, self.inferer.slab, self.inferer.patch)
         except ValueError as exc:
             raise ValueError(f"{lr_path}: {exc}") from None
         sr = from_stored(self.inferer(lr_s, self.net, progress), ax)
         if not keep_normalised:
-            sr = intensity.invert(sr, lr.scaling)
+            if beyond.any():
+                sr += carried(beyond)
+            sr = intensity.invert(sr, lr.scaling, tuple(lr.record["value_range"]))
         affine = write_sr_nifti(sr, lr.affine, lr.original, sr_path)
         return InferResult(Path(sr_path), tuple(lr.data.shape), tuple(sr.shape), affine, self.inferer.tiles(lr_s.shape),
                            self.inferer.device, lr.record, (float(sr.min()), float(sr.max())))
+
+
+def carried(x: np.ndarray, scale: int = SCALE) -> np.ndarray:
+    """(X, Y, Z) on the LR grid -> (scale X, scale Y, scale Z) float32, trilinear, SR voxel i at LR
+    index i / scale (the geometry above): a bright voxel keeps its level at its own position."""
+    from scipy import ndimage
+
+    shape = tuple(scale * n for n in x.shape)
+    return ndimage.affine_transform(np.asarray(x, dtype=np.float32), np.full(3, 1.0 / scale), output_shape=shape,
+                                    order=1, mode="nearest")
 
 
 def infer(checkpoint: str | Path, lr_path: str | Path, sr_path: str | Path, infer_cfg: InferConfig,

@@ -27,9 +27,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class Logs:
     """Rank 0's logs. Use as a context manager around the loop."""
 
-    def __init__(self, out: str | Path, total_steps: int, enabled: bool = True, console: Console | None = None):
+    def __init__(self, out: str | Path, total_steps: int, enabled: bool = True, console: Console | None = None,
+                 progress_every: int = 0):
         self.enabled = enabled
         self.console = console or Console(stderr=True)
+        # a console that is not a terminal (a batch job's log file) shows no progress bar until the
+        # end: there, a plain line every `progress_every` steps
+        self.progress_every = progress_every if not self.console.is_terminal else 0
+        self._started = (0, time.perf_counter())  # (step, time) at open: the rate of this run
+        self._last_row = 0
         self.out, self.total_steps = Path(out), total_steps
         self._jsonl = self._tb = self._progress = None
         self._task = None
@@ -66,6 +72,8 @@ class Logs:
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
             transient=False)
         self._task = self._progress.add_task("train", total=self.total_steps, completed=start_step, info="")
+        self._started = (start_step, time.perf_counter())
+        self._last_row = start_step
 
     def __enter__(self) -> "Logs":
         if self._progress is not None:
@@ -94,12 +102,20 @@ class Logs:
         info = (f"ep {epoch} G {scalars.get('g.total', float('nan')):.4f} "
                 f"D {scalars.get('d.total', float('nan')):.4f} {scalars.get('patches_per_s', 0):.1f} patch/s")
         self._progress.update(self._task, completed=step, info=info)
+        n, (first, t0) = self.progress_every, self._started
+        if n and (step // n > self._last_row // n or step == self.total_steps):  # a multiple of n since the last row
+            took = time.perf_counter() - t0
+            eta = took / max(step - first, 1) * (self.total_steps - step)
+            self.message(f"step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f} %), {info}, "
+                         f"elapsed {_hms(took)}, ETA {_hms(eta)}")
+        self._last_row = step
 
-    def val(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
+    def val(self, step: int, epoch: int, scalars: dict[str, float | int]) -> None:
         if not self.enabled:
             return
         self._record("val", step, epoch, scalars)
-        self.message(f"epoch {epoch} val: " + " ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        self.message(f"epoch {epoch} val: " + " ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}"
+                                                       for k, v in scalars.items()))
 
     def fidelity(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
         """A fidelity row (udean/fidelity.py: X_{s~t} against the target and the truth)."""
@@ -119,12 +135,12 @@ class Logs:
         self._write({"kind": "event", "step": step, "event": what, **fields})
 
     def message(self, text: str, style: str = "") -> None:
-        if self.enabled:
-            self.console.print(f"[{style}]{text}[/]" if style else text, highlight=False)
+        if self.enabled:  # one line however long: a log is read with grep
+            self.console.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
 
     def warn(self, text: str) -> None:
         if self.enabled:
-            self.console.print(f"[bold yellow]warning:[/] {text}", highlight=False)
+            self.console.print(f"[bold yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -136,3 +152,8 @@ class Logs:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

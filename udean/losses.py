@@ -54,6 +54,19 @@ def forward_args(cfg) -> dict:
     return {"outputs": sorted(outputs), "sigma_branch": bool(cfg.lambda_noise)}
 
 
+def discriminators_read(cfg) -> tuple[str, ...]:
+    """The discriminators this loss reads: d_lr always (Eq. 8, and the D step trains it), d_feat
+    for fa (Eq. 9), d_hr for the HR image terms (Eq. 4, 6; where the model has one)."""
+    active = set(active_terms(cfg))
+    return ("d_lr",) + (("d_feat",) if "fa" in active else ()) + (("d_hr",) if active & {"i_cyc", "hr_con"} else ())
+
+
+def model_parts(cfg) -> dict:
+    """`udean.models.udean.build` keywords for this loss: only the networks its active terms read
+    (a network weighted out gets no gradient; in an engine it would only cost work every step)."""
+    return {"outputs": forward_args(cfg)["outputs"], "discriminators": discriminators_read(cfg)}
+
+
 def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Eq. 1: mean |x - y| over all elements."""
     return (x.float() - y.float()).abs().mean()

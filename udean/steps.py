@@ -13,6 +13,17 @@ waits in a gradient all-reduce that another rank skipped. The preemption request
 same tensor: one small all-reduce and one host read per step (`step_flags`), the one sync the
 step itself needs (the host must know before `engine.step()` whether to call it); the loss terms
 stay on the device until a logging step reads them, all at once (`StepResult.scalars`).
+
+Validation and what chooses best/ (`criterion`, `train.best_by`). Val PSNR against HR measures
+the model only where the val LR carries the target's degradation: HCP and the synthetic cohort
+(val LR made by the target's own data.degradation) and paired own scans. Own data without pairs
+holds out HR scans with synthetic LR (k-space truncation), a degradation the model adapts *away*
+from by design: its PSNR falls as training works (issue 27: 27.14 -> 25.70 dB over 400 steps,
+best/ stuck at step 40). There best/ is chosen by `learned`: the held-out HR degraded by the
+model's own learned degradation of that step (X_{s~t}, noise drawn from a fixed seed in a forked
+RNG), super-resolved and scored against the HR, with the previous best's SR network rescored on
+that same LR, so a step never wins only because the degradation it is scored on changed. Without
+any val HR, no score measures the SR: best/ = last/ (`last`).
 """
 from __future__ import annotations
 
@@ -21,9 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
 from udean.engines import Engines, frozen
 from udean.evaluate import Evaluator
-from udean.infer import Inferer
+from udean.infer import Inferer, tile_starts
 from udean.losses import discriminator_loss, forward_args, generator_loss
 
 
@@ -55,8 +71,10 @@ def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg,
     `adapt`: the adaptation weights' warm-up factor (`losses.adapt_scale`); `stop`: this rank's
     preemption request, agreed on with the other ranks in the step's flag all-reduce."""
     g, d = engines.g, engines.d
-    y_s = y_s.to(g.device, engines.dtype, non_blocking=True)
-    x_t = x_t.to(g.device, engines.dtype, non_blocking=True)
+    # float32 on the device: each network casts its input to its weights' dtype, the physics
+    # degradation and the image skip stay float32 (models/layers.py `as_weights`)
+    y_s = y_s.to(g.device, torch.float32, non_blocking=True)
+    x_t = x_t.to(g.device, torch.float32, non_blocking=True)
     out = g(y_s, x_t, **forward_args(loss_cfg))
     with frozen(d.module):
         g_loss, g_terms = generator_loss(out, y_s, x_t, d.module, loss_cfg, adapt)
@@ -69,27 +87,109 @@ def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg,
         return StepResult(skipped=True, terms=terms, stop=stop)
     g.backward(g_loss)
     g.step()
+    engines.g_updated()
     d.backward(d_loss)
     d.step()
     return StepResult(skipped=False, terms=terms, stop=stop)
 
 
+# what each criterion is, for the logs, best.json and the run's last line
+CRITERIA = {
+    "psnr": "val PSNR against HR, on val volumes whose LR has the target's degradation",
+    "learned": "held-out HR degraded by the model's own learned degradation, the previous best rescored on that LR",
+    "last": "no val volume with HR measures the target's degradation: best/ = last/",
+}
+SCORE_OF = {"psnr": "psnr", "learned": "learned_psnr"}  # the validate() key each criterion compares
+
+
+def criterion(setting: str, manifest, volumes: Sequence[str]) -> tuple[str, list[str]]:
+    """(the criterion that chooses best/ under `train.best_by` = `setting`, the val volumes
+    (`volumes`: paths of manifest's) it degrades itself: `learned`'s held-out HR). A val LR
+    has the target's degradation when it is of the same kind as the target's: acquired for own
+    data, synthetic (the same data.degradation) otherwise. ValueError when `setting` asks for a
+    score that no val volume can give."""
+    target = "acquired" if manifest.config.get("own") else "synthetic"
+    subject = {str(manifest.out / s.path): s.subject for s in manifest.shards if s.kind == "volume"}
+    rows = {r.id: r for r in manifest.subjects}
+    with_hr = [p for p in volumes if rows[subject[str(p)]].group != "target"]  # target rows: LR-only volumes
+    honest = [p for p in with_hr if (rows[subject[str(p)]].lr_source or "synthetic") == target]
+    chosen = setting if setting != "auto" else "psnr" if honest else "learned" if with_hr else "last"
+    if chosen in ("psnr", "learned") and not with_hr:
+        raise ValueError(f"train.best_by={setting}: no val volume has an HR scan to score against (set "
+                         "train.best_by=auto or last)")
+    return chosen, (with_hr if chosen == "learned" else [])
+
+
 @torch.no_grad()
-def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist) -> dict[str, float]:
+def learned_lr(gen, hr: np.ndarray, slab: int, dtype: torch.dtype, seed: int) -> np.ndarray:
+    """HR (D, H, W) in [0, 1], stored layout -> (D // 2, H // 2, W // 2) float32 in [0, 1]: the
+    generator's learned degradation X_{s~t} of it, with its noise drawn from `seed` in a forked
+    RNG (validation never moves the training streams). The physics degradation takes the whole
+    volume; a decoder takes thin slabs of 2 `slab` HR slices, as it was trained."""
+    device = next(gen.parameters()).device
+    d, h, w = (n // 2 * 2 for n in hr.shape)
+    y = torch.as_tensor(np.ascontiguousarray(hr[:d, :h, :w], dtype=np.float32), device=device)[None].to(dtype)
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        if gen.blur is not None:
+            x = gen.degrade(y)
+        else:
+            x = torch.empty((1, d // 2, h // 2, w // 2), dtype=y.dtype, device=device)
+            for s in tile_starts(d // 2, slab, slab):
+                x[:, s:s + slab] = gen.degrade(y[:, 2 * s:2 * (s + slab)])
+    return x[0].float().clamp_(0, 1).cpu().numpy()
+
+
+class _Degraded(Sequence):
+    """Val volume files whose LR is replaced by `lr_of(volume)` as they are read (on the rank that
+    scores them)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], lr_of):
+        self.paths, self.lr_of = list(paths), lr_of
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from preprocessing.shards import read_volume
+
+        v = read_volume(self.paths[i])
+        return dataclasses.replace(v, lr=self.lr_of(v), lr_source="learned")
+
+
+@torch.no_grad()
+def validate(engines: Engines, volumes: list[str | os.PathLike], cfg, dist, learned: Sequence[str | os.PathLike] = (),
+             incumbent: torch.nn.Module | None = None) -> dict[str, float]:
     """Mean PSNR / SSIM of whole val volumes and in their head (psnr_head, ssim_head), over those
     with HR (NaN without any), and the LR-consistency PSNR (over all, LR-only volumes included):
     the generator's SR path through the `Inferer` of `cfg.infer`, scored by the `Evaluator` of
     `udean evaluate` (the loss's SSIM window), the volumes split across ranks and the scores
-    gathered on every rank."""
+    gathered on every rank. Tiles and scores on the training device. Counts: `volumes`, `hr_volumes`.
+
+    `learned` (criterion `learned`): these volumes' HR degraded by the generator's learned
+    degradation (`learned_lr`), scored the same way: learned_psnr, learned_ssim, learned_psnr_head;
+    `incumbent` (the best SR network so far) on the same LR: best_learned_psnr."""
     gen = engines.generator
     was_training = gen.training
     gen.eval()
     inferer = Inferer.from_config(cfg.infer, cfg.data.patches, engines.g.device)
 
-    def sr(tiles: torch.Tensor) -> torch.Tensor:  # tiles in the engine's precision
-        return gen.sr(tiles.to(engines.dtype))
+    def sr(tiles: torch.Tensor) -> torch.Tensor:  # float32 tiles; the networks cast them (as in training)
+        return gen.sr(tiles)
 
-    (res,) = Evaluator({"sr": lambda v: inferer(v.lr, sr)}, window=cfg.loss.ssim_window).run(volumes, dist)
+    device = engines.g.device
+    (res,) = Evaluator({"sr": lambda v: inferer(v.lr, sr)}, window=cfg.loss.ssim_window, device=device).run(volumes, dist)
+    out = {**{k: res.mean(k) for k in ("psnr", "ssim", "psnr_head", "ssim_head", "lr_psnr")},
+           "volumes": len(res.subjects), "hr_volumes": sum("psnr" in s for s in res.subjects)}
+    if learned:
+        methods = {"sr": lambda v: inferer(v.lr, sr)}
+        if incumbent is not None:
+            methods["best"] = lambda v: inferer(v.lr, incumbent)  # the networks cast their input (as in training)
+        lr_of = lambda v: learned_lr(gen, v.hr, cfg.data.patches.slab, engines.dtype, cfg.train.seed)  # noqa: E731
+        got = Evaluator(methods, window=cfg.loss.ssim_window, device=device).run(_Degraded(learned, lr_of), dist)
+        out.update({f"learned_{k}": got[0].mean(k) for k in ("psnr", "ssim", "psnr_head")})
+        if incumbent is not None:
+            out["best_learned_psnr"] = got[1].mean("psnr")
     gen.train(was_training)
-    return {**{k: res.mean(k) for k in ("psnr", "ssim", "psnr_head", "ssim_head", "lr_psnr")},
-            "volumes": float(len(res.subjects)), "hr_volumes": float(sum("psnr" in s for s in res.subjects))}
+    return out

@@ -45,9 +45,9 @@ from udean.data.sampler import UnpairedSampler
 from udean.data.shards import PatchShards, UnpairedPatches, check_source_margin
 from udean.engines import Engines, build_engines, check_precision
 from udean.logs import Logs
-from udean.models.udean import build, inference_state_dict
-from udean.losses import adapt_scale
-from udean.steps import train_step, validate
+from udean.models.udean import build, built_parts
+from udean.losses import adapt_scale, model_parts
+from udean.steps import CRITERIA, SCORE_OF, criterion, train_step, validate
 
 EXIT_NONFINITE = 3  # too many non-finite losses in a row
 
@@ -79,10 +79,13 @@ def patch_data(source: PatchShards | Sequence[str | os.PathLike], target: PatchS
 
 def data_loader(dataset: UnpairedPatches, sampler: UnpairedSampler, train: TrainConfig,
                 device: torch.device) -> DataLoader:
-    """The one DataLoader of training (one per epoch: the sampler sets where it starts). Its
-    workers ignore the preemption signals, so only the main process checkpoints on them."""
+    """The one DataLoader of training, made once: each epoch iterates it again, from where the
+    sampler is set to start. Its workers persist across epochs (restarting them reopened every
+    shard each epoch) and ignore the preemption signals, so only the main process checkpoints
+    on them."""
     return DataLoader(dataset, batch_size=train.batch_size, sampler=sampler, num_workers=train.num_workers,
                       pin_memory=device.type == "cuda", drop_last=False, worker_init_fn=ignore_in_worker,
+                      persistent_workers=train.num_workers > 0,
                       generator=torch.Generator().manual_seed(train.seed))  # keep the global RNG untouched
 
 
@@ -132,7 +135,7 @@ def setup(cfg: Config, dist, data: Data | None = None) -> Setup:
     if t.val_subjects:
         val_volumes = val_volumes[:t.val_subjects]
     total_steps = t.epochs * sampler.steps_per_epoch
-    gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+    gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
     engines = build_engines(cfg, gen, discs, total_steps, dist.device, dist.deepspeed_args())
     return Setup(dataset, sampler, engines, val_volumes, total_steps)
 
@@ -333,7 +336,7 @@ def _loop(cfg: Config, dist, preempt) -> int:
 
     t = cfg.train
     out = Path(t.out)
-    logs = Logs(out, 0, enabled=dist.is_main)
+    logs = Logs(out, 0, enabled=dist.is_main, progress_every=t.progress_every)
     size_threads(cfg, dist, logs.message)
     data = check_data(cfg, dist)
     logs.message(data.describe())
@@ -343,14 +346,20 @@ def _loop(cfg: Config, dist, preempt) -> int:
     steps_per_epoch = s.steps_per_epoch
     logs.total_steps = total_steps
 
+    parts = built_parts(engines.generator, engines.discriminators)
     state = checkpoint.load_latest(out, engines, dist, warn=logs.warn,
-                                   expect={"config": cfg.to_dict(), "data": fingerprint})
+                                   expect={"config": cfg.to_dict(), "data": fingerprint, "parts": parts})
     step = int(state["step"]) if state else 0
     logs.open(step)
     logs.event(step, "data", **data.report)
     nonfinite_run = int(state["nonfinite_run"]) if state else 0
     nonfinite_total = int(state["nonfinite_total"]) if state else 0
     best = dict(state["best"]) if state else {"psnr": float("-inf"), "ssim": 0.0, "step": -1}
+    from preprocessing.manifest import load_manifest
+
+    by, learned = criterion(t.best_by, load_manifest(cfg.data.out), val_volumes) if val_volumes else ("none", [])
+    incumbent = _incumbent(out, cfg, engines) if by == "learned" and best["step"] >= 0 and \
+        (out / "best" / "generator.pt").is_file() else None
     if state:
         sampler.load_state_dict(state["sampler"])
         if divmod(step, steps_per_epoch) != (sampler.epoch, sampler.position // t.batch_size):
@@ -363,20 +372,27 @@ def _loop(cfg: Config, dist, preempt) -> int:
     elif dist.is_main:
         logs.message(f"training from scratch: {total_steps} steps = {t.epochs} epochs x {steps_per_epoch}, "
                      f"{dist.world_size} rank(s) x {t.batch_size} patches, {len(dataset.source)} source / "
-                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}, "
-                     f"cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}")
+                     f"{len(dataset.target)} target patches, precision {t.precision}, ZeRO {t.zero_stage}"
+                     + (f", cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}"
+                        if dist.device.type == "cuda" else ""))
+    if by != "none":
+        logs.message(f"best/ is chosen by {by}: {CRITERIA[by]} (train.best_by={t.best_by})")
 
     def save(step: int, reason: str) -> None:
         epoch, batch = divmod(step, steps_per_epoch)
         ours = {"step": step, "epoch": epoch, "sampler": {"epoch": epoch, "position": batch * t.batch_size},
                 "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total, "best": best,
                 "world_size": dist.world_size, "config_hash": cfg.hash(), "config": cfg.to_dict(),
-                "data": fingerprint}
-        path = checkpoint.save(out, step, engines, ours, dist, t.keep_last)
+                "data": fingerprint, "parts": parts}
+        weights = engines.inference_weights()  # collective: the fp32 masters (ZeRO >= 1 shards them)
+        path = checkpoint.save(out, step, engines, ours, dist, t.keep_last, weights)
         logs.event(step, "checkpoint", path=str(path), reason=reason)
         if dist.is_main:  # last/: the inference checkpoint of the newest checkpoint
-            checkpoint.save_inference(out / "last", inference_state_dict(engines.generator),
+            checkpoint.save_inference(out / "last", weights,
                                       {"step": step, "epoch": epoch, "checkpoint": path.name}, cfg)
+            if by == "last":  # no honest score: best/ is last/, always
+                checkpoint.save_best(out, weights, {"by": "last", "criterion": CRITERIA["last"], "step": step,
+                                                    "epoch": epoch}, cfg)
 
     probe = None
     if dist.is_main and (t.fidelity_every or t.image_every):  # udean/fidelity.py
@@ -384,14 +400,14 @@ def _loop(cfg: Config, dist, preempt) -> int:
 
         probe = Probe.from_shards(dataset.source, dataset.target, margin=cfg.model.source_margin, seed=t.seed)
 
-    batches = None
+    loader, batches = data_loader(dataset, sampler, t, dist.device), None
     tick, tick_step = time.perf_counter(), step
     with logs:
         while step < total_steps:
             epoch, batch = divmod(step, steps_per_epoch)
             if batches is None:  # a new epoch, or the middle of one after a resume
                 sampler.set_position(epoch, batch)
-                batches = iter(data_loader(dataset, sampler, t, dist.device))
+                batches = iter(loader)
             y_s, x_t = next(batches)
 
             # the preemption request is agreed on in the step's one flag all-reduce (udean/steps.py)
@@ -421,25 +437,31 @@ def _loop(cfg: Config, dist, preempt) -> int:
                 logs.train(step, epoch, {**result.scalars(), "lr": engines.lr(), "patches_per_s": rate,
                                          "skipped": float(result.skipped)})
 
+            # float32 in, as in the step: the degradation stays float32, the networks cast it
             if probe is not None and t.fidelity_every and (step % t.fidelity_every == 0 or step in (1, total_steps)):
-                logs.fidelity(step, epoch, probe.measure(engines.generator, engines.dtype))
+                logs.fidelity(step, epoch, probe.measure(engines.generator))
             if probe is not None and t.image_every and (step % t.image_every == 0 or step == 1):
-                logs.images(step, probe.images(engines.generator, engines.dtype))
+                logs.images(step, probe.images(engines.generator))
 
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch:
                 batches = None
                 if val_volumes and (epoch + 1) % t.val_every == 0:
-                    scores = validate(engines, val_volumes, cfg, dist)
+                    scores = validate(engines, val_volumes, cfg, dist, learned, incumbent)
                     logs.val(step, epoch, scores)
-                    # best by PSNR against HR where any val volume has one, else by LR-consistency
-                    by = "psnr" if scores["hr_volumes"] else "lr_psnr"
-                    if scores[by] > best.get("value", best["psnr"]):
-                        best = {"by": by, "value": scores[by], "psnr": scores["psnr"], "ssim": scores["ssim"],
-                                "lr_psnr": scores["lr_psnr"], "step": step, "epoch": epoch}
-                        if dist.is_main:
-                            checkpoint.save_best(out, inference_state_dict(engines.generator), best, cfg)
-                        logs.event(step, "best", **{k: best[k] for k in ("by", "psnr", "ssim", "lr_psnr")})
+                    if by in SCORE_OF:  # `learned`: against the previous best rescored on this step's LR
+                        value = scores[SCORE_OF[by]]
+                        than = scores.get("best_learned_psnr", float("-inf")) if by == "learned" else \
+                            best.get("value", best["psnr"])
+                        if value > than:
+                            best = {"by": by, "criterion": CRITERIA[by], "value": value, "psnr": scores["psnr"],
+                                    "ssim": scores["ssim"], "lr_psnr": scores["lr_psnr"], "step": step, "epoch": epoch}
+                            weights = engines.inference_weights()  # collective: every rank has the same scores
+                            if dist.is_main:
+                                checkpoint.save_best(out, weights, best, cfg)
+                            if by == "learned":
+                                incumbent = _incumbent(out, cfg, engines, weights)
+                            logs.event(step, "best", **{k: best[k] for k in ("by", "value", "psnr", "ssim", "lr_psnr")})
 
             stop = result.stop
             if stop or end_of_epoch or step % t.checkpoint_every == 0 or step == total_steps:
@@ -450,11 +472,29 @@ def _loop(cfg: Config, dist, preempt) -> int:
                              "to be requeued")
                 logs.event(step, "preempted", signal=name)
                 return REQUEUE_EXIT_CODE
-    if dist.is_main and best["step"] < 0:  # no validation ran: best/ is the last weights, said so
-        checkpoint.save_best(out, inference_state_dict(engines.generator),
-                             {"by": "none: no validation ran, these are the last weights", "step": step}, cfg)
+    if best["step"] < 0 and by != "last":  # no validation ran: best/ is the last weights, said so
+        weights = engines.inference_weights()  # collective
+        if dist.is_main:
+            checkpoint.save_best(out, weights, {"by": "none: no validation ran, these are the last weights",
+                                                "step": step}, cfg)
     if dist.is_main:
-        logs.message(f"done: {step} steps; best val {best['by'] if 'by' in best else 'psnr'} "
-                     f"{best.get('value', best['psnr']):.3f} dB at step {best['step']}"
-                     if best["step"] >= 0 else f"done: {step} steps; no validation ran: best/ = last/")
+        if by == "last":
+            logs.message(f"done: {step} steps; best/ = last/ (step {step}): {CRITERIA['last']}")
+        elif best["step"] >= 0:
+            logs.message(f"done: {step} steps; best/ is step {best['step']}, chosen by {best.get('by', 'psnr')} "
+                         f"({best.get('value', best['psnr']):.3f} dB): {CRITERIA.get(best.get('by'), '')}")
+        else:
+            logs.message(f"done: {step} steps; no validation ran: best/ = last/")
     return 0
+
+
+def _incumbent(out: Path, cfg: Config, engines: Engines, weights: dict | None = None) -> torch.nn.Module:
+    """The best SR network so far, on the engine's device and in its precision, for criterion
+    `learned` to rescore: `weights`, or on a resume best/generator.pt."""
+    from udean.models.udean import build_sr
+
+    if weights is None:
+        weights = torch.load(Path(out) / "best" / "generator.pt", map_location="cpu", weights_only=True)
+    net = build_sr(cfg.model, slab=cfg.data.patches.slab)
+    net.load_state_dict(weights)
+    return net.to(engines.g.device, engines.dtype).eval()

@@ -112,7 +112,8 @@ def test_loader_smoke(repo, tmp_path):
 
 def test_zero_precision_smoke_counts_the_optimizer_paths_host_syncs(repo, tmp_path):
     out = tmp_path / "zp.json"
-    _run(repo, "zero_precision.py", "--smoke", "--precisions", "fp32", "bf16", "--steps", 1, "--warmup", 0, "--out", out)
+    # one step first: the first step of a process also moves the resampling taps to the device, once
+    _run(repo, "zero_precision.py", "--smoke", "--precisions", "fp32", "bf16", "--steps", 1, "--warmup", 1, "--out", out)
     d = json.loads(out.read_text())
     _provenance_ok(d)
     rows = {(r["precision"], r["zero_stage"]): r for r in d["rows"]}
@@ -190,3 +191,63 @@ def test_demo_ablation_variants_are_valid_configs_and_each_changes_the_demo():
     for name, (_, overrides) in VARIANTS.items():
         cfg = load("demo", overrides).to_dict()
         assert bool(diff_keys(demo, cfg)) == bool(overrides), name
+
+
+def test_host_cost_smoke_counts_ops_by_phase_and_syncs_both_ways(repo, tmp_path):
+    """benchmarks/host_cost.py: the recommended recipe's step, bf16 ZeRO-1 and fp32 ZeRO-0, ops by
+    phase and host syncs both ways; a second label adds rows beside the first. And the counter
+    itself: a CPU constant moved to the device and a Python scalar written into a device tensor
+    are host-to-device writes on a CPU-only machine too; the pinned batch's copy is not."""
+    from benchmarks.host_cost import PHASES, HostCost
+
+    out = tmp_path / "hc.json"
+    for label in ("one", "two"):
+        _run(repo, "host_cost.py", "--smoke", "--warmup", 1, "--label", label, "--out", out)
+    d = json.loads(out.read_text())
+    _provenance_ok(d)
+    assert out.with_suffix(".png").stat().st_size > 0 and set(d["sessions"]) == {"one", "two"}
+    assert [(r["label"], r["precision"], r["zero_stage"]) for r in d["rows"]] == [
+        ("one", "bf16", 1), ("one", "fp32", 0), ("two", "bf16", 1), ("two", "fp32", 0)]
+    for r in d["rows"]:
+        assert r["ops"] == sum(r["ops_by_phase"].values()) and list(r["ops_by_phase"]) == list(PHASES)
+        assert all(r["ops_by_phase"][p] > 0 for p in PHASES if p != "inputs") and not r["skipped"]
+        # the step's one flag read; no host-to-device write but torch.optim's host-side step counters
+        # (the batch's copy is an input copy)
+        assert r["syncs_ours"] == r["syncs"] == 1 and r["reads_by_origin"].get("udean") == 1
+        assert set(r["writes_by_origin"]) <= {"torch.optim"}
+
+    import torch
+
+    constant = torch.arange(4.0, dtype=torch.float64)  # made before counting, like a module constant
+    x = torch.rand(4)
+    batch = torch.rand(4)
+    with HostCost(inputs=(batch,)) as counted:
+        counted.host[constant] = True  # what the scan of module globals marks
+        y = x * constant.to(x)  # a CPU constant moved to the device: a write
+        y[0] = 1.0  # a Python scalar into a device tensor: a write
+        z = torch.tensor([2.0]).to(x.device)  # made from Python values, moved: a write
+        w = batch.to(x.device, non_blocking=True)  # the planned input copy
+        v = (x + 1).to(x.device)  # device to device: nothing
+        float(y.sum())  # a device value read on the host
+        float(torch.tensor(3.0))  # a host value read on the host: nothing
+    assert sum(counted.writes.values()) == 3 and counted.input_copies == 1 and sum(counted.reads.values()) == 1
+    assert z.device == w.device == v.device
+
+
+def test_concurrency_smoke(repo, tmp_path):
+    """benchmarks/concurrency.py: one training, then two at once, per wait policy; every figure
+    present, the shares the ratios of the rates, CPU seconds per step measured."""
+    out = tmp_path / "concurrency.json"
+    _run(repo, "concurrency.py", "--steps", 4, "--warmup", 1, "--modes", "passive", "--shape", 72, 72, 64,
+         "--timeout", 300, "--work", tmp_path / "work", "--out", out)
+    d = json.loads(out.read_text())
+    _provenance_ok(d)
+    (row,) = d["rows"]
+    assert row["mode"] == "passive" and row["solo"]["runs"] == 1 and row["pair"]["runs"] == 2
+    assert row["solo_steps_per_s"] > 0 and len(row["pair_steps_per_s"]) == 2
+    for rate, share in zip(row["pair_steps_per_s"], row["pair_share_of_solo"]):
+        assert share == pytest.approx(rate / row["solo_steps_per_s"], rel=0.02)
+    assert row["passes"] == all(s >= d["share_needed"] for s in row["pair_share_of_solo"])
+    assert all(r["steps_done"] == [4] * r["runs"] for r in (row["solo"], row["pair"]))
+    assert "2 intra-op" in row["solo"]["threads_line"] or "intra-op" in row["solo"]["threads_line"]
+    assert out.with_suffix(".png").stat().st_size > 0

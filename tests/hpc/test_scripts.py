@@ -29,7 +29,10 @@ def test_headers_and_no_site_paths(name):
 def test_train_script_requeues_on_signal():
     text = (REPO / "slurm" / "train_udean.sh").read_text()
     assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text
-    assert re.search(r"--ntasks-per-node=(\d+)\n#SBATCH --gpus-per-node=\1\n", text), "one task per GPU"
+    # no GPU asked for unless the user asks (CPU-only partitions refuse a gres request); the GPU
+    # line it documents starts one task per GPU
+    assert not re.search(r"^#SBATCH --(gpus|gres|gpus-per-node|gpus-per-task)\b", text, flags=re.M)
+    assert re.search(r"--ntasks-per-node=(\d+) --gpus-per-node=\1 ", text), "one task per GPU"
 
 
 def test_scaling_submitter_validates_before_submitting():

@@ -165,7 +165,8 @@ def assert_resumed(metrics: Path, total: int) -> int:
 def test_train_preempted_requeued_resumed(data, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "train.out"
-    job = sbatch("slurm/train_udean.sh", [f"data.out={data}", f"train.out={out}", *TRAIN_OVERRIDES],
+    job = sbatch("slurm/train_udean.sh", [f"data.out={data}", f"train.out={out}", *TRAIN_OVERRIDES,
+                                          "train.progress_every=20"],
                  ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
                   f"--output={log}"], job_env(UDEAN_CONFIG="tiny"))
     wait_for(lambda: reached_step(out / "metrics.jsonl", 3) or job_info(job).get("JobState") in TERMINAL,
@@ -176,7 +177,62 @@ def test_train_preempted_requeued_resumed(data, tmp_path):
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
     assert "requeueing job" in text and "srun" in text
+    assert "REQUEUE, not a failure: the tasks saved a checkpoint and exited 75" in text  # one line says what it is
+    # the batch log shows progress between epochs: a line every train.progress_every steps
+    assert "step 20/60 (33 %)" in text and "step 60/60 (100 %)" in text
     assert_resumed(out / "metrics.jsonl", 60)
+
+
+def test_the_documented_cpu_sbatch_line_runs_on_a_cpu_only_partition(data, tmp_path):
+    """docs/hpc.md's CPU line: no GPU flag at all (this cluster has no GPU: a gres request is refused)."""
+    out, log = tmp_path / "run", tmp_path / "cpu.out"
+    job = sbatch("slurm/train_udean.sh", ["--config", "tiny", f"data.out={data}", f"train.out={out}"],
+                 ["--cpus-per-task=2", "--time=10", f"--output={log}"], job_env())
+    info = wait_job(job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "no GPU allocated: training on CPU, 1 task(s) x 2 CPUs" in text
+    assert json.loads((out / "last" / "last.json").read_text())["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def own_scans(tmp_path_factory) -> Path:
+    from tests.preprocessing.test_roles import write_scan
+
+    root = tmp_path_factory.mktemp("own")
+    for i in range(4):
+        write_scan(root / "hr" / f"h{i}.nii.gz", (40, 44, 36), 1.0, seed=i)
+    for i in range(2):
+        write_scan(root / "lr" / f"l{i}.nii.gz", (20, 22, 18), 2.0, lr=True, seed=i)
+    return root
+
+
+def test_preprocess_own_scans_under_plain_srun_is_one_mpi_world(own_scans, tmp_path):
+    """sbatch slurm/preprocess_hcp.sh --hr --lr with the default launcher (srun) on a site whose
+    MpiDefault is none: the script gives srun pmix, and the 2 tasks are one MPI world."""
+    out, log = tmp_path / "data", tmp_path / "pre.out"
+    job = sbatch("slurm/preprocess_hcp.sh", ["--hr", own_scans / "hr", "--lr", own_scans / "lr", "--out", out],
+                 ["--nodes=1", "--ntasks-per-node=2", "--time=10", f"--output={log}"], job_env(UDEAN_CONFIG="tiny"))
+    info = wait_job(job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "using srun --mpi=pmix" in text
+    rows = [json.loads(line) for line in (out / "logs" / "preprocess.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["rank"] for r in rows} == {0, 1} and all(r["status"] == "ok" for r in rows)
+
+
+def test_preprocess_under_srun_without_mpi_stops_before_writing_anything(own_scans, tmp_path):
+    """The same job where srun has no MPI plugin: every task stops with the documented message,
+    exit 2, and nothing is written (main wrote all subjects, then failed on its own lock)."""
+    out, log = tmp_path / "data", tmp_path / "pre.out"
+    job = sbatch("slurm/preprocess_hcp.sh", ["--hr", own_scans / "hr", "--lr", own_scans / "lr", "--out", out],
+                 ["--nodes=1", "--ntasks-per-node=2", "--time=10", f"--output={log}"],
+                 job_env(UDEAN_CONFIG="tiny", UDEAN_SRUN_MPI="none"))
+    info = wait_job(job)
+    text = " ".join(log.read_text().split())
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), text
+    assert "srun started 2 tasks without an MPI plugin (--mpi=none)" in text and "UDEAN_SRUN_MPI=pmix" in text
+    assert not out.exists()
 
 
 def test_submitit_train_preempted_requeued_resumed(data, tmp_path):

@@ -79,7 +79,7 @@ def build_tiny_data(out: Path) -> Path:
         return out
     cohort = out.parent / "tiny_cohort"
     env_bin = Path(sys.executable).parent
-    for cmd in (["cohort", "--anatomy", "phantom", "--n", "6", "--out", cohort, "--shape", "64", "64", "48", "--no-progress"],
+    for cmd in (["cohort", "--n", "6", "--out", cohort, "--anatomy", "phantom", "--shape", "64", "64", "48", "--no-progress"],
                 ["preprocess", "--config", "tiny", "--data-root", cohort, "--out", out, "--no-progress"]):
         made = subprocess.run([env_bin / "udean", *map(str, cmd)], capture_output=True, text=True)
         assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]

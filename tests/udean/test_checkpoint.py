@@ -14,6 +14,7 @@ import torch
 from tests.udean.test_train import rows, run_cmd, train_cmd
 from udean import checkpoint
 from udean.checkpoint import ResumeRefused, checkpoint_dir, list_checkpoints, verify
+from udean.config import load as load_config
 
 
 class OneRank:
@@ -48,6 +49,10 @@ class FakeEngine:
 class FakeEngines:
     def __init__(self, value: float):
         self.g, self.d = FakeEngine(value), FakeEngine(-value)
+        self.updates = 0
+
+    def g_updated(self):  # the float32 masters follow a load (udean.engines.Engines)
+        self.updates += 1
 
 
 def test_save_is_atomic_keeps_last_k_and_names_one_path(tmp_path):
@@ -137,6 +142,31 @@ def test_a_run_resumes_only_with_its_config_and_zero_layout(tmp_path, saved, now
     with pytest.raises(ResumeRefused, match=refused) as err:
         checkpoint.load_latest(tmp_path, engines, OneRank(), pytest.fail, _expect(*now))
     assert "--restart" in str(err.value) and engines.g.value == 0.0  # refused before loading anything
+
+
+def test_a_checkpoint_of_the_full_build_resumes_where_the_same_networks_are_built_and_is_refused_otherwise(tmp_path):
+    """Checkpoints record the networks in the engines (`parts`); one written before networks no
+    active loss term reads were left out has no record: it holds every network of the config."""
+    from udean.losses import model_parts
+    from udean.models.udean import build, built_parts
+
+    full = _expect("model.degradation=physics", "loss.lambdas=[1,0,0,0,0.1,0]")
+    cfg = load_config("tiny", ["model.degradation=physics", "loss.lambdas=[1,0,0,0,0.1,0]"])
+    pruned = built_parts(*build(cfg.model, slab=3, **model_parts(cfg.loss)))
+    assert pruned == {"g": ["blur", "lr_encoder", "sr_decoder"], "d": ["d_hr", "d_lr"]}
+    old = tmp_path / "old"  # no "parts" in its state: written by the full build
+    checkpoint.save(old, 4, FakeEngines(4), {"step": 4, "world_size": 1, **full}, OneRank(), 3)
+    engines = FakeEngines(0)
+    with pytest.raises(ResumeRefused, match="g.down_extractor, g.lr_decoder") as err:
+        checkpoint.load_latest(old, engines, OneRank(), pytest.fail, {**full, "parts": pruned})
+    assert "resume it with the version that wrote it" in str(err.value) and "--restart" in str(err.value)
+    assert engines.g.value == 0.0 and engines.updates == 0  # refused before loading anything
+    every = built_parts(*build(cfg.model, slab=3))  # the same config built whole: the old checkpoint fits
+    state = checkpoint.load_latest(old, engines, OneRank(), pytest.fail, {**full, "parts": every})
+    assert state["step"] == 4 and engines.g.value == 4.0 and engines.updates == 1
+    new = tmp_path / "new"  # recorded: resumes where the same networks are built
+    checkpoint.save(new, 4, FakeEngines(4), {"step": 4, "world_size": 1, **full, "parts": pruned}, OneRank(), 3)
+    assert checkpoint.load_latest(new, FakeEngines(0), OneRank(), pytest.fail, {**full, "parts": pruned})["step"] == 4
 
 
 def test_a_run_resumes_only_on_its_data(tmp_path):

@@ -29,12 +29,13 @@ TINY = ["model.features=8", "model.n_groups=1", "model.n_rcab=2", "model.reducti
 def worker(out: str) -> None:
     import torch
 
-    from benchmarks.zero_precision import HostSyncs
+    from benchmarks.host_cost import HostCost
     from hpc.dist import init
     from udean.config import load
     import deepspeed
 
-    from udean.engines import build_engines, deepspeed_config, supported_precisions
+    from udean.engines import build_engines, deepspeed_config, fp32_masters, supported_precisions
+    from udean.losses import model_parts
     from udean.models.udean import build
     from udean.steps import train_step
 
@@ -67,8 +68,9 @@ def worker(out: str) -> None:
 
         n_gen = len(list(gen.parameters()))
 
+        train_step(engines, y, x, cfg.loss, dist)  # the first step also moves the resampling taps once
         before = params()
-        with HostSyncs() as counted:
+        with HostCost(inputs=(y, x)) as counted:
             first = train_step(engines, y, x, cfg.loss, dist)
         after = params()
         stop = train_step(engines, y, x, cfg.loss, dist, stop=dist.rank == 1)  # only rank 1 was signalled
@@ -85,7 +87,7 @@ def worker(out: str) -> None:
             "moved": [any(not torch.equal(a, b) for a, b in zip(before[sl], after[sl]))
                       for sl in (slice(0, n_gen), slice(n_gen, None))],
             "nan_left_weights": all(torch.equal(a, b) for a, b in zip(held, params())),
-            "our_syncs": sum(n for o, n in counted.syncs.items() if o in ("udean", "hpc")),
+            "our_syncs": counted.device_syncs(ours=True),  # both ways
             "our_collectives": sum(n for o, n in counted.collectives.items() if o in ("udean", "hpc")),
         }
         del engines, g, d
@@ -95,7 +97,7 @@ def worker(out: str) -> None:
         cfg = load("recommended", TINY + [f"train.precision={precision}", f"train.zero_stage={zero}", "train.lr=3e-3",
                                           "train.lr_degradation=1e-3", "train.lr_discriminator=2e-3",
                                           "model.source_margin=[0,0]"])
-        gen, discs = build(cfg.model, slab=cfg.data.patches.slab)
+        gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
         engines = build_engines(cfg, gen, discs, total_steps=4, device=dist.device)
         y = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
         x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -105,6 +107,41 @@ def worker(out: str) -> None:
             train_step(engines, y, x, cfg.loss, dist)
         lrs.append([[pg["lr"] for pg in e.optimizer.param_groups] for e in (engines.g, engines.d)])
         seen[f"groups {precision}/{zero}"] = {"lrs": lrs, "blur_moved": not torch.equal(blur, gen.blur.plane.float())}
+        del engines
+    # float32 islands (engines.keep_fp32): from one seed the bf16 engines' physics degradation is the
+    # fp32 engines' to the last bit; after steps it reads the optimizer's fp32 masters on every rank
+    # (ZeRO 1 shards them), the bf16 copy only rounds them, and inference_weights are the masters
+    reference = None
+    for precision, zero in (("fp32", 0), ("bf16", 1), ("bf16", 0)):
+        cfg = load("recommended", TINY + [f"train.precision={precision}", f"train.zero_stage={zero}",
+                                          "model.source_margin=[0,0]"])
+        torch.manual_seed(0)
+        gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
+        engines = build_engines(cfg, gen, discs, total_steps=4, device=dist.device)
+        y = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
+        x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(3)
+        start = [gen.degrade(y).detach(), *gen.blur.kernels()[:2], gen.noise.sigma().detach()]
+        reference = reference or start
+        for _ in range(2):
+            train_step(engines, y, x, cfg.loss, dist)
+        masters = fp32_masters(engines.g)
+        deg = [gen.blur.plane, gen.blur.slab, gen.noise.log_sigma]
+        held = [masters(p).detach().clone() for p in deg]  # collective at ZeRO 1
+        named = dict(gen.named_parameters())
+        weights = engines.inference_weights()  # collective
+        seen[f"islands {precision}/{zero}"] = {
+            "start_equal": [torch.equal(a, b) for a, b in zip(start, reference)],
+            "dtypes": sorted({str(p.dtype) for p in deg}),
+            "reads_masters": precision == "fp32" or all(torch.equal(p.master, m) for p, m in zip(deg, held)),
+            "copy_rounds": all(torch.equal(p.detach(), m.to(p.dtype)) for p, m in zip(deg, held)),
+            "inference_fp32": all(v.dtype == torch.float32 for v in weights.values()),
+            "inference_masters": all(torch.equal(v, masters(named[k]).detach().float().cpu())
+                                     for k, v in weights.items() if k in named),
+            "inference_not_the_copy": any(not torch.equal(v, named[k].detach().float().cpu())
+                                          for k, v in weights.items() if k in named),
+            "sigma": float(gen.noise.sigma()),
+        }
         del engines
     Path(out, f"rank{dist.rank}.json").write_text(json.dumps(seen))
     dist.shutdown()
@@ -117,6 +154,19 @@ def test_every_tested_precision_and_zero_stage_steps_and_the_step_agrees_on_its_
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         groups = {k: seen.pop(k) for k in list(seen) if k.startswith("groups")}
         assert set(groups) == {"groups bf16/1", "groups fp32/0"}, groups
+        islands = {k.split()[1]: seen.pop(k) for k in list(seen) if k.startswith("islands")}
+        assert set(islands) == {"fp32/0", "bf16/1", "bf16/0"}, islands
+        for combo, s in islands.items():
+            where = f"rank {rank}, islands {combo}: {s}"
+            # X_{s~t} (same noise draws), the two kernels and sigma of a fresh model: bf16 = fp32 exactly
+            assert s["start_equal"] == [True] * 4, where
+            assert s["dtypes"] == ["torch.float32" if combo == "fp32/0" else "torch.bfloat16"], where
+            assert s["reads_masters"] and s["copy_rounds"], where
+            assert s["inference_fp32"] and s["inference_masters"], where  # best/, last/, export: the masters
+            assert s["inference_not_the_copy"] == (combo != "fp32/0"), where
+        if rank == 1:  # every rank's degradation reads the same masters
+            other = json.loads((tmp_path / "rank0.json").read_text())
+            assert all(other[f"islands {c}"]["sigma"] == s["sigma"] for c, s in islands.items())
         assert set(seen) == {f"{p}/{z}" for p, z in COMBOS}
         for combo, s in groups.items():
             (g0, d0), (g2, d2) = s["lrs"]
@@ -142,7 +192,8 @@ def test_every_tested_precision_and_zero_stage_steps_and_the_step_agrees_on_its_
             assert s["stop"] == [False, True], where  # one rank's request stops every rank
             assert s["nan"] == [True, False] and s["nan_left_weights"], where  # one rank's NaN skips every rank
             # the step's flags: one all-reduce and one host read (was: a read, then an all-reduce
-            # with a read of its own, and the preemption flag in another all-reduce after the step)
+            # with a read of its own, and the preemption flag in another all-reduce after the step);
+            # no host-to-device copy (counted too: HostCost)
             assert (s["our_syncs"], s["our_collectives"]) == (1, 1), where
         trained = {c for c, s in seen.items() if "refused" not in s}
         assert trained >= {"fp32/0", "fp32/1", "bf16/0", "bf16/1"}, seen  # every accelerator runs these

@@ -102,8 +102,8 @@ def test_bbox_region_scores_only_the_head():
     box = evaluate.bbox(v.mask, margin=0)
     assert v.mask[box].sum() == v.mask.sum()
     assert v.mask[box].size < v.mask.size
-    with pytest.raises(ValueError, match="region 'brain'"):
-        evaluate.Evaluator({}, regions=["brain"])
+    with pytest.raises(ValueError, match="region 'skull'"):
+        evaluate.Evaluator({}, regions=["skull"])
     hr = v.hr.copy()
     hr[:, :12] = hr[:, -12:] = 0  # a wide dark background beside the "head"
     v = dataclasses.replace(v, hr=hr, mask=(hr > 0.05).astype(np.uint8))
@@ -286,3 +286,40 @@ def test_evaluate_cli_missing_manifest_is_one_clear_error(tmp_path, capsys):
     assert rc == 2
     err = "".join(capsys.readouterr().err.split())  # rich wraps long lines (also inside paths)
     assert "manifest.json:missing" in err and "Traceback" not in err
+
+
+def test_evaluate_writes_into_the_checkpoints_own_run_and_holds_its_lock(tmp_path, capsys, monkeypatch):
+    """`udean evaluate --checkpoint RUN` (any --config) scores the data RUN trained on and writes
+    RUN/eval, not the config's train.out; a second writer of that folder is refused naming the first."""
+    from hpc.lock import folder_lock
+    from udean.cli import main
+
+    run = tmp_path / "mine" / "run"
+    cfg = load("tiny", [f"data.out={tmp_path / 'mine' / 'data'}", f"train.out={run}"])
+    _write_dataset(tmp_path / "mine" / "data", [paired(s, (16, 40, 36)) for s in (7, 8)])
+    _write_checkpoint(run, cfg)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where the tiny config's own train.out (tiny_out/run) would be
+    for ckpt in (run, run / "best", run / "best" / "generator.pt"):
+        rc = main(["evaluate", "--config", "tiny", "--checkpoint", str(ckpt), "--device", "cpu", "--figures", "0"])
+        assert rc == 0, capsys.readouterr().err
+        assert json.loads((run / "eval" / "results.json").read_text())["data"] == str(tmp_path / "mine" / "data")
+        (run / "eval" / "results.json").unlink()
+    assert not any((tmp_path / "elsewhere").iterdir())
+    capsys.readouterr()
+    with folder_lock(run / "eval", "udean evaluate"):
+        rc = main(["evaluate", "--config", "tiny", "--checkpoint", str(run), "--device", "cpu", "--figures", "0"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "is being written by udean evaluate" in err and not (run / "eval" / "results.json").exists()
+
+
+def test_a_warning_when_sr_scores_below_tricubic():
+    def result(name, psnr, head, source="synthetic"):
+        return evaluate.MethodResult(name, [{"subject": "a", "lr_source": source, "psnr": psnr, "psnr_head": head}])
+
+    ok = [result(evaluate.TRICUBIC, 24.0, 20.0), result(evaluate.UDEAN, 23.0, 20.5)]
+    assert evaluate.below_tricubic(ok) is None  # the head decides where it is scored
+    worse = [result(evaluate.TRICUBIC, 24.0, 20.5), result(evaluate.UDEAN, 25.0, 20.3)]
+    text = evaluate.below_tricubic(worse)
+    assert "below tricubic interpolation in the head (20.30 vs 20.50 dB PSNR)" in text and "best.json" in text
+    assert "this LR is synthetic" in evaluate.below_tricubic(worse, own=True)

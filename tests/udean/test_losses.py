@@ -362,3 +362,40 @@ def test_terms_weighted_0_are_not_computed_and_change_no_gradient():
     for n, g in lean.items():
         assert torch.allclose(g, full[n], rtol=1e-5, atol=1e-8), n
     assert all(full[n].abs().max() == 0 for n in full if n not in lean and not n.startswith("d_feat"))
+
+
+@pytest.mark.parametrize("recipe", ["recommended", "paper"])
+def test_networks_no_active_term_reads_are_not_built_and_the_rest_get_the_same_gradients(recipe):
+    """`model_parts`: the recommended recipe leaves out down_extractor, lr_decoder (the physics
+    degradation and i_cyc + da do not read them) and d_feat (fa is 0); the networks it keeps start
+    from a full build's weights, and the G and D losses give them the same gradients; the paper's
+    six terms read every network."""
+    from udean.config import load
+    from udean.models.udean import built_parts
+
+    cfg = load(recipe, ["model.features=8", "model.n_groups=1", "model.n_rcab=1", "model.reduction=2",
+                        "model.encoder_layers=2", "model.disc_features=8", "model.disc_blocks=1",
+                        "data.patches.lr_size=[16,16]"])
+    m0, m1 = cfg.model.source_margin
+    y_s, x_t = torch.rand(2, 6 + 4 * m0, 32 + 4 * m1, 32 + 4 * m1), torch.rand(2, 3, 16, 16)
+    grads = []
+    for parts in ({}, losses.model_parts(cfg.loss)):
+        torch.manual_seed(0)
+        gen, discs = build(cfg.model, slab=3, **parts)
+        torch.manual_seed(1)  # the noise draws
+        out = gen(y_s, x_t, **losses.forward_args(cfg.loss))
+        g_loss, _ = losses.generator_loss(out, y_s, x_t, discs, cfg.loss)
+        d_loss, _ = losses.discriminator_loss(out, y_s, x_t, discs, cfg.loss)
+        (g_loss + d_loss).backward()
+        named = [*gen.named_parameters(prefix="g"), *discs.named_parameters(prefix="d")]
+        grads.append({n: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for n, p in named})
+        parts_built = built_parts(gen, discs)
+    full, pruned = grads
+    left_out = sorted({n.split(".")[1] for n in full} - {n.split(".")[1] for n in pruned})
+    assert left_out == (["d_feat", "down_extractor", "lr_decoder"] if recipe == "recommended" else [])
+    if recipe == "recommended":
+        assert parts_built == {"g": ["blur", "lr_encoder", "noise", "sr_decoder"], "d": ["d_lr"]}
+    assert all(full[n][1] is None or not full[n][1].any() for n in full if n not in pruned)  # no gradient lost
+    for n, (w, g) in pruned.items():
+        assert torch.equal(w, full[n][0]), n  # a full build's weights
+        assert (g is None) == (full[n][1] is None) and (g is None or torch.equal(g, full[n][1])), n

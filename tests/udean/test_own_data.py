@@ -69,13 +69,15 @@ def own(tmp_path_factory) -> Path:
     write_scan(root / "lr" / "dup.nii.gz", (24, 26, 22), 2.0, lr=True)
     nib.save(nib.Nifti1Image(np.ones((24, 26, 22, 2), np.int16), np.diag([2.0, 2, 2, 1])), str(root / "lr" / "l_4d.nii.gz"))
 
-    r = udean(["preprocess", "--config", "tiny", "--hr", "hr", "--lr", "lr", "--voxel-size", "1.0", "--out", "data",
-               "--no-progress"], root, ranks=2)
+    # no --voxel-size: the grid comes from the scans (1 mm HR, 2 mm LR; preprocessing/plan.py)
+    r = udean(["preprocess", "--config", "tiny", "--hr", "hr", "--lr", "lr", "--out", "data", "--no-progress"], root,
+              ranks=2)
     # failed subjects make the exit code 1 (docs/data-format.md "Commands"); the manifest says which
     assert r.returncode == 1 and f"{len(BAD)} of " in r.stderr and "subjects failed" in r.stderr, r.stderr[-3000:]
     (root / "preprocess.log").write_text(" ".join(r.stderr.split()))
-    ok(udean(["train", "--config", "tiny", "data.out=data", "train.out=run", "train.epochs=2", "train.steps_per_epoch=2"],
-             root))
+    train = ok(udean(["train", "--config", "tiny", "data.out=data", "train.out=run", "train.epochs=2",
+                      "train.steps_per_epoch=2"], root))
+    (root / "train.log").write_text(train)
     return root
 
 
@@ -83,6 +85,10 @@ def test_preprocess_by_role_every_bad_file_fails_alone_naming_it(own):
     m = load_manifest(own / "data")
     rows = {r.id: r for r in m.subjects}
     log = (own / "preprocess.log").read_text()
+    # the grid planned from the scans, said before any work; failures are not counted as processed
+    assert m.config["voxel_size_mm"] == 1.0 and m.config["own"]["grid"] == "planned"
+    assert "plan: HR grid 1 mm, LR grid 2 mm (planned from the 6 HR scans" in log
+    assert f"preprocess: 10 processed, 0 reused, {len(BAD)} failed" in log
     for sid, text in BAD.items():
         assert rows[sid].status == "failed" and text in rows[sid].error, rows[sid]
         assert rows[sid].input in rows[sid].error and not rows[sid].shards
@@ -111,8 +117,21 @@ def test_training_validates_without_paired_hr_and_writes_best_and_last(own, caps
     val = [v for v in val if v.get("kind") == "val"]
     assert len(val) == 2 and all(np.isfinite(v["lr_psnr"]) and np.isfinite(v["psnr"]) for v in val)
     assert all(v["volumes"] == 2 and v["hr_volumes"] == 1 for v in val)  # one synthetic pair, one LR-only
+    assert all(isinstance(v["volumes"], int) for v in val) and "volumes 2 hr_volumes 1" in (own / "train.log").read_text()
     best = json.loads((own / "run" / "best" / "best.json").read_text())
-    assert best["by"] == "psnr" and best["input"]["intensity"] == "percentile" and best["input"]["voxel_mm"] == 2.0
+    assert best["input"]["intensity"] == "percentile" and best["input"]["voxel_mm"] == 2.0
+    # the held-out pair's LR is k-space truncation, not the target's degradation: best/ is not chosen by
+    # its PSNR but by the held-out HR degraded with the model's own learned degradation, each step
+    # against the previous best rescored on that same LR; the run says so
+    assert best["by"] == "learned" and "learned degradation" in best["criterion"]
+    assert "best_learned_psnr" not in val[0] and all(np.isfinite(v["learned_psnr"]) for v in val)
+    chosen = val[0]["step"]
+    for v in val[1:]:
+        if v["learned_psnr"] > v["best_learned_psnr"]:
+            chosen = v["step"]
+    assert best["step"] == chosen and best["value"] == next(v["learned_psnr"] for v in val if v["step"] == chosen)
+    log = (own / "train.log").read_text()
+    assert "best/ is chosen by learned" in log and f"best/ is step {chosen}, chosen by learned" in log
     last = json.loads((own / "run" / "last" / "last.json").read_text())
     assert last["step"] == 4 and last["input"] == best["input"]
     # the evaluator's tables say where the LR came from
@@ -219,3 +238,30 @@ def test_lr_consistency_is_a_score_that_needs_no_hr():
     assert d["n"] == 2 and d["n_hr"] == 1 and d["lr_sources"] == {"acquired": 1, "synthetic": 1}
     md = evaluate.markdown(list(res.values()), {"group": "val"})
     assert "| x | acquired | – | – |" in md and "1 acquired (authentic scans), 1 synthetic" in md
+
+
+def test_a_bright_outlier_survives_inference_within_the_input_range(own, capsys):
+    """Voxels above the percentile scaling's bright bound (a contrast-enhanced vessel) are not
+    clipped on the way back to the input's units: the SR reaches the outlier's level, never
+    beyond the input's own range, and leaves the rest of the scan as it was."""
+    src = nib.load(own / "lr" / "l0.nii.gz")
+    x = np.asarray(src.dataobj, dtype=np.float32)
+    bright = x.copy()
+    c = tuple(n // 2 for n in x.shape)
+    # a thin vessel, 3 voxels at 3x the scan's max: far fewer than the 0.5 % of head voxels above the
+    # percentile bound, so the bound stays at the tissue's level and the vessel lies beyond it
+    bright[c[0], c[1], c[2] - 1:c[2] + 2] = 3 * x.max()
+    (own / "bright").mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(bright, src.affine, src.header), own / "bright" / "b.nii.gz")
+    for name, scan in (("b", own / "bright" / "b.nii.gz"), ("plain", own / "lr" / "l0.nii.gz")):
+        rc, text = cli(["infer", "--config", "tiny", "--checkpoint", "run", scan, f"{name}_sr.nii.gz", "--device", "cpu"],
+                       own, capsys)
+        assert rc == 0, text
+    y, plain = (nib.load(own / f"{n}_sr.nii.gz").get_fdata() for n in ("b", "plain"))
+    assert 0.9 * bright.max() <= y.max() <= bright.max() + 1e-3, (y.max(), bright.max(), plain.max())
+    assert y.min() >= bright.min() - 1e-3
+    # away from the vessel (the network's context: a few LR voxels) the SR is the plain scan's, up to the
+    # percentile bounds the vessel moved a little
+    far = np.ones(y.shape, bool)
+    far[2 * c[0] - 12:2 * c[0] + 14, 2 * c[1] - 12:2 * c[1] + 14, 2 * c[2] - 12:2 * c[2] + 14] = False
+    assert np.median(np.abs(y[far] - plain[far])) < 0.02 * np.percentile(x, 99)

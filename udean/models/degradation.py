@@ -22,6 +22,11 @@ Both start at the identity (kernel = delta, sigma = `sigma_init`), so a fresh mo
 skip's Lanczos decimation (plus a little noise). Parameters are scaled by `GAIN` so that an Adam
 step of the generator's learning rate (1e-3) moves log sigma and the kernel taps by 1e-2: the
 degradation adapts in hundreds of steps instead of thousands.
+
+Both are float32 islands (`keep_fp32`): their parameters are read through `fp32` and their
+arithmetic runs in float32 whatever the engine's precision. In bf16 a kernel tap near 1 moves in
+steps of 2^-7 = 0.0078 (an Adam step moves it by ~1e-3: it could not learn), the kernel summed
+to 1.0038, and GAIN * log sigma moved in 2-4 % jumps of sigma.
 """
 from __future__ import annotations
 
@@ -34,6 +39,14 @@ import torch.nn.functional as F
 GAIN = 10.0
 
 
+def fp32(p: torch.Tensor) -> torch.Tensor:
+    """Parameter `p` as float32. A bf16 / fp16 engine keeps a rounded copy in `p` and its float32
+    master in the optimizer; udean/engines.py attaches that master as `p.master`, and the value
+    is the master's while the gradient goes to `p` (the master + an exact zero that carries it)."""
+    master = getattr(p, "master", None)
+    return p.float() if master is None else master + (p - p.detach()).float()
+
+
 def magnitude(re: torch.Tensor, im: torch.Tensor | None) -> torch.Tensor:
     """|re + i im| (re alone when im is None); a floor far below any noise level keeps the
     gradient finite at 0."""
@@ -43,7 +56,10 @@ def magnitude(re: torch.Tensor, im: torch.Tensor | None) -> torch.Tensor:
 class RicianNoise(nn.Module):
     """(B, S, H, W) real (and imaginary) part -> |re + sigma_b n1 + i (im + sigma_b n2)|,
     sigma_b = sigma * exp(spread * e_b), e_b ~ N(0, 1) per sample (spread learned only when
-    `sigma_spread`). `noise=False` in `forward` returns the noise-free magnitude."""
+    `sigma_spread`). `noise=False` in `forward` returns the noise-free magnitude. float32 whatever
+    the input's dtype (module docstring)."""
+
+    keep_fp32 = True  # udean/engines.py keeps its parameters' float32 masters where `fp32` reads them
 
     def __init__(self, sigma_init: float = 0.002, sigma_spread: bool = False):
         super().__init__()
@@ -53,16 +69,17 @@ class RicianNoise(nn.Module):
         self.spread = nn.Parameter(torch.full((1,), 1e-3)) if sigma_spread else None
 
     def sigma(self) -> torch.Tensor:
-        return torch.exp(GAIN * self.log_sigma)
+        return torch.exp(GAIN * fp32(self.log_sigma))
 
     def forward(self, x: torch.Tensor, im: torch.Tensor | None = None, noise: bool = True) -> torch.Tensor:
+        x, im = x.float(), None if im is None else im.float()
         if not noise:
             return magnitude(x, im)
         b = x.shape[0]
         s = self.sigma().reshape(()).expand(b)
         if self.spread is not None:
-            s = s * torch.exp(GAIN * self.spread.abs() * torch.randn(b, device=x.device))
-        s = s.view(b, *([1] * (x.dim() - 1))).to(x.dtype)
+            s = s * torch.exp(GAIN * fp32(self.spread).abs() * torch.randn(b, device=x.device))
+        s = s.view(b, *([1] * (x.dim() - 1)))
         n = torch.randn((2,) + tuple(x.shape), device=x.device, dtype=x.dtype)
         return magnitude(x + s * n[0], s * n[1] if im is None else im + s * n[1])
 
@@ -76,7 +93,10 @@ class LearnedBlur(nn.Module):
     `odd`: also an in-plane point-odd kernel (h(-u) = -h(u)) for the imaginary part. The PSF of
     any real k-space weighting is Hermitian (even real part, odd imaginary part); partial Fourier
     zero-filling has a large one, and its magnitude |even * x + i odd * x| is what the scanner
-    returns. It starts at 1e-3 along each axis: at exactly 0 its gradient through |.| vanishes."""
+    returns. It starts at 1e-3 along each axis: at exactly 0 its gradient through |.| vanishes.
+    float32 whatever the input's dtype (module docstring)."""
+
+    keep_fp32 = True  # udean/engines.py keeps its parameters' float32 masters where `fp32` reads them
 
     def __init__(self, size: int = 7, slab_size: int = 3, odd: bool = False):
         super().__init__()
@@ -95,14 +115,15 @@ class LearnedBlur(nn.Module):
     def _kernel(r: torch.Tensor) -> torch.Tensor:
         for d in range(r.dim()):  # even in every axis, as the real part of a k-space weighting's PSF
             r = 0.5 * (r + r.flip(d))
-        delta = torch.zeros_like(r)
-        delta[tuple(n // 2 for n in r.shape)] = 1.0
+        # the centre tap, padded with zeros: made where r is (`delta[c] = 1.0` copied a CPU scalar
+        # to the device every step)
+        delta = F.pad(r.new_ones((1,) * r.dim()), [n // 2 for n in reversed(r.shape) for _ in (0, 1)])
         return delta + GAIN * (r - r.mean())
 
     def kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(in-plane even (k, k), slab (k_s,), in-plane odd (k, k) or None) as applied (correlation)."""
-        odd = None if self.odd is None else GAIN * 0.5 * (self.odd - self.odd.flip(0).flip(1))
-        return self._kernel(self.plane), self._kernel(self.slab), odd
+        """(in-plane even (k, k), slab (k_s,), in-plane odd (k, k) or None) as applied (correlation), float32."""
+        odd = None if self.odd is None else GAIN * 0.5 * (fp32(self.odd) - fp32(self.odd).flip(0).flip(1))
+        return self._kernel(fp32(self.plane)), self._kernel(fp32(self.slab)), odd
 
     def responses(self, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """|H(k)| of the in-plane kernel (even + i odd) on an n x n grid and of the slab kernel on n points."""
@@ -129,7 +150,8 @@ class LearnedBlur(nn.Module):
         return y.reshape(b, s, h, w)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        plane, slab, odd = (None if k is None else k.to(x.dtype) for k in self.kernels())
+        x = x.float()
+        plane, slab, odd = self.kernels()
         b, s, h, w = x.shape
         q = slab.shape[0] // 2
         if q:  # the slice profile acts before the in-plane k-space weighting

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from udean.models.layers import conv, lrelu, to_volume
+from udean.models.layers import as_weights, conv, lrelu, to_volume
 
 
 class VGGDiscriminator(nn.Module):
@@ -63,4 +63,5 @@ class VGGDiscriminator(nn.Module):
         self.layers = nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = as_weights(x, self)
         return self.layers(to_volume(x, self.dims) if self.image else x)

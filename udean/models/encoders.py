@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from udean.models.layers import conv, image_channels, lrelu, to_volume
+from udean.models.layers import as_weights, conv, image_channels, lrelu, to_volume
 
 
 def _conv_stack(dims: int, head: nn.Module, features: int, layers: int) -> nn.Sequential:
@@ -38,7 +38,7 @@ class LREncoder(nn.Module):
         self.layers = _conv_stack(dims, conv(dims, image_channels(dims, slab), features), features, layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(to_volume(x, self.dims))
+        return self.layers(to_volume(as_weights(x, self), self.dims))
 
 
 class DownExtractor(nn.Module):
@@ -56,4 +56,4 @@ class DownExtractor(nn.Module):
         self.layers = _conv_stack(dims, head, features, layers)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.layers(to_volume(y, self.dims))
+        return self.layers(to_volume(as_weights(y, self), self.dims))

@@ -55,6 +55,13 @@ def image_channels(dims: int, slab: int) -> int:
     return slab if dims == 2 else 1
 
 
+def as_weights(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`x` in the dtype of `module`'s parameters: a bf16 / fp16 engine keeps the networks' weights
+    in low precision while images (the batch, the physics degradation, the image skip) stay
+    float32; each network casts its image input on the way in (no-op when they agree)."""
+    return x.to(next(module.parameters()).dtype)
+
+
 def to_volume(x: torch.Tensor, dims: int) -> torch.Tensor:
     """(B, S, H, W) public image layout -> network layout: unchanged (2D) or (B, 1, S, H, W) (3D)."""
     if x.dim() != 4:
@@ -128,11 +135,18 @@ _UP_KERNEL = _lanczos(torch.arange(LANCZOS_A - 0.5, -LANCZOS_A, -1.0, dtype=torc
 _DOWN_KERNEL = _lanczos(torch.arange(1 - 2 * LANCZOS_A, 2 * LANCZOS_A, dtype=torch.float64) / 2)
 
 
+@functools.lru_cache(maxsize=None)
+def _taps(kernel: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`kernel` (one of the two above) as a conv1d weight on `device` in `dtype`, made once: a
+    copy per call was a blocking host-to-device copy of CPU float64 taps, 3 per training step."""
+    return kernel.to(device, dtype).view(1, 1, -1)
+
+
 def _filter_axis(x: torch.Tensor, dim: int, kernel: torch.Tensor, left: int, right: int, stride: int = 1):
     """1D correlation with `kernel` along `dim` (edges replicated `left` / `right` samples)."""
     moved = x.movedim(dim, -1)
     flat = torch.nn.functional.pad(moved.reshape(-1, 1, moved.shape[-1]), (left, right), mode="replicate")
-    out = torch.nn.functional.conv1d(flat, kernel.to(flat).view(1, 1, -1), stride=stride)
+    out = torch.nn.functional.conv1d(flat, _taps(kernel, flat.device, flat.dtype), stride=stride)
     return out.reshape(*moved.shape[:-1], out.shape[-1]).movedim(-1, dim)
 
 

@@ -36,6 +36,30 @@ from udean.models.rcan import LRDecoder, SRDecoder
 
 INFERENCE_PARTS = ("lr_encoder", "sr_decoder")
 OUTPUTS = ("f_s", "x_st", "f_sts", "y_sts", "y_hat_s", "f_t", "x_hat_t")  # Generator.forward's, by default all
+# the networks each output reads besides the degradation (physics: blur and noise; the paper's
+# decoder: down_extractor, lr_decoder)
+READS = {"f_s": ("down_extractor",), "x_st": (), "f_sts": ("lr_encoder",), "y_sts": ("lr_encoder", "sr_decoder"),
+         "y_hat_s": ("down_extractor", "sr_decoder"), "f_t": ("lr_encoder",), "x_hat_t": ("lr_encoder", "lr_decoder"),
+         "blur_excess": (), "blur_deficit": ()}
+DISCRIMINATORS = ("d_lr", "d_feat", "d_hr")
+
+
+def generator_parts(model_cfg, outputs: Collection[str] | None = None) -> tuple[str, ...]:
+    """The Generator's networks that exist when it is built for `outputs` (None: all `OUTPUTS`):
+    the SR path always (inference), the degradation, and what the outputs read (`READS`)."""
+    keep = set(INFERENCE_PARTS) | {p for o in (OUTPUTS if outputs is None else outputs) for p in READS[o]}
+    if model_cfg.degradation == "physics":
+        keep |= {"blur"} | ({"noise"} if model_cfg.degradation_noise else set())
+    else:
+        keep |= {"down_extractor", "lr_decoder"} | ({"noise"} if model_cfg.degradation_noise else set())
+    return tuple(sorted(keep))
+
+
+def discriminator_parts(model_cfg, read: Collection[str] | None = None) -> tuple[str, ...]:
+    """The discriminators that exist when built for `read` (None: all; d_hr only with
+    `model.hr_discriminator`)."""
+    read = DISCRIMINATORS if read is None else read
+    return tuple(d for d in sorted(read) if d != "d_hr" or model_cfg.hr_discriminator)
 
 
 def crop(t: torch.Tensor, margins: tuple[int, int, int]) -> torch.Tensor:
@@ -84,7 +108,7 @@ class Generator(nn.Module):
                  reduction: int, encoder_layers: int, image_skip: bool = False, degradation: str = "decoder",
                  blur_size: int = 7, blur_odd: bool = False, degradation_noise: bool = False,
                  noise_spread: bool = False, cycle_detach: bool = False, source_margin: tuple[int, int] = (0, 0),
-                 decimation: str = "lanczos"):
+                 decimation: str = "lanczos", parts: Collection[str] | None = None):
         super().__init__()
         dims = VARIANT_DIMS[variant]
         self.variant, self.slab, self.image_skip = variant, slab, image_skip
@@ -100,6 +124,11 @@ class Generator(nn.Module):
         # models/degradation.py: X_{s~t} = blur(downsample2(Y_s)) instead of lr_decoder(f_s)
         self.blur = LearnedBlur(blur_size, odd=blur_odd) if degradation == "physics" else None
         self.noise = RicianNoise(sigma_spread=noise_spread) if degradation_noise else None
+        # `parts` (`generator_parts`): every network is built, then those left out are dropped, so
+        # the others start from the weights a full build gives them (the same random draws)
+        for name in ("down_extractor", "lr_decoder"):
+            if parts is not None and name not in parts:
+                setattr(self, name, None)
 
     def _clean(self, y_s: torch.Tensor, f_s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """X_{s~t} before the noise layer: (real part, imaginary part or None)."""
@@ -124,13 +153,17 @@ class Generator(nn.Module):
         f_s, f_sts, f_t: features; x_st = X_{s~t}, x_hat_t = X^_t: LR images;
         y_sts = Y_{s~t~s}, y_hat_s = Y^_s: HR images. `outputs`: only these (and x_st, always),
         skipping the networks nothing asked for (`losses.forward_args`: a term weighted 0 costs
-        nothing); None: all of `OUTPUTS` (and "blur_excess", the learned blur's amplification, only
+        nothing); None: all of `OUTPUTS` this Generator has the networks for (`built_outputs`;
+        a build for some outputs leaves the others' networks out) (and "blur_excess", the learned blur's amplification, only
         when asked for: `loss.lambda_bound`). With `source_margin`, also y_s: the centre of the source patch, the
         Y_s every loss compares with; with `sigma_branch` (and the noise layer), also x_st_sigma:
         X_{s~t} with its noise-free part detached and its own noise draw, whose only gradient is
         into sigma (`losses.noise_loss`; off, the RNG stream is unchanged).
         """
-        want = set(OUTPUTS if outputs is None else outputs)
+        want = set(self.built_outputs() if outputs is None else outputs)
+        missing = sorted({p for o in want for p in READS[o] if getattr(self, p) is None})
+        if missing:
+            raise ValueError(f"Generator outputs {sorted(want)} need {missing}, which this Generator was built without")
         out: dict[str, torch.Tensor] = {}
         f_s = None
         if any(self.source_margin):  # degrade with real context, then keep the centre (noise is pointwise)
@@ -170,6 +203,10 @@ class Generator(nn.Module):
                 out["x_hat_t"] = x_hat + x_t if self.image_skip else x_hat
         return out
 
+    def built_outputs(self) -> tuple[str, ...]:
+        """The outputs whose networks this Generator has (all of `OUTPUTS` for a full build)."""
+        return tuple(o for o in OUTPUTS if all(getattr(self, p) is not None for p in READS[o]))
+
     def sr(self, x_lr: torch.Tensor) -> torch.Tensor:
         """Inference path: LR (B, S, H, W) -> SR (B, 2S, 2H, 2W) through lr_encoder + sr_decoder."""
         y = self.sr_decoder(self.lr_encoder(x_lr))
@@ -184,7 +221,7 @@ class Discriminators(nn.Module):
     """
 
     def __init__(self, variant: str, slab: int, features: int, disc_features: int, disc_blocks: int,
-                 hr_discriminator: bool, spectral_norm: bool = False):
+                 hr_discriminator: bool, spectral_norm: bool = False, parts: Collection[str] | None = None):
         super().__init__()
         dims = VARIANT_DIMS[variant]
         sn = dict(spectral_norm=spectral_norm)
@@ -192,24 +229,39 @@ class Discriminators(nn.Module):
         self.d_feat = VGGDiscriminator(dims, features, disc_features, disc_blocks, image=False, **sn)
         self.d_hr = (VGGDiscriminator(dims, image_channels(dims, 2 * slab), disc_features, disc_blocks, image=True, **sn)
                      if hr_discriminator else None)
+        if parts is not None:  # built, then dropped: the others keep a full build's weights
+            assert "d_lr" in parts, "the D step always trains d_lr"
+            for name in ("d_feat", "d_hr"):
+                if name not in parts:
+                    setattr(self, name, None)
 
-    def forward(self, x_lr: torch.Tensor, f: torch.Tensor, y_hr: torch.Tensor | None = None):
-        """Scores for an LR image, a feature and (when d_hr exists) an HR image; the loss
-        functions call the submodules directly, this exists so an engine has a forward."""
-        out = (self.d_lr(x_lr), self.d_feat(f))
-        return out + (self.d_hr(y_hr),) if self.d_hr is not None and y_hr is not None else out
+    def forward(self, x_lr: torch.Tensor, f: torch.Tensor | None = None, y_hr: torch.Tensor | None = None):
+        """Scores of the discriminators that exist for an LR image, a feature and an HR image; the
+        loss functions call the submodules directly, this exists so an engine has a forward."""
+        pairs = ((self.d_lr, x_lr), (self.d_feat, f), (self.d_hr, y_hr))
+        return tuple(d(x) for d, x in pairs if d is not None and x is not None)
 
 
-def build(model_cfg, slab: int = 3) -> tuple[Generator, Discriminators]:
+def build(model_cfg, slab: int = 3, outputs: Collection[str] | None = None,
+          discriminators: Collection[str] | None = None) -> tuple[Generator, Discriminators]:
     """`cfg.model` (ModelConfig) -> (Generator, Discriminators). `slab`: LR slices per patch,
-    `cfg.data.patches.slab` (paper: 3); the 3d variant's weights do not depend on it."""
+    `cfg.data.patches.slab` (paper: 3); the 3d variant's weights do not depend on it.
+    `outputs` / `discriminators` (None: all): only the networks these read
+    (`generator_parts`, `discriminator_parts`; training passes `losses.model_parts(cfg.loss)`:
+    a network no active loss term reads gets no gradient, and in an engine it would cost
+    per-tensor work every step). The networks built have the weights of a full build."""
     m = model_cfg
     gen = Generator(m.variant, slab, m.features, m.n_groups, m.n_rcab, m.reduction, m.encoder_layers,
                     m.image_skip, m.degradation, m.blur_size, m.blur_odd, m.degradation_noise, m.noise_spread,
-                    m.cycle_detach, m.source_margin, m.decimation)
+                    m.cycle_detach, m.source_margin, m.decimation, parts=generator_parts(m, outputs))
     discs = Discriminators(m.variant, slab, m.features, m.disc_features, m.disc_blocks, m.hr_discriminator,
-                           m.spectral_norm)
+                           m.spectral_norm, parts=discriminator_parts(m, discriminators))
     return gen, discs
+
+
+def built_parts(gen: nn.Module, discs: nn.Module) -> dict[str, list[str]]:
+    """The networks two built modules hold (checkpoints record them: udean/checkpoint.py)."""
+    return {k: sorted(n for n, c in m.named_children() if c is not None) for k, m in (("g", gen), ("d", discs))}
 
 
 def inference_state_dict(gen: nn.Module) -> dict[str, torch.Tensor]:
