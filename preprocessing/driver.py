@@ -2,12 +2,17 @@
 (docs/architecture.md, "Distributed").
 
 Rank 0 plans (discover, split, what a previous run already did), then hands out one subject at a
-time from a dynamic queue (subjects differ in cost) while also processing subjects itself: a
-helper thread on rank 0 answers the other ranks, polling so no core spins. Every rank writes its
-own shard files; rank 0 records each result and rewrites the manifest atomically after each, so
-a killed job loses only the subjects in flight. A bad input is a "failed" row and the job goes
-on; any other exception on any rank aborts the whole job (MPI_Abort) instead of hanging it.
-Without an MPI launcher it runs as one rank.
+time from a dynamic queue (subjects differ in cost) while also processing subjects itself (up to
+`RANK0_WORKS_UP_TO` ranks): a helper thread on rank 0 answers the other ranks, polling so no core
+spins. Every rank writes its own shard files. Rank 0's bookkeeping is O(1) per subject: the
+dispatcher hands a rank its next subject (non-blocking send) before recording the result it
+brought, and a result is one line appended to
+`<out>/manifest.journal` (preprocessing/manifest.py) and one to the log; a writer thread rewrites
+manifest.json from the rows every `MANIFEST_EVERY_S` seconds (outside the lock the dispatcher
+takes), and at the end, when the journal is removed. A killed job loses only the subjects in
+flight: the next run (and every reader) folds the journal into the manifest. A bad input is a
+"failed" row and the job goes on; any other exception on any rank aborts the whole job
+(MPI_Abort) instead of hanging it. Without an MPI launcher it runs as one rank.
 
 Input errors and output errors are told apart: a bad input fails its subject; a failed write
 (`hpc.atomic.OutputError`: disk full, I/O error, a vanished temp file) stops the job (exit 74)
@@ -15,7 +20,8 @@ with one line, leaving no half-written file and every finished subject in the ma
 Rank 0 holds the output folder's lock (`hpc.lock`) for the whole job: a second job into the
 same folder is refused before it touches anything; a previous data set made with another
 config is replaced only with `--overwrite`. A subject is reused when its input path, size and
-mtime are unchanged and its shards still verify.
+mtime are unchanged and its shards still verify; until it is checked again, the plan keeps its
+previous row, so a killed resume loses nothing either.
 
 Exit codes of `udean preprocess`: 0 every subject ok; 1 some subject failed (0 with
 `--allow-failures`, unless every subject failed); 2 a user error before any work (config,
@@ -32,7 +38,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -41,12 +47,17 @@ from hpc.atomic import OutputError, file_mismatch
 from hpc.lock import folder_lock
 from preprocessing.config import DataConfig, diff_keys
 from preprocessing.discover import Subject, plan
-from preprocessing.manifest import Manifest, ShardRow, SubjectRow, load_manifest, manifest_path, write_manifest
+from preprocessing.manifest import Journal, Manifest, ShardRow, SubjectRow, load_manifest, manifest_path, write_manifest
 from preprocessing.plan import resolve as resolve_grid, tables
 from preprocessing.subject import SubjectResult, process
 
 TAG_RESULT, TAG_TASK, TAG_FINAL = 11, 12, 13
 POLL_S = 0.002
+# Rank 0 processes subjects itself up to this many ranks; beyond, it only dispatches and records:
+# while its main thread runs a subject, the dispatcher waits for the GIL before each message (up
+# to Python's 5 ms switch interval), and rank 0 is one rank in 17 or more
+RANK0_WORKS_UP_TO = 16
+MANIFEST_EVERY_S = 5.0  # manifest.json rewritten at most this often during a run (the journal has every subject)
 EXIT_FAILED, EXIT_OUTPUT = 1, 74  # some subject failed; a write failed (sysexits EX_IOERR)
 
 
@@ -123,6 +134,12 @@ class Summary:
     seconds: float = 0.0
     redone: list[str] = field(default_factory=list)  # `udean shards regenerate`: the subjects redone
     out: str = ""
+    # rank 0's bookkeeping: mean ms per recorded subject (row, journal, log, progress: what the
+    # dispatcher waits for), and the manifest rewrites (writer thread and the last one)
+    bookkeeping_ms: float = 0.0
+    manifest_writes: int = 0
+    manifest_write_ms: float = 0.0
+    dispatch_ms: float = 0.0  # mean time of the dispatcher thread per worker message: rank 0's ceiling is 1 / this
 
     def exit_code(self, allow_failures: bool = False, what: str = "preprocess", say: bool = True) -> int:
         """0 when no subject failed, or some (not all) did and `allow_failures`; else EXIT_FAILED,
@@ -158,6 +175,7 @@ def verify_rows(out: Path, rows: Iterable[ShardRow]) -> str | None:
 
 
 LOG = Path("logs") / "preprocess.jsonl"
+RUNS_LOG = Path("logs") / "preprocess_runs.jsonl"
 
 
 def input_stat(subject: Subject) -> list[int] | None:
@@ -233,7 +251,11 @@ def prepare(cfg: DataConfig, out: Path, subjects: list[Subject], only: set[str] 
             m.subjects.append(SubjectRow(s.id, s.group, s.input, status="ok"))
             continue
         expect = prev_shards.get(s.id, []) if reuse and only is None else None
-        m.subjects.append(SubjectRow(s.id, s.group, s.input))
+        if expect is not None:  # kept as it was until checked again: a killed resume loses nothing
+            m.subjects.append(old)
+            m.shards.extend(expect)
+        else:
+            m.subjects.append(SubjectRow(s.id, s.group, s.input))
         tasks.append(Task(s, expect, old if expect is not None else None))
     return m, tasks
 
@@ -259,20 +281,30 @@ def run_task(task: Task, cfg: DataConfig, out: Path) -> SubjectResult:
 
 # --------------------------------------------------------------------------- rank 0
 class _Recorder:
-    """Rank 0's book: manifest rows, progress, log. Thread-safe."""
+    """Rank 0's book: the rows by subject, the journal, the log, progress. `record` is O(1) and
+    thread-safe; `write` rebuilds manifest.json from a snapshot of the rows, outside the lock."""
 
     def __init__(self, m: Manifest, n_tasks: int, progress: bool) -> None:
-        self.m = m
+        self.out, self.config, self.config_hash = m.out, m.config, m.config_hash
+        self.rows = {r.id: r for r in m.subjects}
+        self.shards: dict[str, list[ShardRow]] = collections.defaultdict(list)
+        for s in m.shards:
+            self.shards[s.subject].append(s)
         self.lock = threading.Lock()
-        self.index = {r.id: i for i, r in enumerate(m.subjects)}
         self.done = self.failed = self.reused = 0
+        self.changes = self.written = 0  # records so far / records in the last manifest written
+        self.record_s = self.write_s = 0.0
+        self.writes = 0
+        self.served, self.serve_s = 0, 0.0  # the dispatcher's messages and its time on them (recv to recorded)
         self.t0 = time.perf_counter()
         self.n = n_tasks
+        self.journal: Journal | None = None
         self.log_path = m.out / LOG
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log = open(self.log_path, "a")
         except OSError as exc:
-            raise OutputError(self.log_path.parent, exc) from exc
+            raise OutputError(self.log_path, exc) from exc
         self._bar = None
         from rich.console import Console
 
@@ -288,12 +320,36 @@ class _Recorder:
             self._task = self._bar.add_task("subjects", total=n_tasks, failed=0, rate="-")
             self._bar.start()
 
+    def manifest(self) -> Manifest:
+        return Manifest(self.out, self.config, self.config_hash, list(self.rows.values()),
+                        [s for rows in self.shards.values() for s in rows])
+
+    def start(self) -> None:
+        """The plan on disk before any shard is, then an empty journal."""
+        self.write()
+        self.journal = Journal(self.out, self.config_hash)
+
+    def write(self) -> None:
+        """Rewrite manifest.json if anything was recorded since the last write. Only one thread
+        at a time calls it (the writer thread, or the main thread once that one has stopped)."""
+        with self.lock:
+            if self.writes and self.changes == self.written:
+                return
+            m, changes = self.manifest(), self.changes  # O(rows) of references; sorted and written below
+        t = time.perf_counter()
+        write_manifest(m)
+        self.write_s += time.perf_counter() - t
+        self.writes += 1
+        self.written = changes
+
     def record(self, res: SubjectResult, rank: int) -> None:
         row = res.row
         with self.lock:
-            self.m.subjects[self.index[row.id]] = row
-            self.m.shards = [s for s in self.m.shards if s.subject != row.id] + res.shards
-            write_manifest(self.m)
+            t = time.perf_counter()
+            self.rows[row.id] = row
+            self.shards[row.id] = list(res.shards)
+            self.journal.append(row, res.shards)
+            self.changes += 1
             self.done += 1
             self.reused += res.reused
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9) * 60
@@ -304,40 +360,62 @@ class _Recorder:
             for note in res.notes:
                 self.console.print(f"preprocess: subject {row.id}: {note}", highlight=False, markup=False)
             try:
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps({"time": time.time(), "rank": rank, "id": row.id, "group": row.group,
-                                        "status": row.status, "error": row.error, "reused": res.reused,
-                                        "seconds": row.seconds, "timings": res.timings, "notes": res.notes,
-                                        "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
+                self.log.write(json.dumps({"time": time.time(), "rank": rank, "id": row.id, "group": row.group,
+                                           "status": row.status, "error": row.error, "reused": res.reused,
+                                           "seconds": row.seconds, "timings": res.timings, "notes": res.notes,
+                                           "done": self.done, "total": self.n, "rate_per_min": rate}) + "\n")
+                self.log.flush()
             except OSError as exc:
                 raise OutputError(self.log_path, exc) from exc
             if self._bar is not None:
                 self._bar.update(self._task, advance=1, failed=self.failed, rate=f"{rate:.1f}")
+            self.record_s += time.perf_counter() - t
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """`finished`: the last manifest is written, so the journal goes."""
         if self._bar is not None:
             self._bar.stop()
+        if self.journal is not None:
+            self.journal.close(remove=finished)
+        self.log.close()
+
+
+def _write_every(rec: _Recorder, period: float, stop: threading.Event, errors: list) -> None:
+    """Writer thread on rank 0: manifest.json every `period` seconds while subjects are recorded."""
+    try:
+        while not stop.wait(period):
+            rec.write()
+    except BaseException as exc:  # surfaced by the main thread, which stops the job
+        errors.append((exc, traceback.format_exc()))
 
 
 def _dispatch(comm: Any, queue: collections.deque, lock: threading.Lock, rec: _Recorder, errors: list) -> None:
-    """Helper thread on rank 0: answer each worker's result with its next task (or None)."""
+    """Helper thread on rank 0: answer each worker's result with its next task (or None), then
+    record the result: the worker does not wait for rank 0's bookkeeping."""
     try:
         active = comm.size - 1
         status = mpi.make_status(comm)
         src = mpi.any_source(comm)
+        sending: list = []  # isend requests: a blocking send waited for the worker's next poll (2-6 ms measured)
         while active:
             if not comm.iprobe(source=src, tag=TAG_RESULT, status=status):
+                sending = [r for r in sending if not r.Test()]
                 time.sleep(POLL_S)
                 continue
+            t = time.perf_counter()
             rank = status.Get_source()
             res = comm.recv(source=rank, tag=TAG_RESULT)
-            if res is not None:
-                rec.record(res, rank)
             with lock:
                 task = queue.popleft() if queue else None
-            comm.send(task, dest=rank, tag=TAG_TASK)
+            sending.append(comm.isend(task, dest=rank, tag=TAG_TASK))
             if task is None:
                 active -= 1
+            if res is not None:
+                rec.record(res, rank)
+            rec.served += 1
+            rec.serve_s += time.perf_counter() - t
+        for r in sending:
+            r.wait()
     except BaseException as exc:  # surfaced by the main thread, which aborts the job
         errors.append((exc, traceback.format_exc()))
 
@@ -355,14 +433,18 @@ def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list[Task]
     lock = threading.Lock()
     errors: list = []
     helper = None
+    stop = threading.Event()
+    writer = threading.Thread(target=_write_every, args=(rec, MANIFEST_EVERY_S, stop, errors), daemon=True)
+    finished = False
     try:
-        write_manifest(rec.m)  # the plan, subjects pending: on disk before any shard is
+        rec.start()
+        writer.start()
         if comm.size > 1:
             if not mpi.thread_level_ok(comm):
                 raise RuntimeError("MPI library does not provide MPI_THREAD_SERIALIZED; rank 0 needs it")
             helper = threading.Thread(target=_dispatch, args=(comm, queue, lock, rec, errors), daemon=True)
             helper.start()
-        while not errors:
+        while not errors and comm.size <= RANK0_WORKS_UP_TO:
             with lock:
                 task = queue.popleft() if queue else None
             if task is None:
@@ -370,32 +452,55 @@ def _serve(comm: Any, cfg: DataConfig, out: Path, m: Manifest, tasks: list[Task]
             rec.record(run_task(task, cfg, out), 0)
         while helper is not None and helper.is_alive() and not errors:
             helper.join(0.1)
+        stop.set()
+        if writer.is_alive():
+            writer.join()
         if errors:
             exc, tb = errors[0]
-            if isinstance(exc, OutputError):  # the manifest or log could not be written: an output error
+            if isinstance(exc, OutputError):  # the manifest, journal or log could not be written: an output error
                 raise exc
             raise RuntimeError(f"rank 0 dispatcher failed:\n{tb}") from exc
-        write_manifest(rec.m)
+        rec.write()
+        finished = True
     finally:
-        rec.close()
-    summary = Summary(subjects=len(m.subjects), processed=rec.done - rec.reused - rec.failed, reused=rec.reused,
-                      failed=sum(r.status == "failed" for r in m.subjects),
-                      used=sum(r.group != "unused" for r in m.subjects),
-                      seconds=round(time.perf_counter() - rec.t0, 3), out=str(out))
+        stop.set()
+        rec.close(finished)
+    rows = rec.rows.values()
+    summary = Summary(subjects=len(rows), processed=rec.done - rec.reused - rec.failed, reused=rec.reused,
+                      failed=sum(r.status == "failed" for r in rows), used=sum(r.group != "unused" for r in rows),
+                      seconds=round(time.perf_counter() - rec.t0, 3), out=str(out),
+                      bookkeeping_ms=round(rec.record_s / max(rec.done, 1) * 1e3, 4), manifest_writes=rec.writes,
+                      manifest_write_ms=round(rec.write_s / max(rec.writes, 1) * 1e3, 3),
+                      dispatch_ms=round(rec.serve_s / max(rec.served, 1) * 1e3, 4))
     failed = f"{summary.failed} failed (errors: {out / LOG})" if summary.failed else "0 failed"
     rec.console.print(f"preprocess: {summary.processed} processed, {summary.reused} reused, "
                       f"{failed} of {summary.subjects} subjects -> {manifest_path(out)}", highlight=False)
+    _log_run(out, summary, comm.size)
     return summary
+
+
+def _log_run(out: Path, summary: Summary, ranks: int) -> None:
+    """One line per run in logs/preprocess_runs.jsonl: what it did and what rank 0's bookkeeping cost."""
+    path = out / RUNS_LOG
+    line = {"time": time.time(), "ranks": ranks, **{k: v for k, v in asdict(summary).items() if k not in ("out", "redone")}}
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
 
 
 def _work(comm: Any, cfg: DataConfig, out: Path) -> None:
     res = None
     while True:
         comm.send(res, dest=0, tag=TAG_RESULT)
+        t = time.perf_counter()
         task = _recv_polling(comm, 0, TAG_TASK)
         if task is None:
             return
+        waited = time.perf_counter() - t
         res = run_task(task, cfg, out)
+        res.timings["wait_for_task"] = round(waited, 6)  # in the log: how long rank 0 kept this rank waiting
 
 
 def preprocess(cfg: DataConfig, comm: Any = None, only: set[str] | None = None, progress: bool = True,

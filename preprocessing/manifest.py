@@ -9,6 +9,14 @@ Loading checks every row against them (a missing or unknown key is an error nami
 the row). Between two runs of the same config and inputs only `seconds` differs, and
 `input_stat` (the input's size and mtime) where the inputs were copied. Written atomically by rank 0.
 
+`<out>/manifest.journal` (JSON lines): what a preprocessing run finished since it wrote its plan,
+one line per subject (its row and shard rows), appended by rank 0 as each subject is recorded
+(O(1): the manifest itself is rewritten only every few seconds and at the end, when the journal is
+removed). Its first line names the data config (`config_hash`); a journal of another config is
+ignored. `load_manifest` folds a journal into the manifest (rows replaced by subject, in order), so
+a job killed between two manifest writes loses only the subjects in flight; a torn last line (the
+kill came mid-write) is dropped.
+
 Every file path in a manifest must stay inside its folder: relative, no `..`, no symlink out of
 it. A manifest naming `/etc/hostname` or `../x.h5` is refused on load (ValueError naming the
 row), so neither `udean shards` nor training ever opens a file outside the data set.
@@ -22,15 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc.atomic import atomic_write_text
+from hpc.atomic import OutputError, atomic_write_text
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+JOURNAL = "manifest.journal"
 VOLATILE_FIELDS = ("seconds", "input_stat")  # what may differ between runs of the same config and inputs
 
 
 def manifest_path(out: str | os.PathLike) -> Path:
     return Path(out) / MANIFEST
+
+
+def journal_path(out: str | os.PathLike) -> Path:
+    return Path(out) / JOURNAL
 
 
 class _Row:
@@ -135,20 +148,41 @@ class Manifest:
                 "subjects": [r.to_dict() for r in self.subjects], "shards": [r.to_dict() for r in self.shards]}
 
 
-def inside(out: str | os.PathLike, rel: str, where: str) -> str:
-    """`rel` if it names a file inside `out` (relative, no `..`, no symlink leading out), else
-    ValueError naming `where`."""
-    parts = Path(rel).parts
-    if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
-        raise ValueError(f"{where}: path {rel!r} must be relative to the data folder, without '..'")
-    root = Path(out).resolve()
-    try:
-        (root / rel).resolve().relative_to(root)
-    except ValueError:
-        raise ValueError(f"{where}: path {rel!r} leads outside the data folder {root} (a symlink)") from None
-    except RuntimeError:  # a symlink loop (older Pythons raise it from resolve)
-        raise ValueError(f"{where}: path {rel!r} is a symlink loop") from None
-    return rel
+class Inside:
+    """`inside(rel, where)`: `rel` if it names a file inside `out` (relative, no `..`, no symlink
+    leading out), else ValueError naming `where`. Each folder is resolved once and each file
+    only looked at (one lstat) unless it is a symlink: resolving every path of the cohort's
+    manifest (an lstat per path component, thousands of paths) was most of a load."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.root = Path(out).resolve()
+        self._seen: dict[str, str | None] = {}  # folder or file -> why it is not inside (None: it is)
+
+    def _leads_out(self, path: Path) -> str | None:
+        try:
+            path.resolve().relative_to(self.root)
+        except ValueError:
+            return f"leads outside the data folder {self.root} (a symlink)"
+        except RuntimeError:  # a symlink loop (older Pythons raise it from resolve)
+            return "is a symlink loop"
+        return None
+
+    def _check(self, rel: str, folder: bool) -> str | None:
+        if rel not in self._seen:
+            parent = os.path.dirname(rel)
+            why = self._check(parent, True) if parent else None
+            if why is None and (folder or os.path.islink(os.path.join(self.root, rel))):
+                why = self._leads_out(self.root / rel)
+            self._seen[rel] = why
+        return self._seen[rel]
+
+    def __call__(self, rel: str, where: str) -> str:
+        if not rel or rel.startswith("/") or "\\" in rel or ".." in rel.split("/"):
+            raise ValueError(f"{where}: path {rel!r} must be relative to the data folder, without '..'")
+        why = self._check(os.path.normpath(rel), False)
+        if why:
+            raise ValueError(f"{where}: path {rel!r} {why}")
+        return rel
 
 
 def load_manifest(out: str | os.PathLike) -> Manifest:
@@ -168,12 +202,96 @@ def load_manifest(out: str | os.PathLike) -> Manifest:
         raise ValueError(f"{path}: missing keys {missing}")
     subjects = [SubjectRow.from_dict(r, f"{path}: subjects[{i}]") for i, r in enumerate(d["subjects"])]
     shards = [ShardRow.from_dict(r, f"{path}: shards[{i}]") for i, r in enumerate(d["shards"])]
+    inside = Inside(out)
     for i, r in enumerate(shards):
-        inside(out, r.path, f"{path}: shards[{i}]")
+        inside(r.path, f"{path}: shards[{i}]")
     for i, r in enumerate(subjects):
         for rel in r.shards.values():
-            inside(out, rel, f"{path}: subjects[{i}] ({r.id})")
-    return Manifest(Path(out), d["config"], d["config_hash"], subjects, shards, d["schema_version"])
+            inside(rel, f"{path}: subjects[{i}] ({r.id})")
+    m = Manifest(Path(out), d["config"], d["config_hash"], subjects, shards, d["schema_version"])
+    entries = read_journal(out, m.config_hash, inside)
+    if entries:
+        subjects = {r.id: r for r in m.subjects}
+        by_subject: dict[str, list[ShardRow]] = {}
+        for s in m.shards:
+            by_subject.setdefault(s.subject, []).append(s)
+        for row, rows in entries:
+            subjects[row.id], by_subject[row.id] = row, rows
+        m.subjects = sorted(subjects.values(), key=lambda r: r.id)
+        m.shards = sorted((s for rows in by_subject.values() for s in rows), key=lambda r: r.path)
+    return m
+
+
+def read_journal(out: str | os.PathLike, config_hash: str,
+                 inside: Inside | None = None) -> list[tuple[SubjectRow, list[ShardRow]]]:
+    """The (row, shard rows) lines of `<out>/manifest.journal` written under `config_hash`, in
+    order; [] when there is none or it belongs to another config. A last line without its
+    newline is a write a kill cut short: dropped. Any other bad line: ValueError naming it."""
+    path = journal_path(out)
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    entries = []
+    inside = inside or Inside(out)
+    for i, line in enumerate(lines[:-1]):  # lines[-1]: b"" after the last newline, or a torn write
+        where = f"{path}: line {i + 1}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc})") from None
+        if i == 0:
+            if not isinstance(d, dict) or "config_hash" not in d:
+                raise ValueError(f"{where}: expected the header {{\"journal\": 1, \"config_hash\": ...}}")
+            if d["config_hash"] != config_hash:
+                return []  # a run of another config began here and was killed before its plan was written
+            continue
+        if not isinstance(d, dict) or set(d) != {"subject", "shards"} or not isinstance(d["shards"], list):
+            raise ValueError(f"{where}: expected {{\"subject\": {{...}}, \"shards\": [...]}}")
+        row = SubjectRow.from_dict(d["subject"], f"{where}: subject")
+        shards = [ShardRow.from_dict(r, f"{where}: shards[{k}]") for k, r in enumerate(d["shards"])]
+        for k, r in enumerate(shards):
+            inside(r.path, f"{where}: shards[{k}]")
+        for rel in row.shards.values():
+            inside(rel, f"{where}: subject ({row.id})")
+        entries.append((row, shards))
+    return entries
+
+
+class Journal:
+    """Appends finished subjects to `<out>/manifest.journal` (started empty, with its header):
+    one write(2) per line on an O_APPEND descriptor held open, no rename, no fsync (a killed
+    process loses nothing the kernel has; a lost node loses the last lines, whose subjects are
+    redone). A failed write is `OutputError`."""
+
+    def __init__(self, out: str | os.PathLike, config_hash: str):
+        self.path = journal_path(out)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
+        except OSError as exc:
+            raise OutputError(self.path, exc) from exc
+        self._write({"journal": 1, "config_hash": config_hash})
+
+    def _write(self, d: dict[str, Any]) -> None:
+        data = (json.dumps(d) + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as exc:
+            raise OutputError(self.path, exc) from exc
+
+    def append(self, row: SubjectRow, shards: list[ShardRow]) -> None:
+        self._write({"subject": row.to_dict(), "shards": [s.to_dict() for s in shards]})
+
+    def close(self, remove: bool = False) -> None:
+        """Close it; `remove`: delete it too (the manifest just written holds every line)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if remove:
+            self.path.unlink(missing_ok=True)
 
 
 def write_manifest(m: Manifest) -> None:

@@ -141,15 +141,17 @@ def write_volume(path: str | os.PathLike, vol: VolumePair, storage: StorageConfi
 
 
 # --------------------------------------------------------------------------- readers
-def _scale(ds: h5py.Dataset) -> float:
+def value_scale(ds: h5py.Dataset) -> float:
+    """What a stored value is multiplied by (1.0 float16, 1/65535 uint16)."""
     return float(ds.attrs.get("scale", 1.0))
 
 
 def read_patches(src: str | os.PathLike | h5py.File | h5py.Dataset, indices: Any = slice(None),
-                 name: str = "patches") -> np.ndarray:
+                 name: str = "patches", scale: float | None = None) -> np.ndarray:
     """Patches `indices` (int, slice, or sorted/unsorted index list) of a shard's dataset `name`
     (`patches`, or `truth`) as float32 with the scale applied: (len(indices), C, h, w), or
-    (C, h, w) for an int."""
+    (C, h, w) for an int. `scale`: the dataset's `value_scale`, when the caller keeps it (reading
+    the attribute costs more than reading one patch)."""
     if isinstance(src, (str, os.PathLike)):
         with h5py.File(src, "r") as f:
             if name not in f:
@@ -165,7 +167,7 @@ def read_patches(src: str | os.PathLike | h5py.File | h5py.Dataset, indices: Any
         out[order] = block[inverse]
     else:
         out = np.asarray(ds[indices], dtype=np.float32)
-    scale = _scale(ds)
+    scale = value_scale(ds) if scale is None else scale
     if scale != 1.0:
         out *= np.float32(scale)
     return out

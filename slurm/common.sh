@@ -14,6 +14,8 @@
 #   UDEAN_SRUN_ARGS    extra srun arguments;   UDEAN_MPIRUN_ARGS   extra mpirun arguments
 #   UDEAN_SRUN_WAIT    seconds srun lets the other tasks run on after the first one ended (120)
 #   UDEAN_MAX_REQUEUES stop requeueing after this many restarts (default 50)
+#   UDEAN_STAGE_DIR    train_udean.sh: node-local folder the shards are copied to and read from
+#                      (train.stage_dir; '$SLURM_TMPDIR', quoted, is expanded on each node)
 #
 # Partition, account, QOS, time and node counts are sbatch options: put them on the command
 # line (`sbatch -p gpu -A proj123 --time=12:00:00 slurm/train_udean.sh`), which overrides the

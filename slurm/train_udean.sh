@@ -14,6 +14,10 @@
 # config (slurm/preprocess_hcp.sh has the same default): the source patches must carry the margin
 # the model needs. Site variables: slurm/common.sh.
 #
+# Node-local staging (docs/hpc.md): UDEAN_STAGE_DIR='$SLURM_TMPDIR' (quoted: expanded on each
+# node) makes one task per node copy the shards there, checked by the manifest's sha256, before
+# the first step; every task then reads its node's copy (train.stage_dir).
+#
 # Preemption: SLURM sends SIGUSR1 to this shell 120 s before the time limit (--signal=B:USR1@120),
 # scancel/preemption send SIGTERM; both are forwarded to the tasks, which save a checkpoint and
 # exit 75; this script then requeues the job, and the next run resumes where this one stopped.
@@ -38,6 +42,9 @@ if [[ -z "${SLURM_JOB_GPUS:-}" && "${SLURM_GPUS_ON_NODE:-0}" == 0 ]]; then
     udean_log "no GPU allocated: training on CPU, ${SLURM_NTASKS:-1} task(s) x ${SLURM_CPUS_PER_TASK:-1} CPUs" \
         "(GPUs: sbatch --gpus-per-node=N --ntasks-per-node=N)"
 fi
+stage_args=()
+[[ -z "${UDEAN_STAGE_DIR:-}" ]] || stage_args=("train.stage_dir=$UDEAN_STAGE_DIR")
+
 rc=0
-udean_run udean train "${config_args[@]}" "$@" || rc=$?
+udean_run udean train "${config_args[@]}" "${stage_args[@]}" "$@" || rc=$?
 udean_finish "$rc"

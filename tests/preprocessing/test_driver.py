@@ -314,3 +314,70 @@ def test_verify_finds_and_regenerate_rebuilds(cohort, tmp_path):
     assert "redid 2 subjects" in r.stderr
     assert files(out) == clean
     assert udean(["shards", "verify", "out"], tmp_path).returncode == 0
+
+
+def _journal_ids(out: Path) -> list[str]:
+    from preprocessing.manifest import journal_path
+
+    lines = journal_path(out).read_bytes().split(b"\n")[1:-1]  # the header; a torn last line
+    return [json.loads(x)["subject"]["id"] for x in lines]
+
+
+def test_a_killed_run_and_a_killed_resume_lose_only_the_subjects_in_flight(tmp_path):
+    """Issue 28: rank 0 appends each finished subject to manifest.journal and rewrites
+    manifest.json only every few seconds; SIGKILL then loses nothing recorded. Killed after k
+    subjects, the rerun reuses every subject of the journal (manifest.json alone held fewer: it
+    lags behind); a resume killed in turn keeps them too."""
+    root = tmp_path / "cohort"
+    blob_cohort(root, 40)
+    split = ("data.split.preset=counts", "data.split.counts=[18,18,2,2]")
+    preprocess(root, tmp_path / "clean", 1, split)
+    out = tmp_path / "out"
+    log = out / "logs" / "preprocess.jsonl"
+
+    def run_until(k: int) -> None:
+        proc = preprocess(root, tmp_path, 1, split, background=True)
+        while proc.poll() is None and (not log.exists() or len(log.read_text().splitlines()) < k):
+            time.sleep(0.002)
+        proc.kill()
+        assert proc.wait(timeout=60) == -9
+
+    run_until(8)
+    recorded = _journal_ids(out)
+    assert len(recorded) >= 8
+    on_disk = {r["id"] for r in json.loads((out / "manifest.json").read_text())["subjects"]
+               if r["status"] == "ok" and r["group"] != "unused"}
+    assert on_disk < set(recorded)  # the manifest's last rewrite (the plan, or a periodic one) lags
+    folded = load_manifest(out)
+    assert {r.id for r in folded.subjects if r.status == "ok"} == set(recorded)
+
+    log.unlink()
+    run_until(len(recorded) + 3)  # the resume, killed while it re-checks (reuses) the recorded subjects
+    assert {r.id for r in load_manifest(out).subjects if r.status == "ok"} >= set(recorded)
+    r = preprocess(root, tmp_path, 1, split)
+    reused = int(r.stderr.split(" reused")[0].split()[-1])
+    assert reused >= len(recorded), r.stderr
+    assert files(out) == files(tmp_path / "clean" / "out") and manifest(out) == manifest(tmp_path / "clean" / "out")
+    from preprocessing.manifest import journal_path
+
+    assert not journal_path(out).exists()  # a finished run leaves the manifest alone
+
+
+def test_rank0_dispatches_only_above_its_rank_count(cohort, tmp_path):
+    """Beyond RANK0_WORKS_UP_TO ranks rank 0 only hands out and records subjects (here forced
+    at 2 ranks): every subject is processed by rank 1, with the same bytes."""
+    preprocess(cohort, tmp_path / "clean")
+    code = ("import sys, preprocessing.driver as d; d.RANK0_WORKS_UP_TO = 1; from udean.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    cmd = [str(BIN / "mpirun"), "--oversubscribe", "-n", "2", "-x", "OMP_NUM_THREADS=1", sys.executable, "-c", code,
+           "preprocess", "--config", "tiny", "--data-root", str(cohort), "--out", "out", "--no-progress"]
+    (tmp_path / "d").mkdir()
+    r = subprocess.run(cmd, cwd=tmp_path / "d", capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp_path / "d" / "out"
+    ranks = [json.loads(x)["rank"] for x in (out / "logs" / "preprocess.jsonl").read_text().splitlines()]
+    assert ranks and set(ranks) == {1}
+    assert files(out) == files(tmp_path / "clean" / "out") and manifest(out) == manifest(tmp_path / "clean" / "out")
+    run = json.loads((out / "logs" / "preprocess_runs.jsonl").read_text())
+    assert run["ranks"] == 2 and run["processed"] == 6 and run["dispatch_ms"] > 0 and run["bookkeeping_ms"] > 0

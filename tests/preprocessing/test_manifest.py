@@ -44,3 +44,49 @@ def test_a_row_off_the_schema_is_one_clear_error(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message) as err:
         load_manifest(tmp_path)
     assert str(tmp_path / "manifest.json") in str(err.value)
+
+
+def _failed(m, sid: str):
+    """Subject `sid`'s row, failed: what a journal line of a rerun could say."""
+    from dataclasses import replace
+
+    return replace(m.subject(sid), status="failed", error="made up", shards={})
+
+
+def test_a_journal_is_folded_into_the_manifest_and_a_torn_last_line_is_dropped(tmp_path):
+    from preprocessing.manifest import Journal, journal_path
+
+    shutil.copy(OLD, tmp_path / "manifest.json")
+    m = load_manifest(tmp_path)
+    j = Journal(tmp_path, m.config_hash)
+    j.append(_failed(m, "100000"), [])
+    j.close()
+    with open(journal_path(tmp_path), "a") as f:  # a kill in the middle of the next line
+        f.write('{"subject": {"id": "100001", "gro')
+    folded = load_manifest(tmp_path)
+    assert folded.subject("100000").status == "failed" and folded.subject("100000").error == "made up"
+    assert not any(s.subject == "100000" for s in folded.shards)  # its shard rows went with it
+    assert folded.subject("100001").status == m.subject("100001").status  # the torn line: not applied
+    assert len(folded.subjects) == len(m.subjects) and len(folded.shards) < len(m.shards)
+    # a journal of another config (a run of it killed before its plan was written) is ignored
+    other = Journal(tmp_path, "another config")
+    other.append(_failed(m, "100000"), [])
+    other.close()
+    assert load_manifest(tmp_path).subject("100000").status == m.subject("100000").status
+
+
+@pytest.mark.parametrize("line,message", [
+    ("not json", r"manifest.journal: line 2: not valid JSON"),
+    ('{"subject": {"id": "x"}, "shards": []}', r"line 2: subject: missing keys \['group', 'input'\]"),
+    ('{"subject": {"id": "x", "group": "val", "input": ""}, "shards": [{"path": "../x.h5", "group": "val", '
+     '"subject": "x", "kind": "volume", "sha256": "", "patches": 0, "bytes": 1}]}', r"line 2: shards\[0\]: path"),
+])
+def test_a_bad_journal_line_is_one_clear_error(tmp_path, line, message):
+    from preprocessing.manifest import Journal, journal_path
+
+    shutil.copy(OLD, tmp_path / "manifest.json")
+    Journal(tmp_path, load_manifest(tmp_path).config_hash).close()
+    with open(journal_path(tmp_path), "a") as f:
+        f.write(line + "\n" + '{"subject": {}, "shards": []}\n')
+    with pytest.raises(ValueError, match=message):
+        load_manifest(tmp_path)

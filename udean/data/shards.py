@@ -3,12 +3,20 @@
 A shard is one HDF5 file with a dataset `patches` (N, C, h, w) (preprocessing/shards.py). The
 shards of a group are concatenated into one index space; `PatchShards[i]` reads patch i.
 
+Built to the cohort's size (1113 subjects: about a thousand shards): the patch counts come from
+the manifest (training checks every shard against its row before the first step, `udean.train`),
+so no file is opened to size the index; each reader keeps at most `MAX_OPEN` shards open (least
+recently used closed first), and opens them without HDF5's chunk cache (a chunk is one patch and
+draws are random: the default 1 MiB cache per open dataset only held memory, per shard and per
+loader worker). A loader worker's open files and memory stay bounded whatever the cohort.
+
 HDF5 handles are opened lazily inside the process that reads (each DataLoader worker opens its
 own): an h5py handle inherited across fork is shared state and corrupts reads.
 """
 from __future__ import annotations
 
 import bisect
+import collections
 import os
 from pathlib import Path
 from typing import Sequence
@@ -17,49 +25,69 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from preprocessing.shards import patch_count, read_patches
+from preprocessing.shards import patch_count, read_patches, value_scale
+
+MAX_OPEN = 32  # open shards per PatchShards, so per loader worker 2 x this (source, target)
 
 
 class PatchShards:
-    """All patches of one group's shards, as one index space 0..len-1."""
+    """All patches of one group's shards, as one index space 0..len-1. `counts`: the patches of
+    each shard (the manifest's rows); None reads them from the files. `max_open`: shards kept
+    open (None: every shard touched)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike]):
+    def __init__(self, paths: Sequence[str | os.PathLike], counts: Sequence[int] | None = None,
+                 max_open: int | None = MAX_OPEN):
         self.paths = [Path(p) for p in paths]
         if not self.paths:
             raise ValueError("no shards given")
-        counts = [int(patch_count(p)) for p in self.paths]
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._files: dict[int, object] = {}
+        if counts is None:
+            counts = [patch_count(p) for p in self.paths]
+        elif len(counts) != len(self.paths):
+            raise ValueError(f"{len(counts)} patch counts for {len(self.paths)} shards")
+        self.offsets = np.concatenate([[0], np.cumsum([int(c) for c in counts])]).astype(np.int64)
+        self.max_open = max_open
+        self._files: collections.OrderedDict[int, object] = collections.OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _file(self, k: int):
+    def _patches(self, k: int):
+        """(file, its `patches` dataset, that dataset's scale) of shard k, opened if need be."""
         if self._pid != os.getpid():  # forked after opening: never reuse the parent's handles
-            self._files, self._pid = {}, os.getpid()
-        f = self._files.get(k)
-        if f is None:
-            import h5py
+            self._files, self._pid = collections.OrderedDict(), os.getpid()
+        entry = self._files.get(k)
+        if entry is not None:
+            self._files.move_to_end(k)
+            return entry
+        if self.max_open is not None and len(self._files) >= self.max_open:
+            self._files.popitem(last=False)[1][0].close()
+        import h5py
 
-            f = self._files[k] = h5py.File(self.paths[k], "r")
-        return f
+        f = h5py.File(self.paths[k], "r", rdcc_nbytes=0)
+        ds = f["patches"]
+        entry = self._files[k] = (f, ds, value_scale(ds))
+        return entry
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Patch i as float32 (C, h, w)."""
         if not 0 <= i < len(self):
             raise IndexError(f"patch {i} out of range 0..{len(self) - 1}")
         k = bisect.bisect_right(self.offsets, i) - 1
-        return read_patches(self._file(k)["patches"], [int(i - self.offsets[k])])[0]
+        _, ds, scale = self._patches(k)
+        return read_patches(ds, int(i - self.offsets[k]), scale=scale)
+
+    def open_files(self) -> int:
+        return len(self._files)
 
     def close(self) -> None:
-        for f in self._files.values():
+        for f, _, _ in self._files.values():
             f.close()
-        self._files = {}
+        self._files = collections.OrderedDict()
 
     def __getstate__(self) -> dict:
         # DataLoader workers get a copy without open handles
-        return {**self.__dict__, "_files": {}}
+        return {**self.__dict__, "_files": collections.OrderedDict()}
 
 
 def _flip(t: torch.Tensor, dim: int, step: int) -> torch.Tensor:
