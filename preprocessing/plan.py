@@ -147,16 +147,19 @@ def tables(plan: Plan, per_scan: bool = False) -> list:
     refused; intensity), and with `per_scan` one row per scan."""
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    head = Table(title=f"plan: HR grid {plan.hr_voxel:g} mm, LR grid {plan.lr_voxel:g} mm ({plan.how}); "
-                       f"intensity: {plan.intensity}", title_justify="left")
+    # a line of its own: as a table title it would wrap to the width of a two-column table
+    line = Text(f"plan: HR grid {plan.hr_voxel:g} mm, LR grid {plan.lr_voxel:g} mm ({plan.how}); "
+                f"intensity: {plan.intensity}")
+    head = Table()
     if not plan.own:
         head.add_column("group")
         head.add_column("subjects", justify="right")
         for g in ("source", "target", "val", "test", "unused"):
             if plan.groups.get(g):
                 head.add_row(g, str(plan.groups[g]))
-        return [head]
+        return [line, head]
     for col in ("role", "scans", "voxel sizes found (mm)", "grid (mm)", "kept", "resampled", "refused"):
         head.add_column(col, justify="right" if col in ("scans", "kept", "resampled", "refused") else "left")
     for role, grid in (("HR", plan.hr_voxel), ("LR", plan.lr_voxel)):
@@ -166,7 +169,7 @@ def tables(plan: Plan, per_scan: bool = False) -> list:
             head.add_row(role, str(len(rows)), _sizes(rows), f"{grid:g}",
                          *(str(count.get(k, 0)) for k in ("kept", "resampled", "refused")))
     if not per_scan:
-        return [head]
+        return [line, head]
     scans = Table(title="every scan", title_justify="left")
     for col in ("subject", "group", "role", "file", "voxel (mm)", "gets"):
         scans.add_column(col, overflow="fold")
@@ -174,7 +177,7 @@ def tables(plan: Plan, per_scan: bool = False) -> list:
         gets = {"kept": "kept", "resampled": "[yellow]resampled[/]", "refused": "[red]refused[/]"}[s.gets]
         scans.add_row(s.subject, s.group, s.role, _shown(s.path), "?" if s.voxel is None else geometry.fmt(s.voxel),
                       gets + (f": {escape(s.why)}" if s.why else ""))
-    return [head, scans]
+    return [line, head, scans]
 
 
 def _shown(path: str) -> str:
