@@ -708,6 +708,13 @@ def parse(argv=None) -> argparse.Namespace:
             p.error("--mismatch: udean_mis needs moved copies of the LR subjects; HR and LR are different subjects here")
     args.anatomy = args.anatomy or "mni"
     args.methods = args.methods or list(MISMATCH_METHODS if args.mismatch is not None else METHODS)
+    if "denoise" in args.methods:  # before hours of training, not after
+        from udean.baselines.denoise import dipy_api
+
+        try:
+            dipy_api()
+        except ImportError as exc:
+            p.error(f"{exc} (or leave denoise out of --methods)")
     return args
 
 

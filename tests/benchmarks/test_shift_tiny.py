@@ -329,3 +329,14 @@ def test_mismatch_rows_score_each_direction_in_the_brain_and_head(mismatch):
     assert "## pf_noise: HR template brains (skull-stripped), LR phantom full heads (`hr_mni`)" in md
     assert "## pf_noise: HR phantom full heads, LR template brains (skull-stripped) (`hr_phantom`)" in md
     assert "brain PSNR - tricubic" in md and "no paired val" in md
+
+
+def test_denoise_without_dipy_is_refused_before_any_work(monkeypatch, capsys):
+    """The DIPY row used to fail after every other run had trained: now the arguments are refused."""
+    from benchmarks.shift import parse
+
+    monkeypatch.setitem(sys.modules, "dipy.denoise.nlmeans", None)  # import fails as if DIPY were absent
+    with pytest.raises(SystemExit) as exc:
+        parse(["--methods", "tricubic", "denoise"])
+    assert exc.value.code == 2 and "needs DIPY: pip install -e '.[bench]'" in capsys.readouterr().err
+    assert parse(["--methods", "tricubic", "udean_unp"]).methods == ["tricubic", "udean_unp"]

@@ -31,7 +31,8 @@ DEFAULT_STRENGTH = 1.0  # no paired val volume: DIPY's noise estimate as it is
 NOTE = "DIPY nlmeans (classic, Rician bias removed), sigma = k x DIPY's estimate_sigma (N=1)"
 
 
-def _dipy():
+def dipy_api():
+    """DIPY's nlmeans and estimate_sigma, or one ImportError saying how to install it."""
     try:
         from dipy.denoise.nlmeans import nlmeans
         from dipy.denoise.noise_estimate import estimate_sigma
@@ -42,7 +43,7 @@ def _dipy():
 
 def dipy_sigma(lr: np.ndarray) -> float:
     """DIPY's estimate of the Gaussian sigma under the LR volume's Rician noise (one channel)."""
-    _, estimate_sigma = _dipy()
+    _, estimate_sigma = dipy_api()
     return float(np.asarray(estimate_sigma(np.asarray(lr, dtype=np.float32), N=1)).ravel()[0])
 
 
@@ -52,7 +53,7 @@ def nlm(lr: np.ndarray, k: float) -> np.ndarray:
     lr = np.asarray(lr, dtype=np.float32)
     if k == 0:
         return lr
-    nlmeans, _ = _dipy()
+    nlmeans, _ = dipy_api()
     sigma = k * dipy_sigma(lr)
     if not sigma > 0:  # a noise-free LR (level truncation of a noise-free scan): nothing to remove
         return lr
