@@ -4,7 +4,6 @@ shows what every scan gets and writes nothing; `--voxel-size` still decides when
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,7 @@ from preprocessing.config import DataConfig, OwnDataConfig
 from preprocessing.discover import plan as discover
 from preprocessing.plan import planned_voxel, resolve
 from tests.preprocessing.test_roles import write_scan
-
-
-def cli(args, cwd: Path, capsys) -> tuple[int, str]:
-    from udean.cli import main
-
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        rc = main([str(a) for a in args])
-    finally:
-        os.chdir(here)
-    out = capsys.readouterr()
-    return rc, " ".join(re.sub("[\u2500-\u257f]", " ", out.out + out.err).split())  # without table borders
+from tests.udean.test_own_data import cli
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def cli(args, cwd, capsys) -> tuple[int, str]:
     finally:
         os.chdir(here)
     out = capsys.readouterr()
-    return rc, " ".join((out.out + out.err).split())
+    return rc, " ".join(re.sub("[\u2500-\u257f]", " ", out.out + out.err).split())  # without table borders
 
 
 @pytest.fixture(scope="module")
