@@ -34,6 +34,7 @@ import torch
 
 import dataclasses
 from typing import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -102,14 +103,15 @@ CRITERIA = {
 SCORE_OF = {"psnr": "psnr", "learned": "learned_psnr"}  # the validate() key each criterion compares
 
 
-def criterion(setting: str, manifest, volumes: Sequence[str]) -> tuple[str, list[str]]:
+def criterion(setting: str, manifest, volumes: Sequence[str], root: Path | None = None) -> tuple[str, list[str]]:
     """(the criterion that chooses best/ under `train.best_by` = `setting`, the val volumes
-    (`volumes`: paths of manifest's) it degrades itself: `learned`'s held-out HR). A val LR
+    (`volumes`: paths of manifest's, under `root`: the data folder or its staged copy, default
+    the manifest's folder) it degrades itself: `learned`'s held-out HR). A val LR
     has the target's degradation when it is of the same kind as the target's: acquired for own
     data, synthetic (the same data.degradation) otherwise. ValueError when `setting` asks for a
     score that no val volume can give."""
     target = "acquired" if manifest.config.get("own") else "synthetic"
-    subject = {str(manifest.out / s.path): s.subject for s in manifest.shards if s.kind == "volume"}
+    subject = {str((root or manifest.out) / s.path): s.subject for s in manifest.shards if s.kind == "volume"}
     rows = {r.id: r for r in manifest.subjects}
     with_hr = [p for p in volumes if rows[subject[str(p)]].group != "target"]  # target rows: LR-only volumes
     honest = [p for p in with_hr if (rows[subject[str(p)]].lr_source or "synthetic") == target]

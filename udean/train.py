@@ -355,9 +355,7 @@ def _loop(cfg: Config, dist, preempt) -> int:
     nonfinite_run = int(state["nonfinite_run"]) if state else 0
     nonfinite_total = int(state["nonfinite_total"]) if state else 0
     best = dict(state["best"]) if state else {"psnr": float("-inf"), "ssim": 0.0, "step": -1}
-    from preprocessing.manifest import load_manifest
-
-    by, learned = criterion(t.best_by, load_manifest(cfg.data.out), val_volumes) if val_volumes else ("none", [])
+    by, learned = criterion(t.best_by, data.manifest, val_volumes, data.root) if val_volumes else ("none", [])
     incumbent = _incumbent(out, cfg, engines) if by == "learned" and best["step"] >= 0 and \
         (out / "best" / "generator.pt").is_file() else None
     if state:

@@ -107,3 +107,15 @@ def test_a_stage_dir_naming_an_unset_variable_is_one_clear_error(tmp_path):
     err = " ".join(r.stderr.split())
     assert r.returncode == 2 and "still names an environment variable that is not set" in err, err[-3000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_staged_run_validates_and_chooses_best_from_the_staged_val_volumes(tiny_data, tmp_path):
+    """The val volumes are read from the staged copy: best/'s criterion finds them there (it used
+    to look them up under data.out and fail with a KeyError)."""
+    r = run_cmd(train_cmd(tiny_data, tmp_path / "run", "train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1",
+                          f"train.stage_dir={tmp_path / 'local'}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    [event] = data_event(tmp_path / "run")
+    assert Path(event["staged"]).parent == tmp_path / "local"
+    assert [v["step"] for v in rows(tmp_path / "run", "val")] == [2]
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["by"] == "psnr"
