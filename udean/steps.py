@@ -27,16 +27,15 @@ any val HR, no score measures the SR: best/ = last/ (`last`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-
-import torch
-
-import dataclasses
-from typing import Sequence
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import torch
+from torch.nn.utils import parametrize
 
 from udean.engines import Engines, frozen
 from udean.evaluate import Evaluator
@@ -77,9 +76,13 @@ def train_step(engines: Engines, y_s: torch.Tensor, x_t: torch.Tensor, loss_cfg,
     y_s = y_s.to(g.device, torch.float32, non_blocking=True)
     x_t = x_t.to(g.device, torch.float32, non_blocking=True)
     out = g(y_s, x_t, **forward_args(loss_cfg))
-    with frozen(d.module):
+    # spectral normalization (model.spectral_norm): one power iteration per discriminator conv per
+    # update, Miyato et al.'s Algorithm 1; uncached, each call of a discriminator ran one (~14 ops
+    # per conv and call, 5 calls in each step's half)
+    with frozen(d.module), parametrize.cached():
         g_loss, g_terms = generator_loss(out, y_s, x_t, d.module, loss_cfg, adapt)
-    d_loss, d_terms = discriminator_loss(out, y_s, x_t, d.module, loss_cfg)
+    with parametrize.cached():
+        d_loss, d_terms = discriminator_loss(out, y_s, x_t, d.module, loss_cfg)
     terms = {**{f"g.{k}": v.detach() for k, v in g_terms.items()},
              **{f"d.{k}": v.detach() for k, v in d_terms.items()}}
     nonfinite = ~(torch.isfinite(g_loss.detach()) & torch.isfinite(d_loss.detach()))

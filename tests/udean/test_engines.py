@@ -39,6 +39,11 @@ def worker(out: str) -> None:
     from udean.models.udean import build
     from udean.steps import train_step
 
+    from unittest import mock
+
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    power = _SpectralNorm._power_method
     dist = init("gloo")
     seen = {}
     for precision, zero in COMBOS:
@@ -103,10 +108,17 @@ def worker(out: str) -> None:
         x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
         lrs = [[[pg["lr"] for pg in e.optimizer.param_groups] for e in (engines.g, engines.d)]]
         blur = gen.blur.plane.detach().float().clone()
-        for _ in range(2):
+        # the recipe's spectral norm: one power iteration per discriminator conv in each half of a step
+        sn = [m for m in discs.modules() if isinstance(m, _SpectralNorm)]
+        calls = []
+        with mock.patch.object(_SpectralNorm, "_power_method", autospec=True,
+                               side_effect=lambda self, *a, **k: calls.append(self) or power(self, *a, **k)):
             train_step(engines, y, x, cfg.loss, dist)
+        train_step(engines, y, x, cfg.loss, dist)
         lrs.append([[pg["lr"] for pg in e.optimizer.param_groups] for e in (engines.g, engines.d)])
-        seen[f"groups {precision}/{zero}"] = {"lrs": lrs, "blur_moved": not torch.equal(blur, gen.blur.plane.float())}
+        seen[f"groups {precision}/{zero}"] = {"lrs": lrs, "blur_moved": not torch.equal(blur, gen.blur.plane.float()),
+                                              "sn_convs": len(sn), "power_iterations": len(calls),
+                                              "each_twice": all(sum(c is m for c in calls) == 2 for m in sn)}
         del engines
     # float32 islands (engines.keep_fp32): from one seed the bf16 engines' physics degradation is the
     # fp32 engines' to the last bit; after steps it reads the optimizer's fp32 masters on every rank
@@ -174,6 +186,9 @@ def test_every_tested_precision_and_zero_stage_steps_and_the_step_agrees_on_its_
             # cosine over 4 steps, at step 2: every group at the same fraction of its own lr
             assert [a / b for a, b in zip(g2 + d2, g0 + d0)] == pytest.approx([g2[0] / g0[0]] * 3) and g2[0] < g0[0]
             assert s["blur_moved"], combo  # the degradation's group is trained
+            # one power iteration per conv in the G step (cached through its 5 discriminator calls)
+            # and one in the D step, Miyato et al.'s one per update (was one per call: 5 + 5)
+            assert s["sn_convs"] > 0 and s["power_iterations"] == 2 * s["sn_convs"] and s["each_twice"], (combo, s)
         for combo, s in seen.items():
             where = f"rank {rank}, {combo}: {s}"
             if "refused" in s:  # a precision this machine's accelerator cannot run: refused by us as by DeepSpeed
