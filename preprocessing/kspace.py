@@ -53,6 +53,33 @@ def to_image(kspace_shifted: np.ndarray, n_ref: int) -> np.ndarray:
     return img
 
 
+def band_weight(shape: tuple[int, ...], cut: float, taper: float = 0.2) -> np.ndarray:
+    """Weights on a centred k-space grid of `shape`: 1 below `cut` (radius as a fraction of the
+    grid's Nyquist frequency), 0 above `cut + taper`, a raised cosine between."""
+    axes = np.meshgrid(*[(np.arange(n) - n // 2) / (n / 2) for n in shape], indexing="ij", sparse=True)
+    radius = np.sqrt(sum(a**2 for a in axes))
+    return (0.5 - 0.5 * np.cos(np.pi * np.clip((cut + taper - radius) / taper, 0.0, 1.0))).astype(np.float32)
+
+
+def lr_consistent(sr: np.ndarray, lr: np.ndarray, cut: float, taper: float = 0.2) -> np.ndarray:
+    """SR volume (x`s` the LR's shape on every axis) -> the same with the low band of its spectrum
+    taken from the LR scan: below `cut` of the LR grid's Nyquist frequency (`band_weight`) the SR,
+    degraded by k-space truncation (this module's geometry and DC convention), equals the LR.
+
+    An MRI scan measures its central k-space; a scanner's blur (partial Fourier, elliptical
+    sampling, apodization) acts near the edge of what it acquired. The SR network may add detail
+    above that band, but it may not change what the LR measured: a network (or a learned
+    degradation) fitted to HR scans of another anatomy shifted this band and fell below tricubic
+    (docs/quality.md). Float32 (D, H, W) both, slices first or not (the band is isotropic)."""
+    if any(a != 2 * b for a, b in zip(sr.shape, lr.shape)) or sr.ndim != lr.ndim:
+        raise ValueError(f"lr_consistent: SR {sr.shape} is not x2 the LR {lr.shape}")
+    k = to_kspace(np.asarray(sr, dtype=np.float32))
+    box = tuple(_centre(n, m) for n, m in zip(k.shape, lr.shape))
+    ratio = k.size / lr.size  # the LR's spectrum is this fraction of the SR's central block
+    k[box] += band_weight(lr.shape, cut, taper) * (ratio * to_kspace(np.asarray(lr, dtype=np.float32)) - k[box])
+    return np.ascontiguousarray(scipy.fft.ifftn(scipy.fft.ifftshift(k)).real, dtype=np.float32)
+
+
 def partial_fourier_mask(shape: tuple[int, ...], fraction: float, axis: int) -> np.ndarray:
     """Keep the first ceil(fraction * n) lines of centred k-space along `axis` (always past DC)."""
     n = shape[axis]

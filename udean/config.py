@@ -264,6 +264,10 @@ class InferConfig(Section):
     # torch.use_deterministic_algorithms (train.deterministic)
     cudnn_benchmark: bool | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: cuda if available, else cpu
+    # ours, 0 (the paper): off. The SR's spectrum below this fraction of the LR grid's Nyquist
+    # frequency is the LR scan's (raised-cosine taper over 0.2 above it; preprocessing/kspace.py
+    # `lr_consistent`): the network adds detail, it does not move what the LR measured
+    lr_consistency: float = Field(0.0, ge=0.0, le=0.8)
 
 
 class Config(Section):

@@ -279,13 +279,15 @@ class Inferer:
     amp: bool = False
     device: torch.device = torch.device("cpu")
     cudnn_benchmark: bool | None = None  # None: on unless torch's deterministic mode is on
+    lr_consistency: float = 0.0  # infer.lr_consistency: 0 off
 
     @classmethod
     def from_config(cls, infer: InferConfig, patches: PatchConfig, device: str | torch.device | None = None) -> "Inferer":
         """`device` overrides `infer.device` (validation runs on the engine's device)."""
         return cls(patches.slab, (int(patches.lr_size[0]), int(patches.lr_size[1])), infer.overlap,
                    resolve_slab_overlap(patches.slab, infer.slab_overlap), infer.batch_size, infer.amp,
-                   pick_device(infer.device) if device is None else torch.device(device), infer.cudnn_benchmark)
+                   pick_device(infer.device) if device is None else torch.device(device), infer.cudnn_benchmark,
+                   infer.lr_consistency)
 
     def __call__(self, lr: np.ndarray, net: Model, progress: Progress | None = None) -> np.ndarray:
         bench = not torch.are_deterministic_algorithms_enabled() if self.cudnn_benchmark is None else self.cudnn_benchmark
@@ -294,6 +296,10 @@ class Inferer:
             y = sliding_window(lr, net, slab=self.slab, patch=self.patch, overlap=self.overlap,
                                slab_overlap=self.slab_overlap, batch_size=batch, device=self.device,
                                amp=self.amp, progress=progress)
+        if self.lr_consistency:
+            from preprocessing.kspace import lr_consistent
+
+            y = lr_consistent(y, lr, self.lr_consistency)
         return np.clip(y, 0.0, 1.0, out=y)
 
     def tiles(self, shape: tuple[int, int, int]) -> int:
@@ -302,7 +308,8 @@ class Inferer:
 
     def settings(self) -> dict:
         """What results files record about the window."""
-        return {"slab": self.slab, "patch": list(self.patch), "overlap": self.overlap, "slab_overlap": self.slab_overlap}
+        return {"slab": self.slab, "patch": list(self.patch), "overlap": self.overlap, "slab_overlap": self.slab_overlap,
+                "lr_consistency": self.lr_consistency}
 
 
 # --------------------------------------------------------------------------- model + checkpoint
@@ -555,7 +562,9 @@ INFER_FLAGS = (("--device", "device", str, "auto (cuda if available), cpu, cuda,
                ("--batch-size", "batch_size", int, "tiles per forward pass; 0: sized to the device"),
                ("--overlap", "overlap", float, "in-plane tile overlap, fraction of the patch"),
                ("--slab-overlap", "slab_overlap", int, "LR slices shared by consecutive slabs (null: slab - 1, a slab "
-                                                       "centred on every slice)"))
+                                                       "centred on every slice)"),
+               ("--lr-consistency", "lr_consistency", float, "the SR keeps the LR's k-space below this fraction of its "
+                                                             "Nyquist frequency (0: off)"))
 
 
 def add_inferer_arguments(p: argparse.ArgumentParser) -> None:

@@ -91,3 +91,39 @@ def test_nearest():
     vol = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
     lr = kspace.degrade(vol, DegradationConfig(method="nearest"), np.random.default_rng(0))
     assert np.array_equal(lr, vol[::2, ::2, ::2])
+
+
+def _down(x: np.ndarray) -> np.ndarray:
+    """k-space truncation by 2 (the LR the SR is consistent with), noise-free, real."""
+    return kspace.to_image(kspace.truncate(kspace.to_kspace(x), (2, 2, 2)), x.size).real.astype(np.float32)
+
+
+def _band(x: np.ndarray, cut: float) -> np.ndarray:
+    """The part of a (LR-grid) volume's centred spectrum below `cut` of its Nyquist frequency."""
+    return kspace.to_kspace(x) * (kspace.band_weight(x.shape, cut, taper=1e-6) > 0.5)
+
+
+def test_lr_consistency_gives_the_sr_the_lr_band_and_keeps_the_rest():
+    rng = np.random.default_rng(0)
+    hr = rng.random((20, 24, 18), dtype=np.float32)
+    lr = _down(hr)
+    # an SR consistent with its LR (here: the HR itself) is left as it is, to float32 rounding
+    assert np.abs(kspace.lr_consistent(hr, lr, 0.5) - hr).max() < 1e-5
+    # an SR with a brightness offset and a wrong low band: below the cut its truncation is the LR's
+    sr = hr + 0.05 + 0.3 * _up_smooth(rng, hr.shape)
+    out = kspace.lr_consistent(sr, lr, 0.5)
+    assert np.abs(_band(_down(out) - lr, 0.5)).max() < 1e-3 * np.abs(_band(_down(sr) - lr, 0.5)).max()
+    # above cut + taper (of the LR grid) and beyond the LR's band the SR's spectrum is untouched
+    k_sr, k_out = kspace.to_kspace(sr), kspace.to_kspace(out)
+    keep = kspace.band_weight(sr.shape, 0.5 * 0.7, taper=1e-6) < 0.5  # HR-grid radius: half the LR's
+    assert np.abs(k_out - k_sr)[keep].max() < 1e-3 * np.abs(k_sr).max()
+    assert out.dtype == np.float32 and out.shape == sr.shape
+    with pytest.raises(ValueError, match="not x2 the LR"):
+        kspace.lr_consistent(sr[:-2], lr, 0.5)
+
+
+def _up_smooth(rng, shape) -> np.ndarray:
+    """A smooth random field (low frequencies only) on `shape`."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(rng.standard_normal(shape).astype(np.float32), 3.0)

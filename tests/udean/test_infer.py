@@ -72,7 +72,8 @@ def test_blending_is_smooth_across_tile_borders():
 def test_inferer_is_configured_once_from_the_infer_section_and_clips_to_the_data_range():
     cfg = load("tiny", ["infer.overlap=0.5", "infer.batch_size=3"])
     inf = infer.Inferer.from_config(cfg.infer, cfg.data.patches, "cpu")
-    assert inf.settings() == {"slab": 3, "patch": [16, 16], "overlap": 0.5, "slab_overlap": 2}  # null: slab - 1
+    assert inf.settings() == {"slab": 3, "patch": [16, 16], "overlap": 0.5, "slab_overlap": 2,  # null: slab - 1
+                              "lr_consistency": 0.0}
     lr = np.random.default_rng(2).random((5, 20, 24), dtype=np.float32)
     calls = []
 
@@ -85,6 +86,25 @@ def test_inferer_is_configured_once_from_the_infer_section_and_clips_to_the_data
     assert sum(calls) == inf.tiles(lr.shape) and max(calls) == 3
     with pytest.raises(ValueError, match="slab_overlap must be in"):
         infer.Inferer.from_config(load("tiny", ["infer.slab_overlap=3"]).infer, cfg.data.patches, "cpu")
+
+
+def test_lr_consistency_makes_the_tiled_sr_keep_the_lr_band_before_clipping():
+    from preprocessing.kspace import lr_consistent
+
+    cfg = load("tiny", ["infer.lr_consistency=0.5"])
+    inf = infer.Inferer.from_config(cfg.infer, cfg.data.patches, "cpu")
+    assert inf.settings()["lr_consistency"] == 0.5
+    lr = np.random.default_rng(4).random((6, 20, 24), dtype=np.float32)
+
+    def dim(x):  # nearest x2, 20 % too dark: its low band is not the LR's
+        return 0.8 * nearest_x2(x)
+
+    sr = inf(lr, dim)
+    plain = 0.8 * whole_volume_nearest(lr)
+    np.testing.assert_allclose(sr, np.clip(lr_consistent(plain, lr, 0.5), 0, 1), atol=1e-5)
+    assert abs(sr.mean() - lr.mean()) < 0.01 < abs(plain.mean() - lr.mean())  # the LR's brightness, kept
+    with pytest.raises(Exception, match="less than or equal to 0.8"):
+        load("tiny", ["infer.lr_consistency=0.9"])
 
 
 def test_batch_size_0_is_sized_to_the_device_and_cudnn_benchmark_is_set_while_tiling():
