@@ -173,7 +173,7 @@ def test_a_base_cycle_or_a_missing_base_is_one_error_naming_the_files(tmp_path):
 
 
 # the recipe of issue 19 phase 1 and issue 30 (the learned blur bounded and pulled toward none; no
-# flips / rotations): every key recommended.yaml changes from paper.yaml, with its value (the spec;
+# flips / rotations; the SR consistent with the LR's low band): every key recommended.yaml changes from paper.yaml, with its value (the spec;
 # README "Which config")
 RECIPE = {
     "model.degradation": "physics", "model.degradation_noise": True, "model.cycle_detach": True,
@@ -182,7 +182,7 @@ RECIPE = {
     "loss.adversarial": "lsq", "loss.f_cyc_stop_gradient": True, "loss.adapt_start": 0.5, "loss.adapt_ramp": 0.2,
     "loss.lambda_spectrum": 1.0, "loss.lambda_noise": 1.0, "loss.lambdas": [1.0, 0.0, 0.0, 0.0, 0.1, 0.0],
     "loss.lambda_bound": 10.0, "loss.lambda_prior": 2.0,
-    "data.patches.source_margin": [2, 4],
+    "data.patches.source_margin": [2, 4], "infer.lr_consistency": 0.5,
 }
 
 
