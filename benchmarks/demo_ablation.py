@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, bar_chart, provenance, relative, write_json  # noqa: E402
+from udean.config import load  # noqa: E402
+from udean.losses import adaptation_off  # noqa: E402
 
 # name -> (what it changes, overrides on top of the demo's config: udean/configs/recommended.yaml's
 # switches, docs/shift.md "What made the difference")
@@ -32,8 +34,7 @@ VARIANTS = {
     "demo": ("the demo: the recommended recipe, width 32, no augmentation", []),
     "adaptation_off": ("nothing matches X_{s~t} to X_t (lambda_da, spectrum, noise 0) and no blur bound or prior: "
                        "the degradation never adapts",
-                       ["loss.lambdas=[1,0,0,0,0,0]", "loss.lambda_spectrum=0", "loss.lambda_noise=0",
-                        "loss.lambda_bound=0", "loss.lambda_prior=0"]),
+                       adaptation_off(load("demo").loss)),
     "no_adversary": ("lambda_da 0: the spectrum and noise matches alone adapt the degradation",
                      ["loss.lambdas=[1,0,0,0,0,0]"]),
     "no_spectrum": ("lambda_spectrum 0: the LR adversary and the noise match alone", ["loss.lambda_spectrum=0"]),
@@ -52,7 +53,6 @@ def run_variant(name: str, demo: Path, work: Path, threads: int) -> dict:
     from rich.console import Console
 
     from udean.commands import environment, executable
-    from udean.config import load
     from udean.evaluate import evaluate
 
     out = work / name

@@ -113,15 +113,12 @@ METHODS = {
 
 
 def adaptation_off(cfg):
-    """`cfg` with every weight that matches X_{s~t} to X_t at 0 (lambda_da, lambda_fa,
-    lambda_spectrum, lambda_noise) and the learned blur's regularisers off (lambda_bound,
-    lambda_prior: the prior alone would move it toward no blur): method udean_fixed."""
+    """`cfg` with the degradation's adaptation off (`udean.losses.adaptation_off`): method
+    udean_fixed."""
     from udean.config import from_dict
+    from udean.losses import adaptation_off as overrides
 
-    d = cfg.to_dict()
-    d["loss"].update(lambdas=[*d["loss"]["lambdas"][:4], 0.0, 0.0], lambda_spectrum=0.0, lambda_noise=0.0,
-                     lambda_bound=0.0, lambda_prior=0.0)
-    return from_dict(d)
+    return from_dict(cfg.to_dict(), overrides(cfg.loss))
 
 
 def recipe() -> list[str]:

@@ -29,6 +29,8 @@ Choices where the paper is open (also in LossConfig / ModelConfig):
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from udean.fidelity import noise_level
@@ -44,6 +46,19 @@ def active_terms(cfg) -> tuple[str, ...]:
     """The terms of Eq. 10 whose lambda is not 0: the only ones computed (a 0 weight adds nothing
     to the loss or to any gradient, so skipping it changes no update)."""
     return tuple(k for w, k in zip(cfg.lambdas, TERMS) if w)
+
+
+# the weights besides lambda_da and lambda_fa that move the degradation toward X_t or shape it
+ADAPTATION_WEIGHTS = ("lambda_spectrum", "lambda_noise", "lambda_bound", "lambda_prior")
+
+
+def adaptation_off(cfg) -> list[str]:
+    """Overrides that stop the degradation adapting to X_t, for the LossConfig `cfg`: lambda_da,
+    lambda_fa, lambda_spectrum and lambda_noise 0, and the learned blur's regularisers off
+    (lambda_bound, lambda_prior: the prior alone would move it toward no blur); the other
+    weights as they are. The ablation's one home (benchmarks/shift.py udean_fixed,
+    benchmarks/demo_ablation.py adaptation_off)."""
+    return [f"loss.lambdas={json.dumps([*cfg.lambdas[:4], 0.0, 0.0])}", *(f"loss.{k}=0" for k in ADAPTATION_WEIGHTS)]
 
 
 def forward_args(cfg) -> dict:

@@ -399,3 +399,17 @@ def test_networks_no_active_term_reads_are_not_built_and_the_rest_get_the_same_g
     for n, (w, g) in pruned.items():
         assert torch.equal(w, full[n][0]), n  # a full build's weights
         assert (g is None) == (full[n][1] is None) and (g is None or torch.equal(g, full[n][1])), n
+
+
+def test_adaptation_off_zeroes_every_weight_that_moves_the_degradation_and_keeps_the_rest():
+    from udean.config import load
+
+    rec = load("recommended")
+    off = load("recommended", losses.adaptation_off(rec.loss))
+    assert rec.loss.lambdas[4] and rec.loss.lambda_spectrum and rec.loss.lambda_prior  # the recipe adapts
+    assert off.loss.lambdas == (*rec.loss.lambdas[:4], 0.0, 0.0)
+    assert all(getattr(off.loss, k) == 0 for k in losses.ADAPTATION_WEIGHTS)
+    # nothing else changed; every LossConfig weight named lambda_* is either kept or listed here
+    assert {k: v for k, v in off.loss.model_dump().items() if k != "lambdas" and k not in losses.ADAPTATION_WEIGHTS} \
+        == {k: v for k, v in rec.loss.model_dump().items() if k != "lambdas" and k not in losses.ADAPTATION_WEIGHTS}
+    assert {k for k in LossConfig.model_fields if k.startswith("lambda_")} == set(losses.ADAPTATION_WEIGHTS)
