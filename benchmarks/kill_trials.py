@@ -102,7 +102,9 @@ def preprocess_trials(n: int, work: Path, seed: int) -> list[dict[str, Any]]:
 
     cohort = work / "cohort"
     write_cohort(cohort, 6, shape=COHORT_SHAPE, seed=0, progress=False)
+    t_clean = time.perf_counter()
     clean = _run(preprocess_cmd(cohort, work / "clean", 1))
+    t_clean = time.perf_counter() - t_clean
     assert clean.returncode == 0, clean.stderr[-3000:]
     want_files, want_manifest = files(work / "clean"), manifest(work / "clean")
     rng = random.Random(seed)
@@ -116,10 +118,10 @@ def preprocess_trials(n: int, work: Path, seed: int) -> list[dict[str, Any]]:
                                 text=True, env=_env())
         t0 = time.perf_counter()
         if trial % 2:  # after k subjects were recorded: inside the work phase
-            point = f"after {rng.randint(0, 5)} subjects"
+            point = f"after {rng.randint(0, 4)} subjects"  # of 6: the last ones raced the end of the run
             _wait_lines(out / "logs" / "preprocess.jsonl", int(point.split()[1]), proc)
-        else:  # anywhere from start-up to the end
-            time.sleep(rng.uniform(0.2, 2.5))
+        else:  # anywhere from start-up to well before the end (a fixed 2.5 s outlasted a quiet machine's run)
+            time.sleep(rng.uniform(0.2, max(0.4, 0.6 * t_clean)))
             point = "random time"
         victims = _children(proc.pid)
         killed = bool(victims) and proc.poll() is None

@@ -298,7 +298,9 @@ def test_infer_cli_matches_the_network_and_writes_the_sr_geometry(tmp_path):
     img = nib.load(tmp_path / "sr.nii.gz")
     assert img.shape == (10, 40, 36)
     np.testing.assert_allclose(img.affine, infer.sr_affine(aff), atol=1e-5)
-    want = infer.Inferer.from_config(cfg.infer, cfg.data.patches, "cpu")((lr - lr.min()) / np.ptp(lr), gen.sr)
+    # the sliding window of the CLI's config (default recommended: its LR consistency included)
+    want = infer.Inferer.from_config(load("recommended").infer, cfg.data.patches, "cpu")(
+        (lr - lr.min()) / np.ptp(lr), gen.sr)
     # the paper protocol's min-max scaling of the input, inverted: the input's units
     np.testing.assert_allclose(img.get_fdata(), want * np.ptp(lr) + lr.min(), rtol=1e-5, atol=2e-3)
     np.testing.assert_allclose(nib.load(tmp_path / "sr01.nii").get_fdata(), want, atol=1e-5)
