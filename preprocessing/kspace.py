@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from preprocessing.config import DegradationConfig
+from preprocessing.config import SCALE, DegradationConfig
 
 
 def even_crop(vol: np.ndarray, scale: tuple[int, ...]) -> np.ndarray:
@@ -62,7 +62,7 @@ def band_weight(shape: tuple[int, ...], cut: float, taper: float = 0.2) -> np.nd
 
 
 def lr_consistent(sr: np.ndarray, lr: np.ndarray, cut: float, taper: float = 0.2) -> np.ndarray:
-    """SR volume (x`s` the LR's shape on every axis) -> the same with the low band of its spectrum
+    """SR volume (`SCALE` x the LR's shape on every axis) -> the same with the low band of its spectrum
     taken from the LR scan: below `cut` of the LR grid's Nyquist frequency (`band_weight`) the SR,
     degraded by k-space truncation (this module's geometry and DC convention), equals the LR.
 
@@ -71,8 +71,8 @@ def lr_consistent(sr: np.ndarray, lr: np.ndarray, cut: float, taper: float = 0.2
     above that band, but it may not change what the LR measured: a network (or a learned
     degradation) fitted to HR scans of another anatomy shifted this band and fell below tricubic
     (docs/quality.md). Float32 (D, H, W) both, slices first or not (the band is isotropic)."""
-    if any(a != 2 * b for a, b in zip(sr.shape, lr.shape)) or sr.ndim != lr.ndim:
-        raise ValueError(f"lr_consistent: SR {sr.shape} is not x2 the LR {lr.shape}")
+    if any(a != SCALE * b for a, b in zip(sr.shape, lr.shape)) or sr.ndim != lr.ndim:
+        raise ValueError(f"lr_consistent: SR {sr.shape} is not x{SCALE} the LR {lr.shape}")
     k = to_kspace(np.asarray(sr, dtype=np.float32))
     box = tuple(_centre(n, m) for n, m in zip(k.shape, lr.shape))
     ratio = k.size / lr.size  # the LR's spectrum is this fraction of the SR's central block

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from preprocessing.config import SCALE, PatchConfig
+from preprocessing.kspace import lr_consistent
 from preprocessing.patches import from_stored, to_stored
 from udean.config import Config, InferConfig
 
@@ -297,8 +298,6 @@ class Inferer:
                                slab_overlap=self.slab_overlap, batch_size=batch, device=self.device,
                                amp=self.amp, progress=progress)
         if self.lr_consistency:
-            from preprocessing.kspace import lr_consistent
-
             y = lr_consistent(y, lr, self.lr_consistency)
         return np.clip(y, 0.0, 1.0, out=y)
 
