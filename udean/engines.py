@@ -219,6 +219,8 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
             # back every gradient (~5 ops per tensor, every step). ZeRO >= 1 builds its gradient
             # partitions in that pass, so it keeps it.
             engine.enable_backward_allreduce = False
+        if hasattr(engine.optimizer, "_update_model_bit16_weights"):  # ZeRO >= 1
+            repoint_only_if_moved(engine.optimizer)
         _cast_buffers(engine.module, PRECISION_DTYPE[cfg.train.precision])
         engines.append((engine, keep_fp32(engine, islands) if cfg.train.precision != "fp32" else None))
     (g, refresh), (d, d_refresh) = engines
@@ -227,6 +229,30 @@ def build_engines(cfg: Config, generator: nn.Module, discriminators: nn.Module,
         for module in (generator, *discriminators.children()):
             module.compile()
     return Engines(g=g, d=d, dtype=PRECISION_DTYPE[cfg.train.precision], refresh=refresh)
+
+
+def repoint_only_if_moved(opt) -> None:
+    """DeepSpeed's ZeRO 1/2 optimizer (`DeepSpeedZeroOptimizer`) re-points every parameter at its
+    slice of the flat bit16 buffer after every step (`_update_model_bit16_weights`, "just to be
+    safe" in its source): a narrow, a view and two `.data` swaps per parameter tensor, ~1,170
+    dispatched ops per G step at the paper's depth (benchmarks/host_cost.py), though the step
+    wrote the new weights into that buffer in place and every parameter still points there. Here
+    it re-points a group only where a parameter does not alias its slice (after a load or an
+    offload that moved the buffer, or anything else): the check reads pointers and shapes, no
+    tensor op. The outcome is DeepSpeed's in every case (tests/udean/test_engines.py)."""
+    def moved(i: int) -> bool:
+        flat = opt.bit16_groups_flat[i]
+        base, size = flat.data_ptr(), flat.element_size()
+        offsets, metas = opt.round_robin_bit16_offsets[i], opt.round_robin_bit16_meta[i]
+        return any(p.device != flat.device or p.dtype != flat.dtype or p.shape != metas[j].shape
+                   or not p.is_contiguous() or p.data_ptr() != base + offsets[j] * size
+                   for p, j in zip(opt.bit16_groups[i], opt.round_robin_bit16_indices[i]))
+
+    def update(i: int) -> None:
+        if moved(i):
+            type(opt)._update_model_bit16_weights(opt, i)
+
+    opt._update_model_bit16_weights = update
 
 
 def fp32_masters(engine) -> Callable[[nn.Parameter], torch.Tensor]:

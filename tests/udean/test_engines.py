@@ -120,6 +120,43 @@ def worker(out: str) -> None:
                                               "sn_convs": len(sn), "power_iterations": len(calls),
                                               "each_twice": all(sum(c is m for c in calls) == 2 for m in sn)}
         del engines
+    # ZeRO >= 1 re-points the parameters at the flat bit16 buffer only where they moved
+    # (engines.repoint_only_if_moved): the same weights, step for step, as DeepSpeed's own
+    # re-pointing after every step, none of its re-pointing in a step, and a moved buffer re-pointed
+    for precision in ("bf16", "fp32"):
+        cfg = load("recommended", TINY + [f"train.precision={precision}", "train.zero_stage=1",
+                                          "model.source_margin=[0,0]"])
+        y = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
+        x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        runs = {}
+        for guarded in (True, False):
+            torch.manual_seed(0)
+            gen, discs = build(cfg.model, slab=cfg.data.patches.slab, **model_parts(cfg.loss))
+            engines = build_engines(cfg, gen, discs, total_steps=4, device=dist.device)
+            opts = [e.optimizer for e in (engines.g, engines.d)]
+            if not guarded:  # DeepSpeed's own method back
+                for opt in opts:
+                    vars(opt).pop("_update_model_bit16_weights", None)
+            repointed = []  # DeepSpeed's own re-pointing, called in the steps
+            original = type(opts[0])._update_model_bit16_weights
+            with mock.patch.object(type(opts[0]), "_update_model_bit16_weights", autospec=True,
+                                   side_effect=lambda self, i: repointed.append(i) or original(self, i)):
+                for _ in range(3):
+                    train_step(engines, y, x, cfg.loss, dist)
+            runs[guarded] = {"weights": [p.detach().float().clone() for p in (*gen.parameters(), *discs.parameters())],
+                             "repointed": len(repointed)}
+            if guarded:  # a buffer moved (as an offload or a load may): its parameters follow it
+                opt = opts[0]
+                flat = opt.bit16_groups_flat[0]
+                flat.data = flat.data.clone()
+                opt._update_model_bit16_weights(0)
+                first = opt.bit16_groups[0][0]
+                runs["followed"] = first.data_ptr() == flat.data_ptr() + opt.round_robin_bit16_offsets[0][
+                    opt.round_robin_bit16_indices[0][0]] * flat.element_size()
+            del engines
+        seen[f"repoint {precision}/1"] = {
+            "same_weights": all(torch.equal(a, b) for a, b in zip(runs[True]["weights"], runs[False]["weights"])),
+            "repointed": [runs[True]["repointed"], runs[False]["repointed"]], "followed": runs["followed"]}
     # float32 islands (engines.keep_fp32): from one seed the bf16 engines' physics degradation is the
     # fp32 engines' to the last bit; after steps it reads the optimizer's fp32 masters on every rank
     # (ZeRO 1 shards them), the bf16 copy only rounds them, and inference_weights are the masters
@@ -166,6 +203,12 @@ def test_every_tested_precision_and_zero_stage_steps_and_the_step_agrees_on_its_
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         groups = {k: seen.pop(k) for k in list(seen) if k.startswith("groups")}
         assert set(groups) == {"groups bf16/1", "groups fp32/0"}, groups
+        repoint = {k.split()[1]: seen.pop(k) for k in list(seen) if k.startswith("repoint")}
+        for combo, s in repoint.items():
+            # bit-equal weights; DeepSpeed re-pointed in each of its steps, we in none; a moved buffer followed
+            assert s["same_weights"] and s["repointed"][0] == 0 and s["repointed"][1] >= 3 and s["followed"], \
+                (rank, combo, s)
+        assert set(repoint) == {"bf16/1", "fp32/1"}, repoint
         islands = {k.split()[1]: seen.pop(k) for k in list(seen) if k.startswith("islands")}
         assert set(islands) == {"fp32/0", "bf16/1", "bf16/0"}, islands
         for combo, s in islands.items():

@@ -50,7 +50,7 @@ class Never:
     requested, signal_name = False, None
 
 
-def worker(data: str, root: str, ks: list[int]) -> None:
+def worker(data: str, root: str, precision: str, ks: list[int]) -> None:
     from hpc.dist import init
     from hpc.signals import REQUEUE_EXIT_CODE
     from udean.config import load
@@ -58,10 +58,11 @@ def worker(data: str, root: str, ks: list[int]) -> None:
     from udean.train import train
 
     dist = init("gloo")
-    full = load("tiny", COMMON + [f"data.out={data}", f"train.out={root}/full", "train.checkpoint_every=1"])
+    common = COMMON + [f"train.precision={precision}"]  # zero_stage null: 0 for fp32, 1 for bf16 (ZeRO's flat buffers)
+    full = load("tiny", common + [f"data.out={data}", f"train.out={root}/full", "train.checkpoint_every=1"])
     assert train(full, dist, Never()) == 0
     for k in ks:
-        cfg = load("tiny", COMMON + [f"data.out={data}", f"train.out={root}/k{k}", "train.checkpoint_every=1000"])
+        cfg = load("tiny", common + [f"data.out={data}", f"train.out={root}/k{k}", "train.checkpoint_every=1000"])
         assert train(cfg, dist, StopAt(k)) == REQUEUE_EXIT_CODE
         assert train(cfg, dist, Never()) == 0
     # the samples each rank trained on, per epoch: disjoint across ranks
@@ -109,11 +110,12 @@ def assert_same_checkpoint(x: Path, y: Path) -> None:
             assert_same(sx[key], sy[key], f"{x.name}/state_rank{rank}.{key}")
 
 
-def test_stop_at_random_steps_and_resume_equals_an_uninterrupted_run(tiny_data, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # ZeRO 0 and the recipe's bf16 + ZeRO 1
+def test_stop_at_random_steps_and_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, precision):
     ks = sorted(random.Random().sample(range(1, N_EPOCHS * SPE), 5))
     print("k =", ks)
     r = run_cmd([BIN / "torchrun", "--standalone", "--nproc_per_node=2", __file__, str(tiny_data), str(tmp_path),
-                 *map(str, ks)], timeout=600)
+                 precision, *map(str, ks)], timeout=600)
     assert r.returncode == 0 and (tmp_path / "worker_ok").exists(), f"k={ks}\n" + r.stdout[-3000:] + r.stderr[-4000:]
     # train.cudnn_benchmark: null resolves to off under train.deterministic; on CPU nothing is said of cuDNN
     assert load_config(tmp_path / "full" / "config.yaml").train.cudnn_benchmark is False
@@ -188,4 +190,4 @@ def test_a_zero1_checkpoint_at_another_world_size_is_refused_not_treated_as_corr
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2], [int(k) for k in sys.argv[3:]])
+    worker(sys.argv[1], sys.argv[2], sys.argv[3], [int(k) for k in sys.argv[4:]])
