@@ -31,6 +31,10 @@ while (( $# )); do
 done
 PY=${PYTHON:-python}
 BIN=$(dirname "$(command -v "$PY")")
+if ! "$PY" -c 'import torch' > /dev/null 2>&1; then
+    echo "gpu_check: $PY cannot import torch: run it in the suite's environment (PYTHON=.venv/bin/python, after ./install.sh)" >&2
+    exit 3
+fi
 if ((! smoke)); then
     why=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else f"torch {torch.__version__}, CUDA build {torch.version.cuda}")' 2>&1 | tail -1)
     if [[ -n "$why" ]]; then

@@ -44,3 +44,16 @@ def test_without_cuda_the_full_check_stops_at_once_with_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA device (torch ") and "--smoke" in lines[0]
     assert not (tmp_path / "gc").exists()  # nothing ran, nothing written
+
+
+def test_a_python_without_torch_is_one_line_and_exit_3(tmp_path):
+    fake = tmp_path / "python"  # a python whose `import torch` fails
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path / "gc")],
+                         cwd=REPO, env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (f"gpu_check: {fake} cannot import torch: run it in the suite's environment "
+                                            "(PYTHON=.venv/bin/python, after ./install.sh)"), lines
+    assert not (tmp_path / "gc").exists()
